@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make bench` and `make test`. Both build .venv when absent.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Caches that survive between runs (compiled kernels, DeepSpeed's JIT ops).
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: bench test perf clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed]'
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(VENV)/bin/rlhf-bench run --engines available --preset opt-mini --batch 4 \
+	  --prompt-len 32 --gen-len 32 --steps 3 --warmup 1 --seed 0 --out results/bench --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout 900 tests
+
+perf: $(STAMP)
+	$(PY) -m pytest -q bench/benchmarks --benchmark-autosave
+
+clean:
+	rm -rf $(VENV) .cache results .benchmarks

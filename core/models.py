@@ -1,0 +1,176 @@
+"""Model presets (architecture configs, random init, no download) and the four-model bundle."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .rng import fold_in
+
+# name -> (model_type, config kwargs). Tiny ones are for tests; opt-* have the real shapes.
+_TINY = dict(vocab_size=512, max_position_embeddings=256)
+PRESETS: dict[str, tuple[str, dict]] = {
+    "tiny-opt": ("opt", dict(_TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             ffn_dim=256, word_embed_proj_dim=64)),
+    "tiny-llama": ("llama", dict(_TINY, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=176)),
+    "tiny-gpt2": ("gpt2", dict(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4)),
+    "opt-mini": ("opt", dict(vocab_size=8192, max_position_embeddings=1024, hidden_size=256,
+                             num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                             word_embed_proj_dim=256)),
+    "opt-125m": ("opt", dict(vocab_size=50272, max_position_embeddings=2048, hidden_size=768,
+                             num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                             word_embed_proj_dim=768)),
+    "opt-350m": ("opt", dict(vocab_size=50272, max_position_embeddings=2048, hidden_size=1024,
+                             num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                             word_embed_proj_dim=512, do_layer_norm_before=False)),
+    "opt-1.3b": ("opt", dict(vocab_size=50272, max_position_embeddings=2048, hidden_size=2048,
+                             num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                             word_embed_proj_dim=2048)),
+}
+
+# Special ids: OPT's real ones for OPT presets; small fixed ids for the tiny vocabularies.
+_IDS = {"opt": dict(pad_token_id=1, bos_token_id=2, eos_token_id=2),
+        "llama": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gpt2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)}
+# RLHF actors train without dropout (DeepSpeed-Chat disables it); it would also break parity.
+_NO_DROPOUT = {"opt": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+               "llama": dict(attention_dropout=0.0),
+               "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
+# LoRA targets per family (every linear of every decoder layer, as DeepSpeed-Chat does).
+LORA_TARGETS = {"opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"],
+                "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+class ModelError(ValueError):
+    """A model could not be built from what the user gave (bad preset or path)."""
+
+
+def build_config(name: str):
+    from transformers import AutoConfig, CONFIG_MAPPING
+    if name in PRESETS:
+        mtype, kw = PRESETS[name]
+        return CONFIG_MAPPING[mtype](**kw, **_IDS[mtype], **_NO_DROPOUT[mtype])
+    if os.path.isdir(name):
+        try:
+            cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a model folder"
+            raise ModelError(f"{name!r} holds no Hugging Face model config ({type(e).__name__})")
+        for k, v in _NO_DROPOUT.get(cfg.model_type, {}).items():
+            setattr(cfg, k, v)
+        return cfg
+    if os.path.sep in name or name.startswith("."):
+        raise ModelError(f"model path {name!r} does not exist")
+    raise ModelError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)} or a local model path")
+
+
+def hidden_out_size(cfg) -> int:
+    """Width of the base model's last hidden state (OPT may project it down)."""
+    return getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size
+
+
+def max_positions(cfg) -> int:
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, T) int64, 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ValueModel(nn.Module):
+    """Base decoder + a scalar head: values (B, T) for critic and reward models."""
+
+    def __init__(self, base: nn.Module, width: int):
+        super().__init__()
+        self.base = base
+        self.v_head = nn.Linear(width, 1, bias=False)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids(attention_mask), use_cache=False)
+        return self.v_head(out.last_hidden_state).squeeze(-1).float()
+
+
+class ModelBundle(NamedTuple):
+    actor: nn.Module      # trained; a PEFT model when LoRA is on
+    ref: nn.Module        # frozen copy of the initial actor
+    critic: ValueModel    # trained, starts as a copy of the reward model
+    reward: ValueModel    # frozen
+    config: object        # the actor's transformers config
+    pad_id: int
+    eos_id: int
+
+
+def _seeded(seed: int):
+    return torch.random.fork_rng(devices=[])  # leave global RNG state as it was
+
+
+def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
+                 lora_dim: int = 0, device: str = "cpu") -> ModelBundle:
+    """Actor, reference, critic and reward, all seeded: the same seed gives the same weights."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    cfg = build_config(name)
+    local = name not in PRESETS
+    with _seeded(seed):
+        torch.manual_seed(fold_in(seed, 1))
+        if local:
+            actor = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=dtype,
+                                                         local_files_only=True)
+        else:
+            actor = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        torch.manual_seed(fold_in(seed, 2))
+        if local:
+            base = AutoModel.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
+        else:
+            base = AutoModel.from_config(cfg, dtype=dtype)
+        reward = ValueModel(base, hidden_out_size(cfg)).to(dtype)
+        torch.nn.init.normal_(reward.v_head.weight, std=1.0 / hidden_out_size(cfg) ** 0.5)
+    ref = copy.deepcopy(actor)
+    critic = copy.deepcopy(reward)
+    for m in (ref, reward):
+        m.requires_grad_(False)
+    if lora_dim:
+        actor = apply_lora(actor, cfg, lora_dim, seed=seed)
+    for m in (actor, ref, critic, reward):
+        m.to(device).eval()
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else (cfg.eos_token_id or [pad])[0]
+    return ModelBundle(actor, ref, critic, reward, cfg, int(pad), int(eos))
+
+
+def apply_lora(model: nn.Module, cfg, dim: int, *, seed: int) -> nn.Module:
+    """PEFT LoRA on every decoder linear; only the adapters train (alpha = dim, scale 1)."""
+    from peft import LoraConfig, get_peft_model
+    width = min(hidden_out_size(cfg), cfg.hidden_size)
+    if dim > width:
+        raise ModelError(f"LoRA rank {dim} is larger than the layer width {width}")
+    targets = LORA_TARGETS.get(cfg.model_type)
+    if targets is None:
+        raise ModelError(f"no LoRA targets known for model type {cfg.model_type!r}")
+    lcfg = LoraConfig(r=dim, lora_alpha=dim, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=cfg.model_type == "gpt2", bias="none")
+    with _seeded(seed):
+        torch.manual_seed(fold_in(seed, 3))
+        return get_peft_model(model, lcfg)
+
+
+def trainable(module: nn.Module) -> dict:
+    """name -> parameter for parameters that require grad (tied duplicates appear once)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def weight_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,68 @@
+"""AdamW in the shape of optax: an (init, update) pair of pure functions over dicts of tensors.
+
+Numerically the update follows torch.optim.AdamW (decoupled weight decay, bias correction
+folded into the step size and the denominator), so the two agree to float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class AdamState(NamedTuple):
+    count: Tensor  # 0-d int64, steps taken
+    mu: dict       # name -> first moment, like the param
+    nu: dict       # name -> second moment, like the param
+
+
+class GradientTransformation(NamedTuple):
+    init: Callable[[dict], AdamState]
+    update: Callable[[dict, AdamState, dict], tuple[dict, AdamState]]
+
+
+def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 0.0) -> GradientTransformation:
+    b1, b2 = betas
+
+    def init(params: dict) -> AdamState:
+        zeros = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        return AdamState(torch.zeros((), dtype=torch.int64),
+                         zeros, {k: torch.zeros_like(z) for k, z in zeros.items()})
+
+    def update(grads: dict, state: AdamState, params: dict) -> tuple[dict, AdamState]:
+        """Pure: returns (updates, new_state); the caller adds updates to params."""
+        count = state.count + 1
+        t = int(count)
+        step_size = lr / (1.0 - b1 ** t)
+        bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+        updates, mu, nu = {}, {}, {}
+        for k, g in grads.items():
+            g = g.float()
+            m = torch.lerp(state.mu[k], g, 1.0 - b1)
+            v = state.nu[k] * b2 + (1.0 - b2) * g * g
+            denom = v.sqrt() / bc2_sqrt + eps
+            p = params[k]
+            u = -step_size * (m / denom)
+            if weight_decay:
+                u = u - (lr * weight_decay) * p.float()
+            updates[k], mu[k], nu[k] = u, m, v
+        return updates, AdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+@torch.no_grad()
+def apply_updates_(params: dict, updates: dict) -> None:
+    """params[k] += updates[k], in place, so modules that hold these tensors see the change."""
+    for k, u in updates.items():
+        params[k].add_(u.to(params[k].dtype))
+
+
+def global_norm(tree: dict) -> Tensor:
+    if not tree:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in tree.values()]))

@@ -1,0 +1,103 @@
+"""Plain functions every torch-trained engine shares: scoring and the functional train step."""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad_and_value
+
+from core import ppo as P
+from core.models import ModelBundle, position_ids, trainable
+from core.optim import adamw, apply_updates_, global_norm
+from core.rewards import model_score, rule_score
+from core.step import experience_stats, split_rows
+from core.types import Experience, Metrics, PPOConfig, Rollout, RunConfig, TrainState
+
+
+def answer_logits(model, seq, attention_mask, prompt_len: int, params=None):
+    """Logits at the positions that emit answer tokens: (B, G, V), i.e. positions P-1..T-2."""
+    G = seq.shape[1] - prompt_len
+    kw = dict(input_ids=seq, attention_mask=attention_mask,
+              position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=G + 1)
+    out = model(**kw) if params is None else functional_call(model, params, (), kw, strict=False)
+    return out.logits[:, :-1]
+
+
+def answer_values(model, seq, attention_mask, prompt_len: int, params=None):
+    """Critic values at the positions that emit answer tokens: (B, G)."""
+    kw = dict(input_ids=seq, attention_mask=attention_mask)
+    v = model(**kw) if params is None else functional_call(model, params, (), kw, strict=False)
+    return v[:, prompt_len - 1:-1]
+
+
+def answer_mask_from(answer: torch.Tensor, eos_id: int, stop_at_eos: bool) -> torch.Tensor:
+    """(B, G) bool: all True, or True up to and including each row's first EOS."""
+    if not stop_at_eos:
+        return torch.ones_like(answer, dtype=torch.bool)
+    is_eos = (answer == eos_id).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0
+
+
+@torch.no_grad()
+def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
+    seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len
+    answer = seq[:, P_:]
+    logprobs = P.logprobs_from_logits(answer_logits(models.actor, seq, am, P_), answer)
+    ref_logprobs = P.logprobs_from_logits(answer_logits(models.ref, seq, am, P_), answer)
+    values = answer_values(models.critic, seq, am, P_)
+    if reward == "rule":
+        scores = rule_score(answer, rollout.answer_mask)
+    else:
+        scores = model_score(models.reward(seq, am), rollout.answer_mask, P_)
+    return Experience(seq, am, rollout.answer_mask, P_, logprobs, ref_logprobs, values, scores)
+
+
+def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
+    """TrainState over the modules' own trainable tensors, and the two optimisers."""
+    ppo = cfg.ppo
+    a_opt = adamw(ppo.actor_lr, ppo.betas, ppo.eps, ppo.weight_decay)
+    c_opt = adamw(ppo.critic_lr, ppo.betas, ppo.eps, ppo.weight_decay)
+    a_params, c_params = trainable(models.actor), trainable(models.critic)
+    state = TrainState(a_params, c_params, a_opt.init(a_params), c_opt.init(c_params),
+                       torch.zeros((), dtype=torch.int64))
+    return state, (a_opt, c_opt)
+
+
+def _actor_loss(params, model, exp: Experience, cliprange):
+    logits = answer_logits(model, exp.seq, exp.attention_mask, exp.prompt_len, params)
+    logprobs = P.logprobs_from_logits(logits, exp.seq[:, exp.prompt_len:])
+    return P.actor_loss(logprobs, exp.logprobs, exp.advantages, exp.answer_mask, cliprange)
+
+
+def _critic_loss(params, model, exp: Experience, cliprange_value):
+    values = answer_values(model, exp.seq, exp.attention_mask, exp.prompt_len, params)
+    return P.critic_loss(values, exp.values, exp.returns, exp.answer_mask, cliprange_value)
+
+
+def _grads(loss_fn, params, model, exp, clip, accum):
+    """Gradient of loss_fn averaged over `accum` micro-batches of exp, and the mean loss."""
+    from core.step import take
+    total, loss_sum = None, 0.0
+    n = exp.seq.shape[0]
+    for rows in split_rows(n, accum):
+        g, loss = grad_and_value(loss_fn)(params, model, take(exp, torch.arange(n)[rows]), clip)
+        total = g if total is None else {k: total[k] + g[k] for k in g}
+        loss_sum = loss_sum + loss.detach()
+    k = len(split_rows(n, accum))
+    return {n_: v / k for n_, v in total.items()}, loss_sum / k
+
+
+def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, ppo: PPOConfig
+               ) -> tuple[TrainState, Metrics]:
+    """Actor PPO-clip step then critic clipped-value step; one optimiser step each."""
+    a_opt, c_opt = opts
+    a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
+                             ppo.grad_accum)
+    a_upd, a_state = a_opt.update(a_grads, state.actor_opt, state.actor_params)
+    apply_updates_(state.actor_params, a_upd)
+    c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,
+                             ppo.cliprange_value, ppo.grad_accum)
+    c_upd, c_state = c_opt.update(c_grads, state.critic_opt, state.critic_params)
+    apply_updates_(state.critic_params, c_upd)
+    stats = experience_stats(exp)
+    metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"],
+                      global_norm(a_grads), global_norm(c_grads))
+    return state._replace(actor_opt=a_state, critic_opt=c_state, step=state.step + 1), metrics

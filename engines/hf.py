@@ -1,0 +1,79 @@
+"""The naive engine: Hugging Face `generate` on the training module itself, eager.
+
+Sampling uses the Gumbel-max trick with seed-drawn noise added by a logits processor, with
+greedy decoding on top, so it samples exactly what any other engine given the same seed samples.
+"""
+from __future__ import annotations
+
+import torch
+
+from core.models import ModelBundle
+from core.rng import step_noise
+from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
+                        TrainState)
+
+from . import common
+
+
+class GumbelNoise:
+    """Logits processor: scores / T + Gumbel noise of step t, t counted from the prompt end."""
+
+    def __init__(self, seed: int, prompt_len: int, temperature: float):
+        self.seed, self.prompt_len, self.temperature = seed, prompt_len, temperature
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.prompt_len
+        noise = step_noise(self.seed, t, scores.shape, device=scores.device)
+        return scores.float() / self.temperature + noise
+
+
+def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pad_id: int,
+                eos_id: int, **extra) -> Rollout:
+    """model.generate with fixed-length answers (unless gen.stop_at_eos); pads to P + G."""
+    from transformers import GenerationConfig as HFGen, LogitsProcessorList
+    B, P = prompts.input_ids.shape
+    cfg = HFGen(max_new_tokens=gen.gen_len, do_sample=False, pad_token_id=pad_id,
+                eos_token_id=eos_id if gen.stop_at_eos else None, use_cache=True)
+    procs = LogitsProcessorList([] if gen.greedy else [GumbelNoise(seed, P, gen.temperature)])
+    with torch.no_grad():
+        out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                             generation_config=cfg, logits_processor=procs, **extra)
+    answer = out[:, P:]
+    if answer.shape[1] < gen.gen_len:  # every row stopped early
+        fill = answer.new_full((B, gen.gen_len - answer.shape[1]), pad_id)
+        answer = torch.cat([answer, fill], dim=1)
+    amask = common.answer_mask_from(answer, eos_id, gen.stop_at_eos)
+    answer = torch.where(amask, answer, torch.full_like(answer, pad_id))
+    seq = torch.cat([prompts.input_ids, answer], dim=1)
+    attn = torch.cat([prompts.attention_mask, amask.long()], dim=1)
+    return Rollout(seq, attn, amask, P)
+
+
+class HFEngine:
+    name = "hf"
+    weight_copies = 1
+
+    def __init__(self, **_):
+        self.models: ModelBundle | None = None
+
+    def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
+        self.models, self.cfg = models, cfg
+        state, self.opts = common.init_state(models, cfg)
+        return state
+
+    def sync(self, state: TrainState) -> None:
+        pass  # generation reads the training module: nothing to copy
+
+    def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
+                 seed: int) -> Rollout:
+        m = self.models
+        return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id)
+
+    def score(self, state: TrainState, rollout: Rollout) -> Experience:
+        return common.score(self.models, rollout, self.cfg.reward)
+
+    def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
+        return common.train_step(self.models, self.opts, state, exp, ppo)
+
+    def release(self) -> None:
+        pass  # HF's dynamic cache lives only inside each generate call
