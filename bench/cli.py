@@ -1,0 +1,163 @@
+"""rlhf-bench: run, sweep, report, compare, project."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would print a warning to stdout
+
+EXIT_BAD_INPUT = 2
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--config", help="TOML file with the same keys as these options (flags override it)")
+    a("--engines", help="comma-separated engine names, or 'available' (default hf)")
+    a("--preset", help="model preset or local model path (default tiny-opt)")
+    a("--batch", type=int)
+    a("--prompt-len", type=int)
+    a("--gen-len", type=int)
+    a("--steps", type=int, help="measured steps")
+    a("--warmup", type=int, help="steps run first and left out of the medians")
+    a("--seed", type=int)
+    a("--greedy", action="store_true", default=None, help="greedy decoding (default: sampled)")
+    a("--stop-at-eos", action="store_true", default=None,
+      help="let answers end at EOS (default: fixed-length answers, equal work per engine)")
+    a("--reward", choices=["model", "rule"])
+    a("--lora-dim", type=int)
+    a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
+    a("--offload", action="store_true", default=None)
+    a("--grad-ckpt", action="store_true", default=None)
+    a("--dtype", help="float32 (default), bfloat16 or float16")
+    a("--device", help="cpu (default) or cuda")
+    a("--threads", type=int, help="torch threads per engine process (default: torch's)")
+    a("--phases", help="comma-separated subset of sync,generate,score,train to measure")
+    a("--ppo-epochs", type=int)
+    a("--generation-batches", type=int)
+    a("--prompts-file", help="JSONL of {\"prompt\": text} rows (needs --tokenizer)")
+    a("--tokenizer", help="local tokenizer path for --prompts-file")
+    a("--parity-tol", type=float, help="max |logprob diff| vs hf (default by dtype)")
+    a("--no-compile", dest="compile", action="store_false", default=None,
+      help="hybrid: run prefill/decode eagerly")
+    a("--out", help="run directory (default results/latest)")
+    a("--overwrite", action="store_true", default=None, help="replace a run already in --out")
+
+
+def options_from(args) -> "object":
+    from .config import from_dict, load_toml, validate
+    d = load_toml(args.config) if getattr(args, "config", None) else {}
+    for k, v in vars(args).items():
+        if k in ("cmd", "config", "func") or v is None:
+            continue
+        d[k] = v
+    return validate(from_dict(d))
+
+
+def cmd_run(args) -> int:
+    from .harness import run
+    return run(options_from(args))
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+    return sweep(options_from(args), batches=args.batches, gen_lens=args.gen_lens,
+                 presets=args.presets)
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+    from .report import format_table, plot_phases, plot_sweep, summarize
+    from .results import atomic_write_csv, load_results
+    d = Path(args.dir)
+    if (d / "sweep.csv").exists() and not (d / "results.json").exists():
+        import pandas as pd
+        df = pd.read_csv(d / "sweep.csv")
+        plot_sweep(df, d / "sweep.png")
+        print(df.to_string(index=False))
+        print(f"\nplot: {d / 'sweep.png'}")
+        return 0
+    data = load_results(d)
+    df = summarize(data)
+    print(format_table(df))
+    if d.is_dir():
+        atomic_write_csv(d / "summary.csv", df)
+        plot_phases(df, d / "phases.png")
+        print(f"\nplot: {d / 'phases.png'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, parse_percent
+    from .results import load_results
+    base, new = load_results(args.base), load_results(args.new)
+    table, problems = compare(base, new, parse_percent(args.max_slowdown),
+                              parse_percent(args.max_mem_growth), absolute=args.absolute)
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.float_format",
+                           lambda v: f"{v:.4g}"):
+        print(table.to_string(index=False) if len(table) else "(nothing to compare)")
+    if problems:
+        print("\nREGRESSIONS:")
+        for p in problems:
+            print("  " + p)
+        return 1
+    print("\nno regression")
+    return 0
+
+
+def cmd_project(args) -> int:
+    from . import project
+    return project.run(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-bench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="compare engines on identical PPO steps")
+    _run_args(r)
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("sweep", help="run over batch sizes, answer lengths and presets")
+    _run_args(s)
+    s.add_argument("--batches", default="", help="comma-separated batch sizes")
+    s.add_argument("--gen-lens", default="", help="comma-separated answer lengths")
+    s.add_argument("--presets", default="", help="comma-separated presets")
+    s.set_defaults(func=cmd_sweep)
+    rp = sub.add_parser("report", help="re-print a run's summary and write its plots")
+    rp.add_argument("dir")
+    rp.set_defaults(func=cmd_report)
+    c = sub.add_parser("compare", help="judge NEW against BASE; exit 1 on a regression")
+    c.add_argument("base")
+    c.add_argument("new")
+    c.add_argument("--max-slowdown", default="10%")
+    c.add_argument("--max-mem-growth", default="10%")
+    c.add_argument("--absolute", action="store_true",
+                   help="compare raw seconds instead of ratios to hf (same machine only)")
+    c.set_defaults(func=cmd_compare)
+    pj = sub.add_parser("project", help="predict PPO step time on GPU clusters")
+    try:
+        from . import project
+        project.add_arguments(pj)
+    except ImportError:
+        pass
+    pj.set_defaults(func=cmd_project)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    from .config import ConfigError
+    from .results import ResultsError
+    try:
+        code = args.func(args)
+    except (ConfigError, ResultsError, ValueError) as e:
+        print(f"rlhf-bench {args.cmd}: error: {e}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("rlhf-bench: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Judge a new run against a saved one.
+
+Speeds are compared as ratios to `hf` in the same run (engine time / hf time), which carry
+across machines; `--absolute` compares raw seconds instead (same machine only). Memory is the
+engine's peak over hf's. An engine that was ok and now fails (parity included) regresses.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .report import summarize
+
+TIME_COLS = ("gen_s", "score_s", "train_s", "step_s")
+
+
+def _summary(data: dict) -> pd.DataFrame:
+    return summarize(data).set_index("engine")
+
+
+def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
+            absolute: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    b, n = _summary(base), _summary(new)
+    use_ratio = not absolute and "hf" in b.index and "hf" in n.index
+    lines, problems = [], []
+    for engine in b.index:
+        if engine not in n.index:
+            problems.append(f"{engine}: in the base run but not in the new one")
+            continue
+        bs, ns = b.loc[engine], n.loc[engine]
+        if str(bs.status) == "ok" and str(ns.status) != "ok":
+            problems.append(f"{engine}: was ok, now {ns.status}")
+        for col in TIME_COLS:
+            bv, nv = bs[col], ns[col]
+            if use_ratio:
+                bv, nv = bv / b.loc["hf", col], nv / n.loc["hf", col]
+            if not (math.isfinite(bv) and math.isfinite(nv)) or bv <= 0:
+                continue
+            change = nv / bv - 1.0
+            judged = not (use_ratio and engine == "hf")
+            bad = judged and change > max_slowdown
+            lines.append(dict(engine=engine, metric=col + ("/hf" if use_ratio else ""),
+                              base=bv, new=nv, change=change,
+                              verdict="REGRESSED" if bad else ("ok" if judged else "reference")))
+            if bad:
+                problems.append(f"{engine}: {col}{'/hf' if use_ratio else ''} {bv:.4g} -> "
+                                f"{nv:.4g} (+{change:.0%}, limit +{max_slowdown:.0%})")
+        bm, nm = bs.peak_mem_mb, ns.peak_mem_mb
+        if use_ratio and engine != "hf":
+            bm, nm = bm / b.loc["hf", "peak_mem_mb"], nm / n.loc["hf", "peak_mem_mb"]
+        if math.isfinite(bm) and math.isfinite(nm) and bm > 0 and not (use_ratio and
+                                                                      engine == "hf"):
+            change = nm / bm - 1.0
+            bad = change > max_mem_growth
+            lines.append(dict(engine=engine, metric="peak_mem" + ("/hf" if use_ratio else ""),
+                              base=bm, new=nm, change=change,
+                              verdict="REGRESSED" if bad else "ok"))
+            if bad:
+                problems.append(f"{engine}: peak memory {bm:.4g} -> {nm:.4g} (+{change:.0%}, "
+                                f"limit +{max_mem_growth:.0%})")
+    return pd.DataFrame(lines), problems
+
+
+def parse_percent(text: str) -> float:
+    t = str(text).strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ValueError(f"not a percentage: {text!r} (write e.g. 10% or 0.1)")

@@ -1,0 +1,132 @@
+"""Benchmark options: defaults, validation, TOML files. One place knows every key."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+
+from core.types import GenerationConfig, PPOConfig, RunConfig
+
+PHASES = ("sync", "generate", "score", "train")
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    engines: tuple = ("hf",)
+    preset: str = "tiny-opt"
+    batch: int = 4
+    prompt_len: int = 32
+    gen_len: int = 32
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    greedy: bool = False
+    stop_at_eos: bool = False
+    reward: str = "model"
+    lora_dim: int = 0
+    zero_stage: int = -1
+    offload: bool = False
+    grad_ckpt: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0               # 0: torch's default
+    phases: tuple = PHASES
+    ppo_epochs: int = 1
+    generation_batches: int = 1
+    prompts_file: str = ""         # JSONL of {"prompt": text}; needs tokenizer
+    tokenizer: str = ""
+    parity_tol: float = 0.0        # 0: by dtype (fp32 1e-3, bf16/fp16 5e-2)
+    compile: bool = True           # hybrid: torch.compile prefill/decode where it pays
+    out: str = ""
+    overwrite: bool = False
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(preset=self.preset, batch=self.batch, prompt_len=self.prompt_len,
+                         gen=GenerationConfig(gen_len=self.gen_len, greedy=self.greedy,
+                                              stop_at_eos=self.stop_at_eos),
+                         ppo=PPOConfig(ppo_epochs=self.ppo_epochs,
+                                       generation_batches=self.generation_batches),
+                         reward=self.reward, lora_dim=self.lora_dim, zero_stage=self.zero_stage,
+                         offload=self.offload, grad_ckpt=self.grad_ckpt, dtype=self.dtype,
+                         device=self.device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+KEYS = {f.name for f in dataclasses.fields(BenchOptions)}
+
+
+def from_dict(d: dict) -> BenchOptions:
+    d = {k.replace("-", "_"): v for k, v in d.items()}
+    unknown = set(d) - KEYS
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}; valid keys: "
+                          f"{', '.join(sorted(KEYS))}")
+    for k in ("engines", "phases"):
+        if isinstance(d.get(k), str):
+            d[k] = tuple(x.strip() for x in d[k].split(",") if x.strip())
+        elif isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    types = {f.name: f.type for f in dataclasses.fields(BenchOptions)}
+    for k, v in d.items():
+        want = {"int": int, "float": float, "bool": bool, "str": str}.get(types[k])
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            d[k] = float(v)
+        elif want and not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"config key {k!r} should be {types[k]}, got {v!r}")
+    return BenchOptions(**d)
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {e}")
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory")
+
+
+def validate(o: BenchOptions) -> BenchOptions:
+    """Checks that need no model; model-dependent checks happen in the harness."""
+    import engines
+    for e in o.engines:
+        if e != "available":
+            try:
+                engines.check_name(e)
+            except KeyError as err:
+                raise ConfigError(str(err))
+    if not o.engines:
+        raise ConfigError("no engines given; valid engines: " + ", ".join(engines.REGISTRY))
+    for k in ("batch", "prompt_len", "gen_len", "steps"):
+        if getattr(o, k) < 1:
+            raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(o, k)}")
+    if o.warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or more, got {o.warmup}")
+    if o.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3 (or -1 for plain torch), "
+                          f"got {o.zero_stage}")
+    if o.lora_dim < 0:
+        raise ConfigError(f"--lora-dim must be 0 (off) or positive, got {o.lora_dim}")
+    if o.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {o.dtype!r}")
+    if o.reward not in ("model", "rule"):
+        raise ConfigError(f"--reward must be 'model' or 'rule', got {o.reward!r}")
+    bad = set(o.phases) - set(PHASES)
+    if bad or not o.phases:
+        raise ConfigError(f"--phases takes a subset of {', '.join(PHASES)}; got "
+                          f"{', '.join(o.phases) or 'nothing'}")
+    if o.prompts_file and not o.tokenizer:
+        raise ConfigError("--prompts-file needs --tokenizer (a local tokenizer path)")
+    if o.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {o.device}: no CUDA device on this machine")
+    return o

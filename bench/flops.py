@@ -1,0 +1,82 @@
+"""FLOP and byte counts for a PPO step, from a model's shape.
+
+Counts are matmul FLOPs (2 per multiply-add): the linear layers (including the vocabulary
+projection) and the two attention products (QK^T and AV). Norms, softmax and elementwise work
+are left out; they are a few percent at these sizes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+
+class Shape(NamedTuple):
+    linear_params: int     # weights of every matmul in one forward, head included
+    head_params: int       # the vocabulary projection's share of linear_params
+    n_layers: int
+    attn_width: int        # heads * head_dim (width of QK^T and AV)
+    kv_width: int          # kv_heads * head_dim (width of one cached K or V row)
+    weight_bytes: int      # bytes read by one decode step: every linear weight
+
+
+def shape_of(model: nn.Module, config) -> Shape:
+    from transformers.pytorch_utils import Conv1D
+    lin = head = nbytes = 0
+    head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Conv1D)):
+            lin += m.weight.numel()
+            nbytes += m.weight.numel() * m.weight.element_size()
+            if m is head_mod:
+                head = m.weight.numel()
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return Shape(lin, head, layers, heads * head_dim, kv_heads * head_dim, nbytes)
+
+
+def forward_flops(s: Shape, batch: int, new: int, past: int = 0, head: bool = True) -> int:
+    """A causal forward of `new` tokens per row after `past` cached ones."""
+    lin = s.linear_params - (0 if head else s.head_params)
+    ctx_sum = new * past + new * (new + 1) // 2  # sum of context lengths seen by each new token
+    return batch * (2 * lin * new + 4 * s.n_layers * s.attn_width * ctx_sum)
+
+
+def generate_flops(s: Shape, batch: int, prompt: int, gen: int) -> int:
+    """Prefill of the prompt (emits token 1), then gen-1 decode steps of one token."""
+    total = forward_flops(s, batch, prompt)
+    for t in range(gen - 1):
+        total += forward_flops(s, batch, 1, past=prompt + t)
+    return total
+
+
+def score_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
+    """Actor and reference log-probs, critic values and reward: four forwards of P+G tokens."""
+    T = prompt + gen
+    return 2 * forward_flops(actor, batch, T) + 2 * forward_flops(critic, batch, T, head=False)
+
+
+def train_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
+    """Forward + backward (~3 forwards) of actor and critic over P+G tokens."""
+    T = prompt + gen
+    return 3 * (forward_flops(actor, batch, T) + forward_flops(critic, batch, T, head=False))
+
+
+def kv_bytes(s: Shape, batch: int, ctx: int, dtype_bytes: int) -> int:
+    """Bytes of K and V cached for `ctx` positions, all layers."""
+    return 2 * s.n_layers * batch * ctx * s.kv_width * dtype_bytes
+
+
+def decode_roofline_s(s: Shape, batch: int, prompt: int, gen: int, dtype_bytes: int,
+                      peak_flops: float, mem_bw: float) -> float:
+    """Least time the hardware allows for generate: prefill at peak FLOP/s, then every decode
+    step bound by max(weight + KV bytes read / bandwidth, FLOPs / peak)."""
+    total = forward_flops(s, batch, prompt) / peak_flops
+    for t in range(gen - 1):
+        ctx = prompt + t
+        step_bytes = s.weight_bytes + kv_bytes(s, batch, ctx, dtype_bytes)
+        total += max(step_bytes / mem_bw, forward_flops(s, batch, 1, past=ctx) / peak_flops)
+    return total

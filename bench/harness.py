@@ -1,0 +1,247 @@
+"""Runs each engine in its own subprocess on identical work and gathers the results.
+
+The harness owns the run directory: it measures the machine's limits, starts one worker per
+engine (the parity reference, hf, first), follows the rows each worker writes, and rewrites
+results.json / rows.csv / summary.csv atomically as rows arrive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import limits as L
+from .config import BenchOptions, ConfigError
+from .report import format_table, plot_phases, summarize
+from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
+
+DEFAULT_PARITY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+MIN_TOKEN_AGREEMENT = {"float32": 0.95, "bfloat16": 0.5, "float16": 0.5}
+
+
+def check_model(o: BenchOptions) -> None:
+    """Model-dependent checks, before any engine starts."""
+    from core.models import ModelError, build_config, hidden_out_size, max_positions
+    try:
+        cfg = build_config(o.preset)
+    except ModelError as e:
+        raise ConfigError(str(e))
+    limit = max_positions(cfg)
+    if o.prompt_len + o.gen_len > limit:
+        raise ConfigError(f"--prompt-len {o.prompt_len} + --gen-len {o.gen_len} = "
+                          f"{o.prompt_len + o.gen_len} is longer than the model's "
+                          f"{limit} positions")
+    width = min(cfg.hidden_size, hidden_out_size(cfg))
+    if o.lora_dim > width:
+        raise ConfigError(f"--lora-dim {o.lora_dim} is larger than the layer width {width}")
+    if o.prompts_file:
+        if not os.path.exists(o.prompts_file):
+            raise ConfigError(f"--prompts-file {o.prompts_file!r} does not exist")
+        try:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(o.tokenizer, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad tokenizer path
+            raise ConfigError(f"--tokenizer {o.tokenizer!r} holds no tokenizer "
+                              f"({type(e).__name__})")
+        if len(tok) > cfg.vocab_size:
+            raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is "
+                              f"{cfg.vocab_size}: they do not belong together")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+    env = dict(python=platform.python_version(), torch=torch.__version__,
+               transformers=transformers.__version__, platform=platform.platform(),
+               cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+    try:
+        from importlib.metadata import version
+        env["deepspeed"] = version("deepspeed")
+    except Exception:  # noqa: BLE001
+        env["deepspeed"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        env["git_commit"] = None
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def available_engines(device: str) -> list[str]:
+    """`available`: every engine, minus those that need CUDA when there is none."""
+    import engines
+    names = list(engines.REGISTRY)
+    if not device.startswith("cuda"):
+        names.remove("ds-hybrid")  # its own Hybrid Engine loads CUDA kernels unconditionally
+    return names
+
+
+class Progress:
+    """One status line on stderr, redrawn in place; silent when stderr is not a terminal."""
+
+    def __init__(self):
+        self.on = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def show(self, text: str) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\033[K{text}  [{time.perf_counter() - self.t0:6.1f}s]")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+class Run:
+    def __init__(self, o: BenchOptions, out: Path):
+        self.o, self.out = o, out
+        self.data = dict(version=VERSION, options=o.to_dict(), env={}, limits={}, engines={},
+                         rows=[])
+        self.interrupted = False
+
+    def save(self) -> None:
+        import pandas as pd
+        atomic_write_json(self.out / "results.json", self.data)
+        atomic_write_csv(self.out / "rows.csv", pd.DataFrame(
+            self.data["rows"], columns=["engine", "step", "phase", "metric", "value", "unit"]))
+
+    def run_engine(self, name: str, reference: bool, probe_only: bool, progress: Progress
+                   ) -> str:
+        rows_path = self.out / "engines" / f"{name}.jsonl"
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        rows_path.unlink(missing_ok=True)
+        spec = dict(options=self.o.to_dict(), engine=name, rows_path=str(rows_path),
+                    parity_path=str(self.out / "engines" / "parity_ref.safetensors"),
+                    reference=reference, probe_only=probe_only)
+        spec_path = self.out / "engines" / f"{name}.spec.json"
+        atomic_write_json(spec_path, spec)
+        log = open(self.out / "engines" / f"{name}.log", "w")
+        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+                   PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "bench.worker", str(spec_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        self.data["engines"][name] = dict(status="running", pid=proc.pid)
+        seen, status = 0, None
+        base = [r for r in self.data["rows"] if r["engine"] != name]
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            except KeyboardInterrupt:
+                self.interrupted = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                code = proc.wait()
+            lines = read_jsonl(rows_path)
+            if len(lines) != seen:
+                seen = len(lines)
+                mine = [r for r in lines if "event" not in r]
+                for ev in lines:
+                    if ev.get("event") == "status":
+                        status = ev["status"]
+                    elif ev.get("event") == "progress":
+                        progress.show(f"{name}: step {ev['step']} {ev['phase']}")
+                self.data["rows"] = base + mine
+                self.save()
+            if code is not None:
+                break
+        log.close()
+        if self.interrupted:
+            status = "failed: interrupted (SIGINT)"
+        elif status is None or (code not in (0, 3) and not status.startswith("failed")):
+            tail = (self.out / "engines" / f"{name}.log").read_text(errors="replace")
+            last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:] or [""]
+            why = f"exit {code}" + (f" (killed by signal {-code})" if code and code < 0 else "")
+            status = f"failed: {why}: {last[0][:200]}"
+        self.data["engines"][name] = dict(status=status, exit_code=code)
+        self.save()
+        return status
+
+
+def run(o: BenchOptions) -> int:
+    """A whole benchmark run; returns the exit status (0 ok, 1 a failed engine or parity)."""
+    out = Path(o.out or "results/latest")
+    if (out / "results.json").exists() and not o.overwrite:
+        raise ConfigError(f"--out {out} already holds a run; pass --overwrite to replace it "
+                          f"or choose another --out")
+    check_model(o)
+    names = []
+    for e in o.engines:
+        names += available_engines(o.device) if e == "available" else [e]
+    names = list(dict.fromkeys(names))
+    if "hf" in names:
+        names.remove("hf")
+        names.insert(0, "hf")
+    if out.exists() and o.overwrite:
+        for stale in ("engines", "summary.csv", "rows.csv", "phases.png"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    r = Run(o, out)
+    r.data["options"]["engines_run"] = names
+    r.data["env"] = environment()
+    import torch
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    from core.types import torch_dtype
+    r.data["limits"] = L.measure(o.device, dtype=torch_dtype(o.dtype),
+                                 quick=o.preset.startswith("tiny"))
+    r.save()
+    progress = Progress()
+    if "hf" not in names:  # the parity reference still comes from hf, probe only
+        r.run_engine("hf", reference=True, probe_only=True, progress=progress)
+        r.data["engines"].pop("hf", None)
+        r.data["rows"] = [x for x in r.data["rows"] if x["engine"] != "hf"]
+    for name in names:
+        if r.interrupted:
+            r.data["engines"][name] = dict(status="failed: not run (interrupted)")
+            continue
+        r.run_engine(name, reference=(name == "hf"), probe_only=False, progress=progress)
+    progress.done()
+    df = summarize(r.data)
+    tol = o.parity_tol or DEFAULT_PARITY_TOL[o.dtype]
+    agree = MIN_TOKEN_AGREEMENT[o.dtype]
+    for i, d in df.iterrows():
+        if d.status == "ok" and (d.parity_max_abs_diff > tol or
+                                 d.parity_token_agreement < agree):
+            why = (f"failed: parity with hf: max |logprob diff| {d.parity_max_abs_diff:.3g} "
+                   f"(tol {tol:g}), greedy token agreement {d.parity_token_agreement:.3f} "
+                   f"(min {agree:g})")
+            df.loc[i, "status"] = why
+            r.data["engines"][d.engine]["status"] = why
+    r.data["parity_tolerance"] = dict(max_abs_diff=tol, min_token_agreement=agree)
+    r.save()
+    atomic_write_csv(out / "summary.csv", df)
+    try:
+        plot_phases(df, out / "phases.png")
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the results
+        print(f"note: could not plot ({e})", file=sys.stderr)
+    print(format_table(df))
+    print(f"\nresults: {out}/results.json, rows.csv, summary.csv, phases.png")
+    if r.interrupted:
+        print(f"interrupted: measured rows are saved in {out}; rerun the same command with "
+              f"--overwrite to measure again", file=sys.stderr)
+        return 130
+    return 0 if all(s == "ok" or s.startswith("unavailable") for s in df.status) else 1

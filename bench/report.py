@@ -1,0 +1,135 @@
+"""Tidy rows -> the summary table (one row per engine), printing and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
+                   "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
+                   "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
+                   "train_flops_frac", "decode_roofline_frac", "peak_mem_mb",
+                   "weight_copies", "actor_weight_mb", "parity_max_abs_diff",
+                   "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
+                   "critic_loss"]
+PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
+             "step": "step_s"}
+
+
+def summarize(data: dict) -> pd.DataFrame:
+    """The summary DataFrame of a results dict (medians over the measured steps)."""
+    o, limits = data["options"], data.get("limits", {})
+    rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
+                                               "unit"])
+    out = []
+    for name in data["options"]["engines_run"]:
+        info = data["engines"].get(name, {})
+        r = rows[rows.engine == name]
+        setup = {(p, m): v for p, m, v in r[r.step < 0][["phase", "metric", "value"]].values}
+        measured = r[r.step >= o["warmup"]]
+        med = measured.groupby(["phase", "metric"]).value.median()
+        # generate may run several times per step (generation batches): sum per step first
+        per_step = measured[measured.metric == "seconds"].groupby(["phase", "step"]).value.sum()
+        secs = per_step.groupby("phase").median()
+        d = {"engine": name, "status": info.get("status", "failed: no result")}
+        for phase, col in PHASE_COL.items():
+            d[col] = secs.get(phase, float("nan"))
+        B = o["batch"] * o["generation_batches"]
+        d["gen_tokens_per_s"] = B * o["gen_len"] / d["gen_s"]
+        d["samples_per_s"] = B / d["step_s"]
+        peak = limits.get("matmul_flops", float("nan"))
+        for phase, col in (("generate", "gen"), ("score", "score"), ("train", "train")):
+            d[f"{col}_flops_frac"] = setup.get((phase, "flops"), float("nan")) / d[
+                PHASE_COL[phase]] / peak
+        d["decode_roofline_frac"] = _roofline(setup, o, limits) / d["gen_s"]
+        d["peak_mem_mb"] = setup.get(("setup", "peak_rss_mb"),
+                                     measured[measured.metric == "peak_rss_mb"].value.max())
+        gpu_peak = measured[measured.metric == "peak_mem_mb"].value
+        if len(gpu_peak):
+            d["peak_mem_mb"] = gpu_peak.max()
+        d["weight_copies"] = setup.get(("setup", "weight_copies"), float("nan"))
+        d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
+        d["parity_max_abs_diff"] = setup.get(("parity", "max_abs_diff"), float("nan"))
+        d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))
+        d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
+                                                                          0.0)
+        for k in ("reward", "kl", "actor_loss", "critic_loss"):
+            d[k] = med.get(("metrics", k), float("nan"))
+        out.append(d)
+    df = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    if "hf" in set(df.engine):
+        hf = df[df.engine == "hf"].iloc[0]
+        df["gen_speedup_vs_hf"] = hf.gen_s / df.gen_s
+        df["step_speedup_vs_hf"] = hf.step_s / df.step_s
+    return df
+
+
+def _roofline(setup: dict, o: dict, limits: dict) -> float:
+    from .flops import Shape
+    try:
+        s = Shape(0, 0, int(setup[("setup", "n_layers")]), 0, int(setup[("setup", "kv_width")]),
+                  int(setup[("setup", "decode_weight_bytes")]))
+    except KeyError:
+        return float("nan")
+    # Shape above carries what the byte side needs; FLOPs come from the recorded prefill count
+    # and, per decode step, 2 FLOPs per weight element read (an underestimate, so the roofline
+    # stays a lower bound on time).
+    B, P, G = o["batch"] * o["generation_batches"], o["prompt_len"], o["gen_len"]
+    dbytes = int(setup[("setup", "dtype_bytes")])
+    peak, bw = limits["matmul_flops"], limits["mem_bw"]
+    prefill = setup.get(("setup", "prefill_flops"), 0.0) / peak
+    total = prefill
+    per_weight = s.weight_bytes / dbytes
+    for t in range(G - 1):
+        ctx = P + t
+        byt = s.weight_bytes + 2 * s.n_layers * B * ctx * s.kv_width * dbytes
+        total += max(byt / bw, 2 * per_weight * B / peak)
+    return total
+
+
+def format_table(df: pd.DataFrame) -> str:
+    cols = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
+            "gen_tokens_per_s", "gen_speedup_vs_hf", "step_speedup_vs_hf",
+            "decode_roofline_frac", "peak_mem_mb", "weight_copies", "parity_max_abs_diff"]
+    show = df[cols].copy()
+    show["status"] = show.status.str.slice(0, 48)
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.float_format", lambda v: f"{v:.4g}"):
+        return show.to_string(index=False)
+
+
+def plot_phases(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = None
+    ok = df[df.status == "ok"]
+    for col, label in (("gen_s", "generate"), ("sync_s", "sync"), ("score_s", "score"),
+                       ("train_s", "train")):
+        vals = ok[col].fillna(0.0).values
+        ax.bar(ok.engine, vals, bottom=bottom, label=label)
+        bottom = vals if bottom is None else bottom + vals
+    ax.set_ylabel("seconds per PPO step (median)")
+    ax.set_title("Time per phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (engine, preset, gl), g in df[df.status == "ok"].groupby(["engine", "preset", "gen_len"]):
+        g = g.sort_values("batch")
+        ax.plot(g.batch, g.gen_tokens_per_s, marker="o", label=f"{engine} {preset} G={gl}")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Generation throughput vs batch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Results on disk: tidy rows, atomic writes, strict reading.
+
+A run directory holds results.json (everything), rows.csv (the tidy rows) and summary.csv (one
+row per engine). Every write goes to a temporary file renamed into place, so a crash never
+leaves a half-written file where a good one stood. Nothing here unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+VERSION = 1
+ROW_KEYS = ("engine", "step", "phase", "metric", "value", "unit")
+
+
+class ResultsError(ValueError):
+    """A results file is missing, malformed, truncated or from another version."""
+
+
+def row(engine: str, step: int, phase: str, metric: str, value: float, unit: str = "") -> dict:
+    return dict(engine=engine, step=int(step), phase=phase, metric=metric, value=float(value),
+                unit=unit)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(path, df) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def append_jsonl(path, obj) -> None:
+    """One JSON object per line, flushed and synced: a killed writer loses at most that line."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every complete line of a JSONL file; a torn last line (killed writer) is dropped."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def load_results(path) -> dict:
+    """results.json of a run directory (or the file itself), validated."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.exists():
+        raise ResultsError(f"{p}: no results file (is this a run directory?)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{p}: not valid JSON ({e.__class__.__name__}: truncated or corrupt)")
+    if not isinstance(data, dict) or "version" not in data:
+        raise ResultsError(f"{p}: not an rlhf-bench results file (no version)")
+    if data["version"] != VERSION:
+        raise ResultsError(f"{p}: results version {data['version']!r}, this rlhf-bench reads "
+                           f"version {VERSION}")
+    rows = data.get("rows")
+    if not isinstance(rows, list) or any(not isinstance(r, dict) or set(ROW_KEYS) - set(r)
+                                         for r in rows):
+        raise ResultsError(f"{p}: malformed rows (each needs {', '.join(ROW_KEYS)})")
+    if not isinstance(data.get("engines"), dict):
+        raise ResultsError(f"{p}: malformed engines section")
+    return data

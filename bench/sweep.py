@@ -1,0 +1,50 @@
+"""A grid of runs over batch sizes, answer lengths and presets, gathered in one table."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ConfigError
+from .harness import run
+from .report import plot_sweep, summarize
+from .results import atomic_write_csv, load_results
+
+
+def _ints(text: str, default: int) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()] if text else [default]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}")
+    if any(v < 1 for v in vals):
+        raise ConfigError(f"sweep values must be at least 1, got {text!r}")
+    return vals
+
+
+def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
+    out = Path(o.out or "results/sweep")
+    if (out / "sweep.csv").exists() and not o.overwrite:
+        raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite or choose "
+                          f"another --out")
+    grid = [(p, b, g) for p in ([x for x in presets.split(",") if x] or [o.preset])
+            for b in _ints(batches, o.batch) for g in _ints(gen_lens, o.gen_len)]
+    frames, worst = [], 0
+    for preset, b, g in grid:
+        sub = out / f"{preset}_b{b}_g{g}"
+        oo = dataclasses.replace(o, preset=preset, batch=b, gen_len=g, out=str(sub),
+                                 overwrite=True)
+        print(f"== sweep: preset {preset}, batch {b}, gen_len {g}")
+        worst = max(worst, run(oo))
+        df = summarize(load_results(sub))
+        df.insert(1, "preset", preset)
+        df.insert(2, "batch", b)
+        df.insert(3, "gen_len", g)
+        frames.append(df)
+        atomic_write_csv(out / "sweep.csv", pd.concat(frames, ignore_index=True))
+    table = pd.concat(frames, ignore_index=True)
+    plot_sweep(table, out / "sweep.png")
+    print(table[["engine", "preset", "batch", "gen_len", "status", "gen_tokens_per_s",
+                 "step_s"]].to_string(index=False))
+    print(f"\nsweep: {out}/sweep.csv, sweep.png")
+    return worst

@@ -1,0 +1,200 @@
+"""One engine in one process: build the models, probe parity, run and time PPO steps.
+
+Run as `python -m bench.worker SPEC.json`. Rows and events go, one JSON line each, to the
+spec's rows file as they are measured; the harness reads that file, so nothing measured before a
+crash is lost. Exit status: 0 done, 3 engine unavailable here, anything else a failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+import psutil
+import torch
+
+import engines
+from core.data import jsonl_prompts, synthetic_prompts
+from core.engine import EngineUnavailable
+from core.models import build_bundle, weight_bytes
+from core.rng import fold_in
+from core.step import add_advantages, ppo_step
+from core.types import GenerationConfig, torch_dtype
+
+from . import flops as F
+from .config import from_dict
+from .results import append_jsonl, row
+
+EXIT_UNAVAILABLE = 3
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Recorder:
+    """Writes rows, and times phases with a device sync before each clock read."""
+
+    def __init__(self, path: str, engine: str, device: str, keep: set):
+        self.path, self.engine, self.device, self.keep = path, engine, device, keep
+        self.step = -1
+
+    def emit(self, phase, metric, value, unit="", step=None):
+        append_jsonl(self.path, row(self.engine, self.step if step is None else step, phase,
+                                    metric, value, unit))
+
+    def event(self, **kw):
+        append_jsonl(self.path, dict(event=kw.pop("kind"), engine=self.engine, **kw))
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.event(kind="progress", step=self.step, phase=name)
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        dt = time.perf_counter() - t0
+        if name in self.keep:
+            self.emit(name, "seconds", dt, "s")
+            if cuda:
+                self.emit(name, "peak_mem_mb", torch.cuda.max_memory_allocated() / 2 ** 20, "MB")
+
+
+def make_prompts(o, bundle, step: int, i: int):
+    seed = fold_in(o.seed, 100, step, i)
+    if o.prompts_file:
+        p = jsonl_prompts(o.prompts_file, o.tokenizer, o.batch, o.prompt_len, seed=seed)
+    else:
+        p = synthetic_prompts(o.batch, o.prompt_len, bundle.config.vocab_size, bundle.pad_id,
+                              seed=seed)
+    return type(p)(*(t.to(o.device) for t in p))
+
+
+def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
+    a = F.shape_of(bundle.actor, bundle.config)
+    c = F.shape_of(bundle.critic, bundle.config)
+    B, P, G = o.batch * o.generation_batches, o.prompt_len, o.gen_len
+    rec.emit("generate", "flops", F.generate_flops(a, B, P, G), "FLOP", step=-1)
+    rec.emit("score", "flops", F.score_flops(a, c, B, P, G), "FLOP", step=-1)
+    rec.emit("train", "flops", o.ppo_epochs * F.train_flops(a, c, B, P, G), "FLOP", step=-1)
+    dbytes = torch.finfo(torch_dtype(o.dtype)).bits // 8
+    rec.emit("setup", "actor_weight_bytes", weight_bytes(bundle.actor), "B", step=-1)
+    rec.emit("setup", "weight_copies", engine.weight_copies, "", step=-1)
+    rec.emit("setup", "decode_weight_bytes", a.weight_bytes, "B", step=-1)
+    rec.emit("setup", "dtype_bytes", dbytes, "B", step=-1)
+    rec.emit("setup", "kv_width", a.kv_width, "", step=-1)
+    rec.emit("setup", "n_layers", a.n_layers, "", step=-1)
+    rec.emit("setup", "prefill_flops", F.forward_flops(a, B, P), "FLOP", step=-1)
+
+
+def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, reference: bool):
+    """Greedy rollout on probe prompts with the initial weights. The reference engine saves its
+    rollout and log-probs; every other engine scores that same rollout and compares."""
+    from safetensors.torch import load_file, save_file
+    prompts = make_prompts(o, bundle, step=-1, i=0)
+    gen = GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos)
+    rollout = engine.generate(state, prompts, gen, seed=fold_in(o.seed, 999))
+    if reference:
+        exp = engine.score(state, rollout)
+        save_file({"seq": rollout.seq.cpu().contiguous(),
+                   "attention_mask": rollout.attention_mask.cpu().contiguous(),
+                   "answer_mask": rollout.answer_mask.cpu().contiguous(),
+                   "logprobs": exp.logprobs.float().cpu().contiguous()}, ref_path)
+        rec.emit("parity", "max_abs_diff", 0.0, "nat", step=-1)
+        rec.emit("parity", "token_agreement", 1.0, "", step=-1)
+        return
+    ref = load_file(ref_path)
+    ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
+                                ref["answer_mask"].to(o.device), o.prompt_len)
+    exp = engine.score(state, ref_rollout)
+    m = ref["answer_mask"]
+    diff = ((exp.logprobs.float().cpu() - ref["logprobs"]).abs() * m).max()
+    agree = (rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]).float().mean()
+    rec.emit("parity", "max_abs_diff", float(diff), "nat", step=-1)
+    rec.emit("parity", "token_agreement", float(agree), "", step=-1)
+
+
+def run(spec: dict) -> int:
+    o = from_dict(spec["options"])
+    name = spec["engine"]
+    rec = Recorder(spec["rows_path"], name, o.device, set(o.phases))
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    base_rss = _rss_mb()
+    rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
+    try:
+        engine = engines.get(name, compile=o.compile)
+        cfg = o.run_config()
+        bundle = build_bundle(o.preset, seed=o.seed, dtype=torch_dtype(o.dtype),
+                              lora_dim=o.lora_dim, device=o.device)
+        t0 = time.perf_counter()
+        state = engine.init(bundle, cfg, seed=o.seed)
+        rec.emit("setup", "init_s", time.perf_counter() - t0, "s", step=-1)
+    except EngineUnavailable as e:
+        rec.event(kind="status", status=f"unavailable: {e}")
+        return EXIT_UNAVAILABLE
+    emit_model_counts(rec, o, bundle, engine)
+    t0 = time.perf_counter()
+    parity_probe(rec, o, bundle, engine, state, spec["parity_path"], spec["reference"])
+    rec.emit("parity", "probe_s", time.perf_counter() - t0, "s", step=-1)
+    if spec.get("probe_only"):
+        rec.event(kind="status", status="ok")
+        return 0
+    gen_only = set(o.phases) <= {"sync", "generate"}
+    for step in range(o.warmup + o.steps):
+        rec.step = step
+        rec.event(kind="progress", step=step, phase="step",
+                  total=o.warmup + o.steps)
+        batches = [make_prompts(o, bundle, step, i) for i in range(o.generation_batches)]
+        seed = fold_in(o.seed, step)
+        t0 = time.perf_counter()
+        if gen_only:
+            with rec.phase("sync"):
+                engine.sync(state)
+            for i, p in enumerate(batches):
+                with rec.phase("generate"):
+                    engine.generate(state, p, cfg.gen, seed=fold_in(seed, 1, i))
+        else:
+            state, m = ppo_step(engine, state, batches, cfg, seed=seed, phase=rec.phase)
+            for k, v in m._asdict().items():
+                rec.emit("metrics", k, float(v))
+        rec.emit("step", "seconds", time.perf_counter() - t0, "s")
+        rec.emit("step", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB")
+    engine.release()
+    rec.emit("setup", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB", step=-1)
+    rec.event(kind="status", status="ok")
+    return 0
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        spec = json.load(f)
+    try:
+        code = run(spec)
+    except Exception as e:  # noqa: BLE001 - recorded as the engine's failure, then re-raised
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        append_jsonl(spec["rows_path"], dict(event="status", engine=spec["engine"],
+                                             status=f"failed: {msg}"))
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny model bundles, a small run config, prompts that fit them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.data import synthetic_prompts
+from core.models import build_bundle
+from core.types import GenerationConfig, PPOConfig, RunConfig
+
+
+def make_bundle(preset: str = "tiny-opt", seed: int = 0, **kw):
+    """A fresh four-model bundle (actor, ref, critic, reward), fp32 on CPU."""
+    return build_bundle(preset, seed=seed, **kw)
+
+
+def make_cfg(**kw) -> RunConfig:
+    """A small run: 4 prompts of 8 tokens, 6-token sampled answers, DeepSpeed-Chat PPO defaults.
+
+    `gen=` and `ppo=` may be dicts of overrides for GenerationConfig / PPOConfig.
+    """
+    gen = kw.pop("gen", {})
+    ppo = kw.pop("ppo", {})
+    base = dict(preset="tiny-opt", batch=4, prompt_len=8)
+    base.update(kw)
+    return RunConfig(gen=gen if isinstance(gen, GenerationConfig) else
+                     GenerationConfig(**{"gen_len": 6, **gen}),
+                     ppo=ppo if isinstance(ppo, PPOConfig) else PPOConfig(**ppo), **base)
+
+
+def make_prompts(bundle, cfg: RunConfig, seed: int):
+    return synthetic_prompts(cfg.batch, cfg.prompt_len, bundle.config.vocab_size, bundle.pad_id,
+                             seed=seed)
+
+
+def params_of(module: torch.nn.Module) -> dict:
+    """name -> detached clone of every parameter (a snapshot)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.fixture
+def tiny_bundle():
+    """Factory: tiny_bundle(preset="tiny-opt", seed=0) -> ModelBundle (fresh each call)."""
+    return make_bundle
+
+
+@pytest.fixture
+def prompts_for():
+    """Factory: prompts_for(bundle, cfg, seed) -> seeded synthetic Prompts of cfg's shape."""
+    return make_prompts
+
+
+@pytest.fixture
+def small_cfg():
+    """Factory: small_cfg(**overrides) -> RunConfig (see make_cfg)."""
+    return make_cfg
