@@ -78,7 +78,9 @@ def _grads(loss_fn, params, model, exp, clip, accum):
     total, loss_sum = None, 0.0
     n = exp.seq.shape[0]
     for rows in split_rows(n, accum):
-        g, loss = grad_and_value(loss_fn)(params, model, take(exp, torch.arange(n)[rows]), clip)
+        with torch.no_grad():  # keep grads off the outer tape: the params require grad
+            g, loss = grad_and_value(loss_fn)(params, model, take(exp, torch.arange(n)[rows]),
+                                              clip)
         total = g if total is None else {k: total[k] + g[k] for k in g}
         loss_sum = loss_sum + loss.detach()
     k = len(split_rows(n, accum))

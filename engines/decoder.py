@@ -1,0 +1,243 @@
+"""A decoder forward over the training module's own parameters, with a static KV cache.
+
+`extract` reads references (no copies) to an HF model's weights into NamedTuples; `forward`
+runs new tokens through them, writing K/V into the cache. Because the tensors are the live
+parameters, an optimiser step is seen by the next call with nothing to copy or recompile.
+Supported: OPT, Llama, GPT-2 families; anything else raises UnsupportedModel.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class Lin(NamedTuple):
+    """y = x @ w.T + b (+ LoRA: ((x @ a.T) @ bb.T) * scale). `t`: w is stored (in, out)."""
+    w: Tensor
+    b: Optional[Tensor]
+    a: Optional[Tensor] = None
+    bb: Optional[Tensor] = None
+    scale: float = 1.0
+    t: bool = False
+
+
+class Norm(NamedTuple):
+    w: Tensor
+    b: Optional[Tensor]
+    eps: float
+    rms: bool
+
+
+class Layer(NamedTuple):
+    ln1: Norm
+    qkv: tuple          # (q, k, v) Lins, or one fused Lin (GPT-2's c_attn)
+    o: Lin
+    ln2: Norm
+    up: Lin             # fc1 / c_fc / up_proj
+    gate: Optional[Lin]  # Llama's gate_proj
+    down: Lin
+
+
+class Weights(NamedTuple):
+    family: str
+    embed: Tensor            # (V, E)
+    pos: Optional[Tensor]    # learned positions (OPT: offset 2), or None
+    pos_offset: int
+    proj_in: Optional[Lin]
+    layers: tuple
+    final: Optional[Norm]
+    proj_out: Optional[Lin]
+    head: Lin                # vocabulary projection
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    pre_norm: bool
+    act: str
+    inv_freq: Optional[Tensor]
+    rope_scale: float
+
+
+def _lin(m: nn.Module, t: bool = False) -> Lin:
+    """A Linear (or GPT-2 Conv1D), unwrapping a PEFT LoRA layer into base + adapters."""
+    if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+        if len(m.active_adapters) != 1:
+            raise UnsupportedModel("exactly one active LoRA adapter is supported")
+        name = m.active_adapters[0]
+        base = _lin(m.base_layer, t)
+        return base._replace(a=m.lora_A[name].weight, bb=m.lora_B[name].weight,
+                             scale=float(m.scaling[name]))
+    return Lin(m.weight, m.bias, t=t)
+
+
+def _norm(m: nn.Module, rms: bool = False) -> Norm:
+    eps = getattr(m, "eps", None) or getattr(m, "variance_epsilon", 1e-6)
+    return Norm(m.weight, getattr(m, "bias", None), float(eps), rms)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def extract(model: nn.Module) -> Weights:
+    m = _base(model)
+    cfg = m.config
+    kind = cfg.model_type
+    if kind == "opt":
+        d = m.model.decoder
+        if getattr(cfg, "_remove_final_layer_norm", False):
+            raise UnsupportedModel("OPT with _remove_final_layer_norm is not supported")
+        H = cfg.num_attention_heads
+        layers = tuple(Layer(_norm(l.self_attn_layer_norm),
+                             (_lin(l.self_attn.q_proj), _lin(l.self_attn.k_proj),
+                              _lin(l.self_attn.v_proj)), _lin(l.self_attn.out_proj),
+                             _norm(l.final_layer_norm), _lin(l.fc1), None, _lin(l.fc2))
+                       for l in d.layers)
+        return Weights("opt", d.embed_tokens.weight, d.embed_positions.weight, 2,
+                       _lin(d.project_in) if d.project_in is not None else None, layers,
+                       _norm(d.final_layer_norm) if d.final_layer_norm is not None else None,
+                       _lin(d.project_out) if d.project_out is not None else None,
+                       _lin(m.lm_head), H, H, cfg.hidden_size // H, cfg.do_layer_norm_before,
+                       cfg.activation_function, None, 1.0)
+    if kind == "llama":
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise UnsupportedModel(f"Llama rope type {rope.get('rope_type')!r} is not supported")
+        if cfg.hidden_act != "silu":
+            raise UnsupportedModel(f"Llama activation {cfg.hidden_act!r} is not supported")
+        b = m.model
+        layers = tuple(Layer(_norm(l.input_layernorm, True),
+                             (_lin(l.self_attn.q_proj), _lin(l.self_attn.k_proj),
+                              _lin(l.self_attn.v_proj)), _lin(l.self_attn.o_proj),
+                             _norm(l.post_attention_layernorm, True), _lin(l.mlp.up_proj),
+                             _lin(l.mlp.gate_proj), _lin(l.mlp.down_proj))
+                       for l in b.layers)
+        H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+        rot = b.rotary_emb
+        return Weights("llama", b.embed_tokens.weight, None, 0, None, layers,
+                       _norm(b.norm, True), None, _lin(m.lm_head), H, KV, hd, True, "silu",
+                       rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)))
+    if kind == "gpt2":
+        if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
+            raise UnsupportedModel("GPT-2 with scale_attn_by_inverse_layer_idx or "
+                                   "reorder_and_upcast_attn is not supported")
+        t = m.transformer
+        layers = tuple(Layer(_norm(l.ln_1), (_lin(l.attn.c_attn, True),),
+                             _lin(l.attn.c_proj, True), _norm(l.ln_2), _lin(l.mlp.c_fc, True),
+                             None, _lin(l.mlp.c_proj, True)) for l in t.h)
+        H = cfg.n_head
+        return Weights("gpt2", t.wte.weight, t.wpe.weight, 0, None, layers, _norm(t.ln_f),
+                       None, _lin(m.lm_head), H, H, cfg.n_embd // H, True,
+                       cfg.activation_function, None, 1.0)
+    raise UnsupportedModel(f"the hybrid engine has no decoder for model type {kind!r} "
+                           f"(supported: opt, llama, gpt2)")
+
+
+def lin(x: Tensor, L: Lin) -> Tensor:
+    y = x @ L.w if L.t else F.linear(x, L.w)
+    if L.b is not None:
+        y = y + L.b
+    if L.a is not None:
+        # LoRA unfused: two thin matmuls, exact, and the base weight is never modified
+        y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
+    return y
+
+
+def norm(x: Tensor, n: Norm) -> Tensor:
+    if n.rms:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
+        return n.w * xf.to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), n.w, n.b, n.eps)
+
+
+_ACT = {"relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu": F.gelu, "silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, S, D); cos/sin (B, 1, S, D)."""
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return x * cos + rot * sin
+
+
+class KVCache(NamedTuple):
+    """Static cache: k, v (L, B, KV, T_max, D), preallocated once per (B, T_max)."""
+    k: Tensor
+    v: Tensor
+
+
+def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:
+    shape = (len(w.layers), batch, w.n_kv, max_len, w.head_dim)
+    return KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+
+def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor
+            ) -> Tensor:
+    """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V).
+
+    pos: (B, S) position ids (padding skipped). key_mask: (B, start+S) bool, True on real keys.
+    """
+    B, S = ids.shape
+    end = start + S
+    x = F.embedding(ids, w.embed)
+    if w.proj_in is not None:
+        x = lin(x, w.proj_in)
+    if w.pos is not None:
+        x = x + F.embedding(pos + w.pos_offset, w.pos)
+    cos = sin = None
+    if w.inv_freq is not None:
+        f = pos[:, :, None].float() * w.inv_freq[None, None, :]   # (B, S, D/2)
+        emb = torch.cat((f, f), dim=-1)
+        cos = (emb.cos() * w.rope_scale).to(x.dtype)[:, None]
+        sin = (emb.sin() * w.rope_scale).to(x.dtype)[:, None]
+    # (B, 1, S, end): causal within the new tokens, and no padded keys
+    causal = torch.ones(S, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+    own = torch.eye(S, end, dtype=torch.bool, device=ids.device).roll(start, dims=1)
+    # every query sees itself: a padded query must not see an empty row (SDPA would give NaN,
+    # which reaches the cache); real queries never look at padded keys, so this is harmless
+    mask = (causal[None, None] & key_mask[:, None, None, :end]) | own[None, None]
+    act = _ACT[w.act]
+    H, KV, D = w.n_heads, w.n_kv, w.head_dim
+    for i, L in enumerate(w.layers):
+        h = norm(x, L.ln1) if w.pre_norm else x
+        if len(L.qkv) == 1:
+            q, k, v = lin(h, L.qkv[0]).split(H * D, dim=-1)
+        else:
+            q, k, v = (lin(h, p) for p in L.qkv)
+        q = q.view(B, S, H, D).transpose(1, 2)
+        k = k.view(B, S, KV, D).transpose(1, 2)
+        v = v.view(B, S, KV, D).transpose(1, 2)
+        if cos is not None:
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        cache.k[i, :, :, start:end] = k
+        cache.v[i, :, :, start:end] = v
+        a = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end],
+                                           attn_mask=mask, scale=1.0 / math.sqrt(D),
+                                           enable_gqa=KV != H)
+        a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
+        x = x + a if w.pre_norm else norm(x + a, L.ln1)
+        h = norm(x, L.ln2) if w.pre_norm else x
+        up = lin(h, L.up)
+        h = act(lin(h, L.gate)) * up if L.gate is not None else act(up)
+        h = lin(h, L.down)
+        x = x + h if w.pre_norm else norm(x + h, L.ln2)
+    x = x[:, -1]
+    if w.final is not None:
+        x = norm(x, w.final)
+    if w.proj_out is not None:
+        x = lin(x, w.proj_out)
+    return lin(x, w.head)

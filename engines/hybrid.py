@@ -1,0 +1,115 @@
+"""The hybrid engine: one copy of the weights, switched between training and fast generation.
+
+What DeepSpeed-Chat's Hybrid Engine does by patching modules at run time, done here with plain
+functions: generation runs `engines.decoder.forward` over references to the training
+parameters (no copy, nothing to sync), with a static KV cache kept between steps, prefill and
+decode as separate functions, LoRA applied unfused, and under ZeRO-3 every parameter gathered
+once per generate. Scoring and training are the shared torch.func (or DeepSpeed) paths.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from core.engine import EngineUnavailable
+from core.models import ModelBundle, position_ids
+from core.rng import step_noise
+from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
+                        TrainState)
+
+from . import common
+from . import decoder as D
+
+
+def _backend(cfg: RunConfig):
+    if cfg.zero_stage >= 0:
+        from . import zero
+        return zero
+    return common
+
+
+class HybridEngine:
+    name = "hybrid"
+    weight_copies = 1
+
+    def __init__(self, compile: bool = True, **_):
+        self.compile = compile
+        self.cache: D.KVCache | None = None
+        self._prefill = D.forward
+        self._decode = D.forward
+
+    def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
+        try:
+            D.extract(models.actor)
+        except D.UnsupportedModel as e:
+            raise EngineUnavailable(str(e))
+        self.models, self.cfg = models, cfg
+        self.backend = _backend(cfg)
+        state, self.opts = self.backend.init_state(models, cfg)
+        return state
+
+    def sync(self, state: TrainState) -> None:
+        pass  # generation reads the training parameters themselves
+
+    def _gathered(self):
+        """Under ZeRO-3, gather every actor parameter once for the whole generate."""
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+            params = list(self.models.actor.parameters())
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _cache_for(self, w: D.Weights, batch: int, length: int, dtype, device) -> D.KVCache:
+        c = self.cache
+        if c is None or c.k.shape[1] != batch or c.k.shape[3] < length or c.k.dtype != dtype:
+            self.cache = None  # free the old one before allocating
+            self.cache = D.new_cache(w, batch, length, dtype, device)
+        return self.cache
+
+    @torch.no_grad()
+    def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
+                 seed: int) -> Rollout:
+        ids, am = prompts
+        B, P = ids.shape
+        G = gen.gen_len
+        pad, eos = self.models.pad_id, self.models.eos_id
+        with self._gathered():
+            w = D.extract(self.models.actor)
+            cache = self._cache_for(w, B, P + G, w.embed.dtype, ids.device)
+            key_mask = torch.ones(B, P + G, dtype=torch.bool, device=ids.device)
+            key_mask[:, :P] = am.bool()
+            pos = position_ids(am)
+            next_pos = pos[:, -1:] + 1                                   # (B, 1)
+            logits = self._prefill(w, cache, ids, pos, 0, key_mask)      # (B, V)
+            answer = torch.full((B, G), pad, dtype=torch.long, device=ids.device)
+            done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+            for t in range(G):
+                scores = logits.float()
+                if not gen.greedy:
+                    scores = scores / gen.temperature + step_noise(seed, t, scores.shape,
+                                                                   device=scores.device)
+                tok = scores.argmax(-1)
+                if gen.stop_at_eos:
+                    tok = torch.where(done, torch.full_like(tok, pad), tok)
+                    done = done | (tok == eos)
+                answer[:, t] = tok
+                if t == G - 1 or (gen.stop_at_eos and bool(done.all())):
+                    break
+                logits = self._decode(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
+        amask = common.answer_mask_from(answer, eos, gen.stop_at_eos)
+        answer = torch.where(amask, answer, torch.full_like(answer, pad))
+        seq = torch.cat([ids, answer], dim=1)
+        return Rollout(seq, torch.cat([am, amask.long()], dim=1), amask, P)
+
+    def score(self, state: TrainState, rollout: Rollout) -> Experience:
+        with self._gathered() if self.cfg.zero_stage == 3 else contextlib.nullcontext():
+            return common.score(self.models, rollout, self.cfg.reward)
+
+    def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
+        return self.backend.train_step(self.models, self.opts, state, exp, ppo)
+
+    def release(self) -> None:
+        """Free the KV cache (DeepSpeed's release_inference_cache); the next generate
+        allocates a new one."""
+        self.cache = None
