@@ -6,6 +6,7 @@ import importlib
 REGISTRY: dict[str, str] = {
     "hf": "engines.hf:HFEngine",
     "hybrid": "engines.hybrid:HybridEngine",
+    "hybrid-packed": "engines.hybrid:PackedHybridEngine",
     "ds-inference": "engines.ds_inference:DSInferenceEngine",
     "ds-hybrid": "engines.ds_hybrid:DSHybridEngine",
 }

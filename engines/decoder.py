@@ -27,6 +27,8 @@ class Lin(NamedTuple):
     bb: Optional[Tensor] = None
     scale: float = 1.0
     t: bool = False
+    packed: Optional[Tensor] = None  # MKL-packed copy of w for `rows`-row inputs (a 2nd copy!)
+    rows: int = 0
 
 
 class Norm(NamedTuple):
@@ -144,8 +146,25 @@ def extract(model: nn.Module) -> Weights:
                            f"(supported: opt, llama, gpt2)")
 
 
+SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: PERF notes in README)
+
+
 def lin(x: Tensor, L: Lin) -> Tensor:
-    y = x @ L.w if L.t else F.linear(x, L.w)
+    if L.packed is not None and x.shape[:-1].numel() == L.rows:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkl._mkl_linear(x2, L.packed, L.w, L.b, L.rows)
+        y = y.reshape(*x.shape[:-1], L.w.shape[0])
+        if L.a is not None:
+            y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
+        return y
+    if L.t:
+        y = x @ L.w
+    elif x.shape[:-1].numel() <= SMALL_M:
+        # decode: stream W once as the left operand, (N, K) @ (K, M); same values as F.linear
+        x2 = x.reshape(-1, x.shape[-1])
+        y = (L.w @ x2.t()).t().reshape(*x.shape[:-1], L.w.shape[0])
+    else:
+        y = F.linear(x, L.w)
     if L.b is not None:
         y = y + L.b
     if L.a is not None:
@@ -171,6 +190,21 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
     return x * cos + rot * sin
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
+    B, H, S, D = q.shape
+    KV = k.shape[1]
+    if S > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(D),
+                                              enable_gqa=KV != H)
+    # decode: two batched matmuls straight on the strided cache views (SDPA's CPU fallback
+    # for this shape copies K while scaling it, which measured ~2 ms per layer at OPT-125m)
+    qg = q.reshape(B, KV, H // KV, D) * (1.0 / math.sqrt(D))        # (B, KV, H/KV, D)
+    s = torch.matmul(qg, k.transpose(-1, -2))                       # (B, KV, H/KV, end)
+    s = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(s, v).reshape(B, H, 1, D)
 
 
 class KVCache(NamedTuple):
@@ -225,9 +259,7 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         cache.k[i, :, :, start:end] = k
         cache.v[i, :, :, start:end] = v
-        a = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end],
-                                           attn_mask=mask, scale=1.0 / math.sqrt(D),
-                                           enable_gqa=KV != H)
+        a = attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end], mask)
         a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x
@@ -241,3 +273,27 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
     if w.proj_out is not None:
         x = lin(x, w.proj_out)
     return lin(x, w.head)
+
+
+def can_pack(w: Weights) -> bool:
+    return w.embed.device.type == "cpu" and w.embed.dtype == torch.float32 and hasattr(
+        torch.ops.mkl, "_mkl_reorder_linear_weight") and torch.backends.mkl.is_available()
+
+
+def pack(w: Weights, rows: int) -> tuple[Weights, int]:
+    """Weights whose (out, in) linears carry an MKL-packed copy for `rows`-row inputs (decode),
+    and the bytes those copies take. Packed copies go stale at every optimiser step: re-pack."""
+    nbytes = 0
+
+    def p(L):
+        nonlocal nbytes
+        if L is None or L.t:
+            return L
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(L.w.detach(), rows)
+        nbytes += packed.numel() * packed.element_size()
+        return L._replace(packed=packed, rows=rows)
+
+    layers = tuple(l._replace(qkv=tuple(p(x) for x in l.qkv), o=p(l.o), up=p(l.up),
+                              gate=p(l.gate), down=p(l.down)) for l in w.layers)
+    return w._replace(layers=layers, head=p(w.head), proj_in=p(w.proj_in),
+                      proj_out=p(w.proj_out)), nbytes

@@ -33,9 +33,11 @@ class HybridEngine:
     name = "hybrid"
     weight_copies = 1
 
-    def __init__(self, compile: bool = True, **_):
-        self.compile = compile
+    def __init__(self, compile: bool = True, pack: bool = False, **_):
+        self.compile, self.pack = compile, pack
         self.cache: D.KVCache | None = None
+        self.packed: D.Weights | None = None   # stale (None) after every optimiser step
+        self.packed_bytes = 0
         self._prefill = D.forward
         self._decode = D.forward
 
@@ -45,12 +47,20 @@ class HybridEngine:
         except D.UnsupportedModel as e:
             raise EngineUnavailable(str(e))
         self.models, self.cfg = models, cfg
+        if self.pack and not D.can_pack(D.extract(models.actor)):
+            raise EngineUnavailable("packed decode needs fp32 weights on a CPU torch with MKL")
+        if self.pack and cfg.zero_stage == 3:
+            raise EngineUnavailable("packed decode keeps a full copy: not with ZeRO-3")
+        self.weight_copies = 2 if self.pack else 1
         self.backend = _backend(cfg)
         state, self.opts = self.backend.init_state(models, cfg)
         return state
 
     def sync(self, state: TrainState) -> None:
-        pass  # generation reads the training parameters themselves
+        """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy)."""
+        if self.pack and self.packed is None:
+            self.packed, self.packed_bytes = D.pack(D.extract(self.models.actor),
+                                                    self.cfg.batch)
 
     def _gathered(self):
         """Under ZeRO-3, gather every actor parameter once for the whole generate."""
@@ -76,6 +86,9 @@ class HybridEngine:
         pad, eos = self.models.pad_id, self.models.eos_id
         with self._gathered():
             w = D.extract(self.models.actor)
+            if self.pack and B == self.cfg.batch:
+                self.sync(state)  # a no-op unless weights changed since the last sync
+                w = self.packed
             cache = self._cache_for(w, B, P + G, w.embed.dtype, ids.device)
             key_mask = torch.ones(B, P + G, dtype=torch.bool, device=ids.device)
             key_mask[:, :P] = am.bool()
@@ -107,9 +120,19 @@ class HybridEngine:
             return common.score(self.models, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
+        self.packed = None  # packed copies are stale once the weights move
         return self.backend.train_step(self.models, self.opts, state, exp, ppo)
 
     def release(self) -> None:
         """Free the KV cache (DeepSpeed's release_inference_cache); the next generate
         allocates a new one."""
         self.cache = None
+
+
+class PackedHybridEngine(HybridEngine):
+    """`hybrid` plus MKL-packed decode weights: a second, re-laid-out copy of every actor
+    linear, re-packed (timed as sync) after each optimiser step. Shows whether packing pays."""
+    name = "hybrid-packed"
+
+    def __init__(self, compile: bool = True, **_):
+        super().__init__(compile=compile, pack=True)
