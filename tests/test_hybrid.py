@@ -1,0 +1,170 @@
+"""The hybrid engine computes what hf computes: tokens, logits, training, LoRA, cache life."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engines
+from core.engine import EngineUnavailable
+from core.models import position_ids
+from core.step import ppo_step
+from core.types import GenerationConfig, PPOConfig
+from engines import decoder as D
+
+from conftest import make_bundle, make_cfg, make_prompts
+
+FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
+HYBRIDS = ["hybrid", "hybrid-packed"]
+
+
+def _nudge_lora(bundle):
+    # PEFT starts lora_B at zero, which would hide a wrong LoRA path: give it real values
+    with torch.no_grad():
+        for n, p in bundle.actor.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+
+
+def _pair(preset, engine, lora=0, **cfg_kw):
+    b = make_bundle(preset, seed=0, lora_dim=lora)
+    if lora:
+        _nudge_lora(b)
+    cfg = make_cfg(preset=preset, lora_dim=lora, **cfg_kw)
+    hf, hy = engines.get("hf"), engines.get(engine)
+    return b, cfg, hf, hf.init(b, cfg, seed=0), hy, hy.init(b, cfg, seed=0)
+
+
+@pytest.mark.parametrize("engine", HYBRIDS)
+@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_tokens_equal_hf_greedy_and_sampled(preset, lora, engine):
+    b, cfg, hf, s1, hy, s2 = _pair(preset, engine, lora)
+    prompts = make_prompts(b, cfg, seed=3)
+    for greedy in (True, False):
+        gen = GenerationConfig(gen_len=64, greedy=greedy)
+        r1 = hf.generate(s1, prompts, gen, seed=11)
+        r2 = hy.generate(s2, prompts, gen, seed=11)
+        assert torch.equal(r1.seq, r2.seq), f"{preset} lora={lora} greedy={greedy}"
+        assert torch.equal(r1.attention_mask, r2.attention_mask)
+    other = hy.generate(s2, prompts, GenerationConfig(gen_len=64), seed=12)
+    assert not torch.equal(other.seq, r2.seq)  # the seed really drives sampling
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_stop_at_eos_equals_hf(preset):
+    b = make_bundle(preset, seed=0)
+    cfg = make_cfg(preset=preset)
+    prompts = make_prompts(b, cfg, seed=4)
+    # call the answers' most frequent token "EOS", so rows stop at different points
+    hf = engines.get("hf")
+    s = hf.init(b, cfg, seed=0)
+    sampled = hf.generate(s, prompts, GenerationConfig(gen_len=48), seed=5).seq[:, cfg.prompt_len:]
+    b = b._replace(eos_id=int(sampled.flatten().mode().values))
+    hf, hy = engines.get("hf"), engines.get("hybrid")
+    s1, s2 = hf.init(b, cfg, seed=0), hy.init(b, cfg, seed=0)
+    gen = GenerationConfig(gen_len=48, stop_at_eos=True)
+    r1, r2 = hf.generate(s1, prompts, gen, seed=5), hy.generate(s2, prompts, gen, seed=5)
+    assert torch.equal(r1.seq, r2.seq) and torch.equal(r1.answer_mask, r2.answer_mask)
+    lengths = r1.answer_mask.sum(-1)
+    assert lengths.min() < 48 and (r1.seq[:, cfg.prompt_len:][~r1.answer_mask] == b.pad_id).all()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_cached_decode_logits_equal_full_forward(preset, lora, packed):
+    """Teacher forcing: logits from prefill + one-token cached decode steps equal the logits
+    of one full forward of the whole sequence (left padding included)."""
+    b = make_bundle(preset, seed=0, lora_dim=lora)
+    if lora:
+        _nudge_lora(b)
+    cfg = make_cfg(preset=preset)
+    prompts = make_prompts(b, cfg, seed=6)
+    B, P, G = cfg.batch, cfg.prompt_len, 24
+    answer = torch.randint(3, b.config.vocab_size, (B, G), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([prompts.input_ids, answer], 1)
+    am = torch.cat([prompts.attention_mask, torch.ones_like(answer)], 1)
+    with torch.no_grad():
+        full = b.actor(input_ids=seq, attention_mask=am, position_ids=position_ids(am)).logits
+        w = D.extract(b.actor)
+        if packed:
+            w, nbytes = D.pack(w, B)
+            assert nbytes > 0
+        cache = D.new_cache(w, B, P + G, torch.float32, "cpu")
+        km = am.bool()
+        pos = position_ids(am)
+        got = [D.forward(w, cache, prompts.input_ids, pos[:, :P], 0, km)]
+        for t in range(G - 1):
+            got.append(D.forward(w, cache, answer[:, t:t + 1], pos[:, P + t:P + t + 1], P + t, km))
+    got = torch.stack(got, 1)                 # (B, G, V)
+    want = full[:, P - 1:-1]
+    assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("engine", HYBRIDS)
+@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_three_ppo_steps_equal_hf(preset, lora, engine):
+    """Same prompts, seeds and weights: after 3 PPO steps the trained parameters agree, and each
+    generate after a train step saw the new weights (no copy, no re-capture)."""
+    ppo = PPOConfig(actor_lr=3e-4, critic_lr=3e-4, eps=1e-6)
+    b1, b2 = make_bundle(preset, 0, lora_dim=lora), make_bundle(preset, 0, lora_dim=lora)
+    if lora:
+        _nudge_lora(b1), _nudge_lora(b2)
+    cfg = make_cfg(preset=preset, lora_dim=lora, ppo=ppo, gen={"gen_len": 12})
+    hf, hy = engines.get("hf"), engines.get(engine)
+    s1, s2 = hf.init(b1, cfg, seed=0), hy.init(b2, cfg, seed=0)
+    for step in range(3):
+        prompts = make_prompts(b1, cfg, seed=step)
+        r1 = hf.generate(s1, prompts, cfg.gen, seed=step)
+        r2 = hy.generate(s2, prompts, cfg.gen, seed=step)
+        assert torch.equal(r1.seq, r2.seq), f"step {step}: generation diverged"
+        s1, m1 = ppo_step(hf, s1, prompts, cfg, seed=step)
+        s2, m2 = ppo_step(hy, s2, prompts, cfg, seed=step)
+        assert abs(float(m1.actor_loss) - float(m2.actor_loss)) < 1e-5
+    moved = 0.0
+    for (n, p1), (_, p2), p0 in zip(b1.actor.named_parameters(), b2.actor.named_parameters(),
+                                    make_bundle(preset, 0, lora_dim=lora).actor.parameters()):
+        assert (p1 - p2).abs().max() < 1e-5, n
+        moved = max(moved, float((p1 - p0).abs().max()))
+    assert moved > 1e-4  # training really changed the weights
+
+
+def test_release_frees_cache_and_next_generate_reallocates():
+    b, cfg, hf, s1, hy, s2 = _pair("tiny-opt", "hybrid")
+    prompts = make_prompts(b, cfg, seed=0)
+    gen = GenerationConfig(gen_len=8, greedy=True)
+    first = hy.generate(s2, prompts, gen, seed=0)
+    cache = hy.cache
+    assert cache is not None and cache.k.shape[3] == cfg.prompt_len + 8
+    hy.generate(s2, prompts, gen, seed=0)
+    assert hy.cache is cache  # reused across steps, not reallocated
+    hy.release()
+    assert hy.cache is None
+    again = hy.generate(s2, prompts, gen, seed=0)
+    assert hy.cache is not None and hy.cache is not cache
+    assert torch.equal(first.seq, again.seq)
+
+
+def test_one_copy_generation_reads_live_parameters():
+    b, cfg, hf, s1, hy, s2 = _pair("tiny-opt", "hybrid")
+    w = D.extract(b.actor)
+    params = {p.data_ptr() for p in b.actor.parameters()}
+    assert w.head.w.data_ptr() in params and w.layers[0].up.w.data_ptr() in params
+    assert hy.weight_copies == 1
+    packed = engines.get("hybrid-packed")
+    packed.init(b, make_cfg(), seed=0)
+    assert packed.weight_copies == 2  # a re-laid-out copy counts as a copy
+
+
+def test_unsupported_model_is_a_clear_error():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=64)
+    model = GPTNeoXForCausalLM(cfg)
+    with pytest.raises(D.UnsupportedModel, match="gpt_neox"):
+        D.extract(model)
+    b = make_bundle("tiny-opt", 0)
+    b = b._replace(actor=model)
+    with pytest.raises(EngineUnavailable, match="no decoder for model type 'gpt_neox'"):
+        engines.get("hybrid").init(b, make_cfg(), seed=0)
