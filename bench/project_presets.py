@@ -1,4 +1,4 @@
-"""Numbers the scale projection (bench/project.py) starts from: hardware, model shapes, efficiencies.
+"""What the scale projection (bench/project.py) starts from: hardware, shapes, efficiencies.
 
 Everything here is data with its source or reason beside it; the arithmetic lives in project.py.
 Units: FLOP/s, bytes, bytes/s, seconds. GiB = 2**30 bytes.
@@ -20,19 +20,22 @@ class Gpu:
     nvlink_bw: float     # bytes/s per GPU per direction, inside a node
     ib_bw: float         # bytes/s per GPU per direction, between nodes (one NIC per GPU)
     pcie_bw: float       # bytes/s per direction, host <-> device
+    host_bw: float       # bytes/s of the node's host DRAM (CPU Adam under ZeRO-Offload)
     per_node: int = 8    # GPUs behind one NVLink switch (DGX/HGX node)
 
 
 GPUS: dict[str, Gpu] = {
     # A100 SXM: 312 TFLOP/s bf16; HBM2 1555 GB/s (40G) / HBM2e 2039 GB/s (80G); NVLink 3: 600 GB/s
     # total = 300 GB/s each way; DGX A100: 8x HDR 200 Gb/s = 25 GB/s per GPU; PCIe gen4 x16 32 GB/s.
-    "a100-40g": Gpu("a100-40g", 312e12, 1.555e12, 40 * GiB, 300e9, 25e9, 32e9),
-    "a100-80g": Gpu("a100-80g", 312e12, 2.039e12, 80 * GiB, 300e9, 25e9, 32e9),
+    # Host: 2x EPYC 7742, 8 channels of DDR4-3200 each = 2 x 204.8 GB/s.
+    "a100-40g": Gpu("a100-40g", 312e12, 1.555e12, 40 * GiB, 300e9, 25e9, 32e9, 409.6e9),
+    "a100-80g": Gpu("a100-80g", 312e12, 2.039e12, 80 * GiB, 300e9, 25e9, 32e9, 409.6e9),
     # H100 SXM: 989 TFLOP/s bf16, HBM3 3.35 TB/s; NVLink 4: 900 GB/s total = 450 each way;
-    # DGX H100: 8x NDR 400 Gb/s = 50 GB/s per GPU; PCIe gen5 x16 64 GB/s.
-    "h100": Gpu("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 50e9, 64e9),
+    # DGX H100: 8x NDR 400 Gb/s = 50 GB/s per GPU; PCIe gen5 x16 64 GB/s;
+    # host 2x Xeon 8480C, 8 channels of DDR5-4800 each = 2 x 307.2 GB/s.
+    "h100": Gpu("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 50e9, 64e9, 614.4e9),
     # H200 SXM: H100's compute with 141 GB of HBM3e at 4.8 TB/s (nvidia-smi shows ~140 GiB).
-    "h200": Gpu("h200", 989e12, 4.8e12, 140 * GiB, 450e9, 50e9, 64e9),
+    "h200": Gpu("h200", 989e12, 4.8e12, 140 * GiB, 450e9, 50e9, 64e9, 614.4e9),
 }
 
 
@@ -47,6 +50,7 @@ class Shape:
     vocab: int = 50272
     positions: int = 2048
     embed_dim: int = 0   # word_embed_proj_dim when it differs from d_model (OPT-350m: 512), else 0
+    final_norm: bool = True   # OPT-350m (post-LN) has no final layernorm
 
     @property
     def e(self) -> int:
@@ -55,7 +59,7 @@ class Shape:
 
 
 def _opt(name: str, layers: int, d: int, heads: int, embed_dim: int = 0) -> Shape:
-    return Shape(name, layers, d, heads, 4 * d, embed_dim=embed_dim)
+    return Shape(name, layers, d, heads, 4 * d, embed_dim=embed_dim, final_norm=not embed_dim)
 
 
 # Shapes from the OPT paper (Zhang et al. 2022, table 1) and the released HF configs.
@@ -79,67 +83,91 @@ ENGINES = ("hf", "ds-inference", "ds-hybrid", "hybrid")
 class Efficiency:
     """Achieved fraction of each roofline, per phase. Chosen once; the same for every row.
 
-    Sources of the defaults: dense bf16 GEMMs at these sizes reach 60-75% of peak on A100/H100;
+    Reasons for the defaults: dense bf16 GEMMs at these sizes reach 60-75% of peak on A100/H100,
     a whole transformer forward (layernorms, softmax, launches) ~50%; a training step (backward
-    kernels, optimizer, ZeRO bookkeeping in Python) ~35% (the Megatron/ZeRO papers report 30-50%
-    MFU for 1B-100B models). Decode reads weights at 60-70% of HBM bandwidth with fused inference
-    kernels at batch >= 1 and ~40% in eager PyTorch. NCCL all-gather/reduce-scatter reach ~70% of
-    link bandwidth at large messages; PCIe copies ~70% of the link.
+    kernels, ZeRO hooks in Python, recompute) ~35% (Megatron-LM and ZeRO report 30-50% of peak
+    for 1B-100B models). Fused inference kernels stream weights at ~60% of HBM bandwidth in
+    decode, eager PyTorch ~40%. NCCL all-gather / reduce-scatter reach ~70% of link bandwidth at
+    large messages; PCIe copies ~70%; CPU Adam streams host memory at ~50%.
     """
-    prefill: float = 0.50          # of bf16 peak, prompt forward during generation
-    decode: float = 0.60           # of HBM bandwidth, one token step (weights + KV cache read)
-    score: float = 0.45            # of bf16 peak, no-grad forwards of actor, ref, critic, reward
-    train: float = 0.35            # of bf16 peak, forward + backward (+ recompute) of actor, critic
-    comm: float = 0.70             # of NVLink/InfiniBand bandwidth, collectives
-    pcie: float = 0.70             # of PCIe bandwidth, host <-> device copies
-    layer_overhead_s: float = 20e-6   # s per layer per decode step not hidden by the GPU (launches)
-    collective_latency_s: float = 10e-6  # s per collective call (NCCL launch + sync)
+    prefill: float = 0.50          # of bf16 peak: prompt forward during generation
+    decode: float = 0.60           # of HBM bandwidth: a token step (weights + KV cache read)
+    score: float = 0.45            # of bf16 peak: no-grad forwards of actor, ref, critic, reward
+    train: float = 0.35            # of bf16 peak: forward + backward (+ recompute)
+    comm: float = 0.70             # of NVLink / InfiniBand bandwidth: collectives
+    pcie: float = 0.70             # of PCIe bandwidth: host <-> device copies
+    host: float = 0.50             # of host DRAM bandwidth: CPU Adam under ZeRO-Offload
+    launch_s: float = 30e-6        # s of CPU per layer per decode step to issue its kernels;
+                                   # hidden while the GPU is busier than that (launches run ahead)
+    token_sync_s: float = 300e-6   # s per decode step the generate loop spends on the host
+                                   # (sampling, stop check, device sync): never hidden
+    collective_latency_s: float = 10e-6  # s per collective call (NCCL launch + handshake)
 
     def short(self) -> str:
         return (f"pf{self.prefill:.2f} dec{self.decode:.2f} sc{self.score:.2f} "
-                f"tr{self.train:.2f} cm{self.comm:.2f} ovh{self.layer_overhead_s * 1e6:.0f}us")
+                f"tr{self.train:.2f} cm{self.comm:.2f}")
 
 
 # Per-engine defaults differ only where the software differs, never per row:
-# hf decodes eagerly in PyTorch (one Python-dispatched kernel per op, ~15-20 per layer, dynamic
-# cache): lower bandwidth fraction, ~60 us per layer per step of CPU launch cost.
-# ds-inference / ds-hybrid use DeepSpeed's fused inference kernels (~6 launches per layer).
-# hybrid (this project) replays compiled prefill/decode as CUDA graphs: little launch cost.
+# hf decodes eagerly (one Python-dispatched kernel per op, ~20 per layer, growing cache):
+# lower bandwidth fraction, ~80 us of CPU per layer. ds-inference / ds-hybrid run DeepSpeed's
+# fused inference kernels (~6 launches per layer) inside HF's generate loop. hybrid (this
+# project) replays compiled prefill/decode as CUDA graphs: one launch per step, a lean loop.
 DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
-    "hf": Efficiency(decode=0.40, layer_overhead_s=60e-6),
+    "hf": Efficiency(decode=0.40, launch_s=80e-6),
     "ds-inference": Efficiency(),
     "ds-hybrid": Efficiency(),
-    "hybrid": Efficiency(layer_overhead_s=5e-6),
+    "hybrid": Efficiency(launch_s=1e-6, token_sync_s=100e-6),
 }
 
 # DeepSpeed-Chat's step-3 setup. Its benchmark notes (training/step3_rlhf_finetuning/
 # BenckmarkSetting.md) give 264,292 prompts x (256 + 256) tokens = 135,317,504 tokens per epoch,
-# one PPO epoch and one generation batch per step, and a cap of 1024 prompts (524,288 tokens) per
-# global batch, "using the largest batch that does not run out of memory" below that cap.
-# Our default --tokens 135e6 gives 135e6 / 512 = 263,672 prompts (0.2% fewer).
+# one PPO epoch and one generation batch per step, and at most 1024 prompts per global batch.
+# Our default --tokens 135e6 gives 135e6 / 512 = 263,672 prompts, so 263,672 / B steps.
 # (The blog's "131.9k queries" disagrees with its own 67.5M query tokens by 2x; we follow the
 # token count, which the benchmark notes confirm.)
 CRITIC_MODEL = "opt-350m"     # critic and reward model of every DeepSpeed-Chat row
 MAX_GLOBAL_BATCH = 1024       # prompts per PPO step
 
-# (gpus, gpu, actor, published hours, settings) -- settings as DeepSpeed-Chat's scripts ran them,
-# or, where the script as released cannot fit (full Adam states of 6.7B+ on one GPU: 16 B/param),
-# LoRA-only training of the actor, which is what its `*_lora.sh` scripts are named for.
-CALIBRATION: tuple[tuple[int, str, str, float, dict], ...] = (
-    # single_gpu/run_1.3b.sh: ZeRO 0, actor gradient checkpointing, full training.
-    (1, "a100-40g", "opt-1.3b", 15.4, dict(zero_stage=0)),
-    (1, "a100-80g", "opt-1.3b", 11.7, dict(zero_stage=0)),
-    # single_gpu/run_6.7b_lora.sh: ZeRO 0, LoRA 128. On 40 GB the bf16 actor + reference
-    # (2 x 13.4 GB) leave no room for a batch, so the reference sits in host memory
-    # (DeepSpeed-Chat's --offload_reference_model) and streams over PCIe each step.
-    (1, "a100-40g", "opt-6.7b", 3.4 * 24, dict(zero_stage=0, lora_dim=128, offload_ref=True)),
-    (1, "a100-80g", "opt-6.7b", 1.7 * 24, dict(zero_stage=0, lora_dim=128)),
-    (1, "a100-80g", "opt-13b", 4.9 * 24, dict(zero_stage=0, lora_dim=128)),
-    # single_node/run_1.3b.sh: ZeRO 2. run_6.7b.sh: ZeRO 3. run_13b.sh: ZeRO 3, inference TP 2,
-    # LoRA 128. run_30b_lora.sh: ZeRO 3, LoRA 128; its 60 GB of gathered bf16 weights cannot sit
-    # on one 40 GB GPU, so generation uses inference TP 4 (the smallest that fits).
-    (8, "a100-40g", "opt-1.3b", 2.0, dict(zero_stage=2)),
-    (8, "a100-40g", "opt-6.7b", 5.7, dict(zero_stage=3)),
-    (8, "a100-40g", "opt-13b", 10.8, dict(zero_stage=3, inference_tp=2, lora_dim=128)),
-    (8, "a100-40g", "opt-30b", 1.85 * 24, dict(zero_stage=3, inference_tp=4, lora_dim=128)),
+# (gpus, gpu, actor, published hours, settings, why). Settings follow DeepSpeed-Chat's scripts:
+# 16 prompts per GPU (main.py's default and the April 2023 node scripts; 4 in run_30b_lora.sh),
+# halved until it fits in our memory model (its benchmark rule: the largest batch that fits),
+# actor gradient checkpointing, Hybrid Engine. Their `--actor_lora_dim 128` adds adapters but,
+# without `--only_optimize_lora`, still trains every weight: lora_only=False here. Where the full
+# Adam states cannot fit (16 B/param), ZeRO-Offload (`--offload`, CPU Adam) is on, at stage 2 on
+# one GPU (the stage ZeRO-Offload needs; sharding over one rank changes nothing else).
+CALIBRATION: tuple[tuple[int, str, str, float, dict, str], ...] = (
+    (1, "a100-40g", "opt-1.3b", 15.4, dict(zero_stage=0, lora_dim=128, per_gpu=16),
+     "single_gpu/run_1.3b.sh"),
+    (1, "a100-80g", "opt-1.3b", 11.7, dict(zero_stage=0, lora_dim=128, per_gpu=16),
+     "single_gpu/run_1.3b.sh"),
+    (1, "a100-40g", "opt-6.7b", 3.4 * 24,
+     dict(zero_stage=2, lora_dim=128, offload=True, per_gpu=16),
+     "single_gpu/run_6.7b_lora.sh + offload"),
+    (1, "a100-80g", "opt-6.7b", 1.7 * 24,
+     dict(zero_stage=2, lora_dim=128, offload=True, per_gpu=16),
+     "single_gpu/run_6.7b_lora.sh + offload"),
+    (1, "a100-80g", "opt-13b", 4.9 * 24, dict(zero_stage=2, lora_dim=128, offload=True, per_gpu=16),
+     "no script: as 6.7B + offload"),
+    (8, "a100-40g", "opt-1.3b", 2.0, dict(zero_stage=2, per_gpu=16), "single_node/run_1.3b.sh"),
+    (8, "a100-40g", "opt-6.7b", 5.7, dict(zero_stage=3, per_gpu=16), "single_node/run_6.7b.sh"),
+    (8, "a100-40g", "opt-13b", 10.8, dict(zero_stage=3, inference_tp=2, lora_dim=128,
+                                          offload=True, per_gpu=16),
+     "single_node/run_13b.sh + offload"),
+    (8, "a100-40g", "opt-30b", 1.85 * 24, dict(zero_stage=3, inference_tp=4, lora_dim=128,
+                                               offload=True, per_gpu=4),
+     "single_node/run_30b_lora.sh + offload, TP 4"),
+)
+
+# Held out (not used to choose efficiencies or settings): the same README's 8x and 64x A100-80G
+# rows, priced with one rule instead of per-row script settings: ZeRO-3, LoRA-128 adapters on a
+# trained base, inference TP chosen by `auto`, ZeRO-Offload only where nothing fits without it,
+# 16 prompts per GPU (at most 1024 per step) halved until they fit.
+HELD_OUT: tuple[tuple[int, str, str, float], ...] = (
+    (8, "a100-80g", "opt-1.3b", 1.4), (8, "a100-80g", "opt-6.7b", 4.1),
+    (8, "a100-80g", "opt-13b", 9.0), (8, "a100-80g", "opt-30b", 18.0),
+    (8, "a100-80g", "opt-66b", 2.1 * 24),
+    (64, "a100-80g", "opt-1.3b", 31 / 60), (64, "a100-80g", "opt-6.7b", 51 / 60),
+    (64, "a100-80g", "opt-13b", 1.25), (64, "a100-80g", "opt-30b", 4.0),
+    (64, "a100-80g", "opt-66b", 7.5), (64, "a100-80g", "opt-175b", 20.0),
 )

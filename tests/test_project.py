@@ -1,0 +1,271 @@
+"""Scale projection (bench/project.py): hand counts on a toy shape, the DeepSpeed-Chat calibration,
+and the command line. Pure arithmetic: the whole file runs in a few seconds on CPU."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from bench import project as P
+from bench.project_presets import GPUS, MODELS, Efficiency, Gpu, Shape
+
+# A toy OPT-like shape small enough to count by hand: L=2, d=8, ffn=32, V=16, 16 positions.
+TOY = Shape("toy", layers=2, d_model=8, heads=2, ffn=32, vocab=16, positions=16)
+# Round-number hardware: 1 TFLOP/s, 1 GB/s HBM, 0.1 GB/s NVLink.
+TOY_GPU = Gpu("toy-gpu", bf16_flops=1e12, hbm_bw=1e9, memory=1e9, nvlink_bw=1e8, ib_bw=1e7,
+              pcie_bw=1e9, host_bw=1e9)
+# Every roofline reached, no fixed costs: times are exactly bytes / bandwidth or FLOPs / peak.
+UNIT = Efficiency(prefill=1, decode=1, score=1, train=1, comm=1, pcie=1, host=1,
+                  launch_s=0, token_sync_s=0, collective_latency_s=0)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Register the toy shape and GPU; return a Config factory for them."""
+    monkeypatch.setitem(MODELS, "toy", TOY)
+    monkeypatch.setitem(GPUS, "toy-gpu", TOY_GPU)
+
+    def make(**kw):
+        base = dict(model="toy", critic="toy", gpu="toy-gpu", prompt_len=3, gen_len=2, eff=UNIT)
+        return P.Config(**{**base, **kw})
+    return make
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    argv = []
+    for key, value in kw.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------ counts by hand
+
+def test_param_counts_match_hugging_face_opt():
+    # sum(p.numel()) of transformers' OPTForCausalLM built from the real configs (checked once
+    # on the meta device; not repeated here to keep the test free of a 6 s import)
+    assert P.param_count(MODELS["opt-350m"]) == 331_196_416
+    assert P.param_count(MODELS["opt-1.3b"]) == 1_315_758_080
+    # per layer 4*64 + 2*8*32 + 9*8 + 32 = 872; 2 layers = 1744; embeddings 16*8 = 128;
+    # positions (16+2)*8 = 144; final layernorm 2*8 = 16 -> 2032
+    assert P.param_count(TOY) == 2032
+
+
+def test_flop_and_byte_counts_by_hand():
+    # weights a token multiplies through: 2 * (4*8*8 + 2*8*32) + LM head 16*8 = 1536 + 128
+    assert P.matmul_params(TOY) == 1664
+    assert P.matmul_params(TOY, lm_head=False) == 1536 + 8          # value head: 8 -> 1
+    # one token, 5 positions: 2*1664 + 4 * L2 * d8 * ctx5 = 3328 + 320
+    assert P.flops_per_token_forward(TOY, 5) == 3648
+    # 3 tokens causal: 2*1664*3 + 4*2*8*(1+2+3) = 9984 + 384, the sum of the three tokens
+    assert P.sequence_forward_flops(TOY, 3) == 10368
+    assert P.sequence_forward_flops(TOY, 3) == sum(P.flops_per_token_forward(TOY, t)
+                                                   for t in (1, 2, 3))
+    # train, full + checkpointing: fwd + 2 fwd backward + fwd recompute = 4 * 10368
+    assert P.train_flops(TOY, 3) == 41472
+    # LoRA r=2, adapters only, no checkpointing: 2 * 10368 + 6 * 576 adapter params * 3 tokens,
+    # adapters = L2 * r2 * (4 * (8+8) + 2 * (8+32)) = 4 * 144 = 576
+    assert P.lora_param_count(TOY, 2) == 576
+    assert P.train_flops(TOY, 3, lora_dim=2, ckpt=False) == 20736 + 10368
+    # KV cache, batch 3 x 5 positions x (k, v) x 2 layers x d8 x 2 bytes = 960
+    assert P.kv_cache_bytes(TOY, 3, 5) == 960
+    # a decode step reads all weights once (1664 * 2 bytes) plus the batch's KV cache
+    assert P.decode_bytes_per_step(TOY, 3, 5) == 3328 + 960
+
+
+def test_communication_counts_by_hand(toy):
+    # one bf16 copy 2032 * 2 = 4064 bytes; each of 4 ranks receives 3/4 of it
+    assert P.zero3_gather_bytes(TOY, 4) == 3048
+    z3 = toy(gpus=4, zero_stage=3)
+    # hf gathers for every forward (prefill + 1 decode step = 2); the hybrids once; ds-inference
+    # generates from its own copy; nothing is sharded at stage 2 or on one GPU
+    gathers = [P.generate_gathers(dataclasses.replace(z3, engine=e)) for e in P.ENGINES]
+    assert dict(zip(P.ENGINES, gathers)) == {"hf": 2, "ds-inference": 0, "ds-hybrid": 1,
+                                             "hybrid": 1}
+    assert P.generate_gathers(dataclasses.replace(z3, zero_stage=2)) == 0
+    assert P.generate_gathers(dataclasses.replace(z3, gpus=1)) == 0
+    # score: actor, reference, critic, reward (all the toy here) gathered once: 4 * 3048
+    assert P.score_comm_bytes(z3) == 12192
+    # train: reduce-scatter of bf16 grads of actor + critic (4064 params * 2 B * 3/4 = 6096)
+    # + gathers of actor and critic for forward, recompute and backward: 3 * 2 * 3048
+    assert P.train_comm_bytes(z3) == 6096 + 18288
+    assert P.train_comm_bytes(dataclasses.replace(z3, grad_ckpt=False)) == 6096 + 12192
+    assert P.train_comm_bytes(dataclasses.replace(z3, zero_stage=2)) == 2 * 6096   # all-reduce
+    # LoRA-only r=2: grads of 576 adapters + 2032 critic params; the frozen base is still gathered
+    assert P.train_comm_bytes(dataclasses.replace(z3, lora_dim=2)) == 2608 * 2 * 0.75 + 18288
+
+
+def test_decode_roofline_and_gathers_by_hand(toy):
+    cfg = toy(engine="hybrid", zero_stage=0)
+    # prefill: max(10368 FLOPs / 1e12, 1664*2 B / 1e9) = 3.328e-6 s
+    # decode step 1: reads 3328 B of weights + KV of 3 positions (1*3*2*2*8*2 = 192 B) = 3.520e-6 s
+    work, comm = P.generate_time(cfg, b=1)
+    assert work == pytest.approx(3.328e-6 + 3.520e-6) and comm == 0
+    # unfused LoRA r=2 (hybrid, hf) also reads the 576 adapter weights (1152 B) each forward;
+    # DeepSpeed fuses them, so ds-hybrid's time is unchanged
+    work, _ = P.generate_time(toy(engine="hybrid", zero_stage=0, lora_dim=2), b=1)
+    assert work == pytest.approx(4.480e-6 + 4.672e-6)
+    work, _ = P.generate_time(toy(engine="ds-hybrid", zero_stage=0, lora_dim=2), b=1)
+    assert work == pytest.approx(6.848e-6)
+    # ZeRO-3 on 4 GPUs: a gather moves 3048 B over 0.1 GB/s = 3.048e-5 s.
+    # hybrid pays it once; hf per forward, less the step it hides behind:
+    # (3.048e-5 - 3.328e-6) + (3.048e-5 - 3.520e-6) = 5.4112e-5 s
+    _, comm = P.generate_time(toy(engine="hybrid", gpus=4), b=1)
+    assert comm == pytest.approx(3.048e-5)
+    _, comm = P.generate_time(toy(engine="hf", gpus=4), b=1)
+    assert comm == pytest.approx(5.4112e-5)
+    # ds-inference re-copies its 4064 B (read + write, 8128 B at 1 GB/s) and gathers once
+    assert P.sync_time(toy(engine="ds-inference", gpus=4)) == pytest.approx(8.128e-6 + 3.048e-5)
+
+
+def test_memory_by_hand(toy):
+    m = P.memory_per_gpu(toy(gpus=4, zero_stage=3, engine="hybrid"), b=1)
+    # ZeRO-3 over 4: bf16 weights 2032*2/4, bf16 grads the same, Adam 2032*12/4
+    assert (m["actor_weights"], m["actor_grads"], m["actor_adam"]) == (1016, 1016, 6096)
+    assert m["ref_weights"] == m["reward_weights"] == 1016
+    assert m["critic"] == 1016 + 1016 + 6096
+    # the static KV cache stays: 1 prompt x (3+2) positions x 2 x 2 layers x 8 x 2 B
+    assert m["kv_cache"] == 320 and m["inference_copy"] == 0
+    # stage 1 shards only Adam; offload moves grads and Adam to the host
+    m1 = P.memory_per_gpu(toy(gpus=4, zero_stage=1), b=1)
+    assert (m1["actor_weights"], m1["actor_grads"], m1["actor_adam"]) == (4064, 4064, 6096)
+    assert P.memory_per_gpu(toy(gpus=4, offload=True), b=1)["actor_adam"] == 0
+    # ds-inference holds a second full copy
+    assert P.memory_per_gpu(toy(engine="ds-inference"), b=1)["inference_copy"] == 4064
+
+
+# ------------------------------------------------------------------ the calibration
+
+def test_calibration_reproduces_deepspeed_chat_within_1_5x(capsys):
+    assert P.run(_args(calibration=True)) == 0
+    printed = capsys.readouterr().out
+    # assumptions beside each prediction
+    for column in ("batch", "zero", "tp", "lora", "offload", "efficiency", "hours",
+                   "published_hours", "ratio"):
+        assert column in printed.splitlines()[0]
+    df = P.calibration_table()
+    cal = df[df["set"] == "calibration"]
+    assert len(cal) == 9 and (cal["engine"] == "ds-hybrid").all() and cal["fits"].all()
+    assert cal["efficiency"].nunique() == 1                   # one set of efficiencies for all rows
+    bad = cal[(cal["ratio"] > 1.5) | (cal["ratio"] < 1 / 1.5)]
+    assert bad.empty, P.format_table(bad)
+
+
+def test_token_arithmetic():
+    # 135e6 tokens / (256 + 256) = 263,672 prompts (DeepSpeed-Chat: 264,292 x 512 = 135.3M)
+    row = P.predict(P.Config(model="opt-1.3b", gpus=8, batch=128, zero_stage=2))
+    assert row["total_hours"] == pytest.approx(-(-263_672 // 128) * row["step_s"] / 3600, rel=1e-3)
+
+
+# ------------------------------------------------------------------ behaviour the model must show
+
+def test_phases_move_the_right_way():
+    base = dict(model="opt-13b", gpu="a100-80g", zero_stage=3, batch=512)
+    hf64 = P.predict(P.Config(engine="hf", gpus=64, **base))
+    hy64 = P.predict(P.Config(engine="hybrid", gpus=64, **base))
+    assert hf64["dominant_phase"] == "comm" and hf64["comm_s"] > 10 * hy64["comm_s"]
+    dsi = P.predict(P.Config(engine="ds-inference", gpus=8, **base))
+    full = P.predict(P.Config(engine="hybrid", gpus=8, **base))
+    assert dsi["sync_s"] > 0 and dsi["mem_gib"] > full["mem_gib"]         # the second copy
+    lora = P.predict(P.Config(engine="hybrid", gpus=8, lora_dim=128, **base))
+    assert lora["train_s"] < 0.8 * full["train_s"]
+    h100 = P.predict(P.Config(engine="hybrid", gpus=8, **{**base, "gpu": "h100"}))
+    h200 = P.predict(P.Config(engine="hybrid", gpus=8, **{**base, "gpu": "h200"}))
+    # same peak FLOP/s, more HBM bandwidth: faster decode, the same training (Adam aside)
+    assert h200["generate_s"] < h100["generate_s"]
+    assert h200["train_s"] == pytest.approx(h100["train_s"], rel=0.01)
+
+
+def test_largest_batch_fits_and_doubling_does_not():
+    cfg = P.Config(model="opt-6.7b", gpus=8, gpu="a100-40g", engine="ds-hybrid")
+    batch = P.largest_batch(cfg)
+    per_gpu = batch // 8
+    assert per_gpu & (per_gpu - 1) == 0 and P.memory_fit(cfg, per_gpu)
+    assert batch == 1024 or not P.memory_fit(cfg, 2 * per_gpu)
+    none = P.predict(P.Config(model="opt-175b", gpus=1, gpu="a100-40g"))
+    assert none["batch"] == 0 and not none["fits"] and none["dominant_phase"].startswith("none")
+
+
+# ------------------------------------------------------------------ command line
+
+REQUIRED = ["model", "gpus", "gpu", "engine", "batch", "step_s", "generate_s", "sync_s", "score_s",
+            "train_s", "comm_s", "total_hours", "dominant_phase", "fits"]
+
+
+def test_out_csv_has_the_columns_and_is_written_atomically(tmp_path, capsys):
+    out = tmp_path / "sub" / "p.csv"
+    assert P.run(_args(model="opt-13b", gpus="8", engine="hf,ds-hybrid,hybrid", out=out)) == 0
+    df = pd.read_csv(out)
+    assert set(REQUIRED) <= set(df.columns) and len(df) == 3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv"]     # no temp file left
+    assert "opt-13b" in capsys.readouterr().out
+
+
+def test_sweep_writes_a_png(tmp_path, capsys):
+    png = tmp_path / "s.png"
+    args = _args(sweep=True, model="opt-1.3b,opt-13b", gpus="1,8,64", engine="hf,hybrid",
+                 inference_tp="auto", plot=png, out=tmp_path / "s.csv")
+    assert P.run(args) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 12
+
+
+def _run_dir(tmp_path, rows: str, meta: str = '{"device": "NVIDIA H200"}'):
+    (tmp_path / "summary.csv").write_text(rows)
+    (tmp_path / "meta.json").write_text(meta)
+    return str(tmp_path)
+
+
+def test_efficiency_read_from_a_harness_run(tmp_path):
+    run_dir = _run_dir(tmp_path, "engine,status,gen_s,decode_roofline_frac,train_flops_frac\n"
+                                 "hybrid,ok,1.0,0.2,\nhf,ok,2.0,0.1,0.3\n")
+    eff, source = P.load_efficiency(run_dir, "hybrid")
+    assert eff.decode == 0.2 and eff.train == Efficiency().train and "H200" in source
+    assert P.load_efficiency(run_dir, "ds-hybrid")[1] == "defaults"          # no row: defaults
+    # the harness's own results.json stands in for meta.json
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "results.json").write_text('{"env": {"cpu": "Xeon"}, "rows": []}')
+    assert "Xeon" in P.load_efficiency(run_dir, "hybrid")[1]
+    base = P.Config(model="opt-1.3b", engine="hybrid", batch=16)
+    slow = dataclasses.replace(base, eff=eff)
+    assert P.predict(slow)["generate_s"] > 2 * P.predict(base)["generate_s"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(model="opt-7b"), "unknown model"),
+    (dict(gpu="v100"), "unknown gpu"),
+    (dict(engine="vllm"), "unknown engine"),
+    (dict(engine="hf", inference_tp="2", gpus="2"), "inference-tp"),
+    (dict(engine="ds-hybrid", inference_tp="3", gpus="4"), "inference-tp"),
+    (dict(gpus="8", batch="12"), "multiple"),
+    (dict(tokens="0"), "tokens"),
+    (dict(prompt_len="2000"), "positions"),
+    (dict(gpus="two"), "integers"),
+])
+def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
+    with pytest.raises(ValueError, match=match) as err:
+        P.run(_args(**kw))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rows, meta, match", [
+    (None, None, "cannot read"),
+    ("engine,decode_roofline_frac\nhybrid,0.5\n", "[1, 2", "cannot read"),
+    ("name,decode_roofline_frac\nhybrid,0.5\n", "{}", "'engine' column"),
+    ("engine,decode_roofline_frac\nhybrid,0.5\n", "[]", "must be an object"),
+    ("engine,decode_roofline_frac\nhybrid,3.5\n", "{}", "not a fraction"),
+])
+def test_bad_efficiency_dir_is_a_one_line_value_error(tmp_path, rows, meta, match):
+    run_dir = str(tmp_path / "missing") if rows is None else _run_dir(tmp_path, rows, meta)
+    with pytest.raises(ValueError, match=match) as err:
+        P.run(_args(engine="hybrid", efficiency=run_dir))
+    assert "\n" not in str(err.value)
+
+
+def test_stand_alone_entry_exits_2_on_bad_input(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        P.main(["--model", "opt-7b"])
+    assert exit_.value.code == 2 and "unknown model" in capsys.readouterr().err
