@@ -75,8 +75,9 @@ def gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: f
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    mask_f = mask.float()
-    return (x * mask_f).sum() / mask_f.sum().clamp(min=1.0)
+    # where, not x * mask: a per-token loss past the mask that overflowed to inf would give
+    # inf * 0 = NaN. Same values and gradients as the product wherever that is finite.
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.float().sum().clamp(min=1.0)
 
 
 def actor_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

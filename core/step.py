@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .engine import Engine
+from .guards import check_finite
 from .ppo import gae, kl_rewards, masked_mean
 from .rng import fold_in, generator
 from .types import Experience, Metrics, Prompts, RunConfig, TrainState
@@ -22,6 +23,7 @@ def add_advantages(exp: Experience, ppo) -> Experience:
     rewards = kl_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.answer_mask,
                          ppo.kl_coef, ppo.clip_reward)
     adv, ret = gae(rewards, exp.values, exp.answer_mask, ppo.gamma, ppo.lam)
+    check_finite("advantages", rewards=rewards, advantages=adv, returns=ret)
     return exp._replace(advantages=adv, returns=ret)
 
 
@@ -78,6 +80,8 @@ def ppo_step(engine: Engine, state: TrainState, prompts: Prompts | Sequence[Prom
             rollout = engine.generate(state, p, cfg.gen, seed=fold_in(seed, 1, i))
         with phase("score"):
             exp = engine.score(state, rollout)
+            check_finite("score", logprobs=exp.logprobs, ref_logprobs=exp.ref_logprobs,
+                         values=exp.values, scores=exp.scores)
             exps.append(add_advantages(exp, ppo))
     buffer = concat(exps)
     n = buffer.seq.shape[0]

@@ -5,6 +5,7 @@ import torch
 from torch.func import functional_call, grad_and_value
 
 from core import ppo as P
+from core.guards import check_finite, check_grads
 from core.models import ModelBundle, position_ids, trainable
 from core.optim import adamw, apply_updates_, global_norm
 from core.rewards import model_score, rule_score
@@ -89,17 +90,26 @@ def _grads(loss_fn, params, model, exp, clip, accum):
 
 def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, ppo: PPOConfig
                ) -> tuple[TrainState, Metrics]:
-    """Actor PPO-clip step then critic clipped-value step; one optimiser step each."""
+    """Actor PPO-clip step and critic clipped-value step; one optimiser step each.
+
+    Both gradients are taken and checked before either update, so a NaN/inf loss or gradient
+    raises NonFiniteError with every weight and optimiser state as it was. (The critic's loss
+    does not read the actor's weights, so taking it first changes nothing.)
+    """
     a_opt, c_opt = opts
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)
-    a_upd, a_state = a_opt.update(a_grads, state.actor_opt, state.actor_params)
-    apply_updates_(state.actor_params, a_upd)
     c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,
                              ppo.cliprange_value, ppo.grad_accum)
+    a_norm, c_norm = global_norm(a_grads), global_norm(c_grads)
+    check_finite("train", actor_loss=a_loss, critic_loss=c_loss)
+    check_grads("train", "actor gradient", a_grads, a_norm)
+    check_grads("train", "critic gradient", c_grads, c_norm)
+    a_upd, a_state = a_opt.update(a_grads, state.actor_opt, state.actor_params)
+    apply_updates_(state.actor_params, a_upd)
     c_upd, c_state = c_opt.update(c_grads, state.critic_opt, state.critic_params)
     apply_updates_(state.critic_params, c_upd)
     stats = experience_stats(exp)
     metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"],
-                      global_norm(a_grads), global_norm(c_grads))
+                      a_norm, c_norm)
     return state._replace(actor_opt=a_state, critic_opt=c_state, step=state.step + 1), metrics
