@@ -223,10 +223,50 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
             ) -> Tensor:
     """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V).
 
-    pos: (B, S) position ids (padding skipped). key_mask: (B, start+S) bool, True on real keys.
+    pos: (B, S) position ids (padding skipped). key_mask: (B, >= start+S) bool, True on real
+    keys. Attention reads only the filled part of the cache (shapes change every step).
     """
     B, S = ids.shape
     end = start + S
+    # (B, 1, S, end): causal within the new tokens, and no padded keys
+    causal = torch.ones(S, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+    own = torch.eye(S, end, dtype=torch.bool, device=ids.device).roll(start, dims=1)
+    # every query sees itself: a padded query must not see an empty row (SDPA would give NaN,
+    # which reaches the cache); real queries never look at padded keys, so this is harmless
+    mask = (causal[None, None] & key_mask[:, None, None, :end]) | own[None, None]
+
+    def kv(i, k, v):
+        cache.k[i, :, :, start:end] = k
+        cache.v[i, :, :, start:end] = v
+        return cache.k[i, :, :, :end], cache.v[i, :, :, :end]
+
+    return _run(w, ids, pos, mask, kv)
+
+
+def decode_static(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
+                  key_mask: Tensor) -> Tensor:
+    """One token per row (ids (B, 1)) written at cache slot `slot` (a 0-d int64 tensor).
+
+    Attention spans the whole cache under a mask, so every shape is fixed from step to step:
+    the form CUDA graphs (torch.compile mode="reduce-overhead") need. Same values as `forward`.
+    """
+    T = cache.k.shape[3]
+    idx = torch.arange(T, device=ids.device)
+    mask = ((key_mask & (idx <= slot)) | (idx == slot))[:, None, None, :]   # (B, 1, 1, T)
+    where = slot.reshape(1)
+
+    def kv(i, k, v):
+        cache.k[i].index_copy_(2, where, k)
+        cache.v[i].index_copy_(2, where, v)
+        return cache.k[i], cache.v[i]
+
+    return _run(w, ids, pos, mask, kv)
+
+
+def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv) -> Tensor:
+    """The decoder stack; `kv(layer, k, v)` stores the new keys/values and returns the keys and
+    values to attend over."""
+    B, S = ids.shape
     x = F.embedding(ids, w.embed)
     if w.proj_in is not None:
         x = lin(x, w.proj_in)
@@ -238,12 +278,6 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
         emb = torch.cat((f, f), dim=-1)
         cos = (emb.cos() * w.rope_scale).to(x.dtype)[:, None]
         sin = (emb.sin() * w.rope_scale).to(x.dtype)[:, None]
-    # (B, 1, S, end): causal within the new tokens, and no padded keys
-    causal = torch.ones(S, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-    own = torch.eye(S, end, dtype=torch.bool, device=ids.device).roll(start, dims=1)
-    # every query sees itself: a padded query must not see an empty row (SDPA would give NaN,
-    # which reaches the cache); real queries never look at padded keys, so this is harmless
-    mask = (causal[None, None] & key_mask[:, None, None, :end]) | own[None, None]
     act = _ACT[w.act]
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
     for i, L in enumerate(w.layers):
@@ -257,9 +291,8 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
         v = v.view(B, S, KV, D).transpose(1, 2)
         if cos is not None:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        cache.k[i, :, :, start:end] = k
-        cache.v[i, :, :, start:end] = v
-        a = attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end], mask)
+        keys, values = kv(i, k, v)
+        a = attention(q, keys, values, mask)
         a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x

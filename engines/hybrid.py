@@ -33,13 +33,16 @@ class HybridEngine:
     name = "hybrid"
     weight_copies = 1
 
-    def __init__(self, compile: bool = True, pack: bool = False, **_):
-        self.compile, self.pack = compile, pack
+    def __init__(self, compile: bool = True, pack: bool = False, static: bool = False, **_):
+        # compile: torch.compile prefill and decode where it pays. On CUDA it does (decode is
+        # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
+        # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
+        self.compile, self.pack, self.static = compile, pack, static
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
         self._prefill = D.forward
-        self._decode = D.forward
+        self._decode = None  # decode_static(w, cache, ids, pos, slot tensor, key_mask) or None
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         try:
@@ -52,6 +55,13 @@ class HybridEngine:
         if self.pack and cfg.zero_stage == 3:
             raise EngineUnavailable("packed decode keeps a full copy: not with ZeRO-3")
         self.weight_copies = 2 if self.pack else 1
+        if cfg.device.startswith("cuda") and self.compile:
+            # fixed shapes every step (static decode) -> CUDA graphs replay the whole step
+            self._prefill = torch.compile(D.forward, dynamic=False)
+            self._decode = torch.compile(D.decode_static, mode="reduce-overhead",
+                                         fullgraph=True)
+        elif self.static:
+            self._decode = D.decode_static
         self.backend = _backend(cfg)
         state, self.opts = self.backend.init_state(models, cfg)
         return state
@@ -75,6 +85,10 @@ class HybridEngine:
         if c is None or c.k.shape[1] != batch or c.k.shape[3] < length or c.k.dtype != dtype:
             self.cache = None  # free the old one before allocating
             self.cache = D.new_cache(w, batch, length, dtype, device)
+            if self._decode is not None and self.cache.k.is_cuda:
+                # the graph writes into the cache in place: its address must never change
+                torch._dynamo.mark_static_address(self.cache.k)
+                torch._dynamo.mark_static_address(self.cache.v)
         return self.cache
 
     @torch.no_grad()
@@ -109,7 +123,11 @@ class HybridEngine:
                 answer[:, t] = tok
                 if t == G - 1 or (gen.stop_at_eos and bool(done.all())):
                     break
-                logits = self._decode(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
+                if self._decode is None:
+                    logits = D.forward(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
+                else:
+                    slot = torch.tensor(P + t, device=ids.device)
+                    logits = self._decode(w, cache, tok[:, None], next_pos + t, slot, key_mask)
         amask = common.answer_mask_from(answer, eos, gen.stop_at_eos)
         answer = torch.where(amask, answer, torch.full_like(answer, pad))
         seq = torch.cat([ids, answer], dim=1)
