@@ -6,7 +6,7 @@ folded into the step size and the denominator), so the two agree to float32 roun
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -14,8 +14,9 @@ from torch import Tensor
 
 class AdamState(NamedTuple):
     count: Tensor  # 0-d int64, steps taken
-    mu: dict       # name -> first moment, like the param
-    nu: dict       # name -> second moment, like the param
+    mu: dict       # name -> first moment, float32, shaped like the param
+    nu: dict       # name -> second moment, float32, shaped like the param
+    master: Optional[dict] = None  # name -> float32 master weight, for bf16/fp16 params only
 
 
 class GradientTransformation(NamedTuple):
@@ -29,8 +30,11 @@ def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
 
     def init(params: dict) -> AdamState:
         zeros = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        # low-precision params keep a float32 master copy: lr ~1e-5 updates vanish in bf16
+        master = {k: p.detach().float().clone() for k, p in params.items()
+                  if p.dtype != torch.float32} or None
         return AdamState(torch.zeros((), dtype=torch.int64),
-                         zeros, {k: torch.zeros_like(z) for k, z in zeros.items()})
+                         zeros, {k: torch.zeros_like(z) for k, z in zeros.items()}, master)
 
     def update(grads: dict, state: AdamState, params: dict) -> tuple[dict, AdamState]:
         """Pure: returns (updates, new_state); the caller adds updates to params."""
@@ -38,18 +42,22 @@ def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
         t = int(count)
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        updates, mu, nu = {}, {}, {}
+        updates, mu, nu, new_master = {}, {}, {}, {}
         for k, g in grads.items():
             g = g.float()
             m = torch.lerp(state.mu[k], g, 1.0 - b1)
             v = state.nu[k] * b2 + (1.0 - b2) * g * g
             denom = v.sqrt() / bc2_sqrt + eps
-            p = params[k]
+            has_master = state.master is not None and k in state.master
+            p = state.master[k] if has_master else params[k].float()
             u = -step_size * (m / denom)
             if weight_decay:
-                u = u - (lr * weight_decay) * p.float()
+                u = u - (lr * weight_decay) * p
+            if has_master:
+                new_master[k] = p + u
+                u = new_master[k] - params[k].float()  # lands the param on round(master)
             updates[k], mu[k], nu[k] = u, m, v
-        return updates, AdamState(count, mu, nu)
+        return updates, AdamState(count, mu, nu, new_master or None)
 
     return GradientTransformation(init, update)
 
@@ -58,7 +66,11 @@ def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
 def apply_updates_(params: dict, updates: dict) -> None:
     """params[k] += updates[k], in place, so modules that hold these tensors see the change."""
     for k, u in updates.items():
-        params[k].add_(u.to(params[k].dtype))
+        p = params[k]
+        if p.dtype == u.dtype:
+            p.add_(u)
+        else:  # sum in float32, round once
+            p.copy_(p.float().add_(u))
 
 
 def global_norm(tree: dict) -> Tensor:
