@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: bench test perf clean
+.PHONY: bench test perf clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -29,3 +29,12 @@ perf: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache results .benchmarks
+
+# Wheels the GPU machine lacks (DeepSpeed and its pure-Python needs), for bench/gpu_check.sh.
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl hjson ninja py-cpuinfo pydantic pydantic-core \
+	  annotated-types typing-inspection msgpack einops

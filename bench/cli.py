@@ -29,6 +29,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
     a("--offload", action="store_true", default=None)
     a("--grad-ckpt", action="store_true", default=None)
+    a("--inference-tp", type=int, help="ds-inference: tensor-parallel ranks (multi-rank runs)")
     a("--dtype", help="float32 (default), bfloat16 or float16")
     a("--device", help="cpu (default) or cuda")
     a("--threads", type=int, help="torch threads per engine process (default: torch's)")
@@ -42,13 +43,17 @@ def _run_args(p: argparse.ArgumentParser) -> None:
       help="hybrid: run prefill/decode eagerly")
     a("--out", help="run directory (default results/latest)")
     a("--overwrite", action="store_true", default=None, help="replace a run already in --out")
+    a("--engine-timeout", type=float,
+      help="seconds one engine may take before it is stopped and marked failed (default none)")
+    a("--resume", action="store_true", default=None,
+      help="continue the run in --out: keep finished engines, run the others")
 
 
 def options_from(args) -> "object":
     from .config import from_dict, load_toml, validate
     d = load_toml(args.config) if getattr(args, "config", None) else {}
     for k, v in vars(args).items():
-        if k in ("cmd", "config", "func") or v is None:
+        if k in ("cmd", "config", "func", "batches", "gen_lens", "presets") or v is None:
             continue
         d[k] = v
     return validate(from_dict(d))
@@ -150,8 +155,9 @@ def main(argv=None) -> None:
     from .results import ResultsError
     try:
         code = args.func(args)
-    except (ConfigError, ResultsError, ValueError) as e:
-        print(f"rlhf-bench {args.cmd}: error: {e}", file=sys.stderr)
+    except (ConfigError, ResultsError, ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"rlhf-bench {args.cmd}: error: {msg}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("rlhf-bench: interrupted", file=sys.stderr)

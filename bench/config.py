@@ -31,6 +31,7 @@ class BenchOptions:
     zero_stage: int = -1
     offload: bool = False
     grad_ckpt: bool = False
+    inference_tp: int = 1          # ds-inference: tensor-parallel ranks (multi-rank runs)
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 0               # 0: torch's default
@@ -43,6 +44,8 @@ class BenchOptions:
     compile: bool = True           # hybrid: torch.compile prefill/decode where it pays
     out: str = ""
     overwrite: bool = False
+    resume: bool = False           # continue the run in --out: re-run only unfinished engines
+    engine_timeout: float = 0.0    # seconds per engine process; 0: no limit
 
     def run_config(self) -> RunConfig:
         return RunConfig(preset=self.preset, batch=self.batch, prompt_len=self.prompt_len,
@@ -51,7 +54,8 @@ class BenchOptions:
                          ppo=PPOConfig(ppo_epochs=self.ppo_epochs,
                                        generation_batches=self.generation_batches),
                          reward=self.reward, lora_dim=self.lora_dim, zero_stage=self.zero_stage,
-                         offload=self.offload, grad_ckpt=self.grad_ckpt, dtype=self.dtype,
+                         offload=self.offload, grad_ckpt=self.grad_ckpt,
+                         inference_tp=self.inference_tp, dtype=self.dtype,
                          device=self.device)
 
     def to_dict(self) -> dict:
@@ -108,11 +112,15 @@ def validate(o: BenchOptions) -> BenchOptions:
     for k in ("batch", "prompt_len", "gen_len", "steps"):
         if getattr(o, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(o, k)}")
+    if o.engine_timeout < 0:
+        raise ConfigError(f"--engine-timeout must be 0 (none) or positive, got {o.engine_timeout}")
     if o.warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more, got {o.warmup}")
     if o.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3 (or -1 for plain torch), "
                           f"got {o.zero_stage}")
+    if o.inference_tp < 1:
+        raise ConfigError(f"--inference-tp must be at least 1, got {o.inference_tp}")
     if o.lora_dim < 0:
         raise ConfigError(f"--lora-dim must be 0 (off) or positive, got {o.lora_dim}")
     if o.dtype not in ("float32", "bfloat16", "float16"):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import distributed
 from . import limits as L
 from .config import BenchOptions, ConfigError
 from .report import format_table, plot_phases, summarize
@@ -113,9 +114,33 @@ class Progress:
             sys.stderr.flush()
 
 
+# options that change what is measured: a resumed run must agree with the saved one on these
+_SAME_WORK = ("preset", "batch", "prompt_len", "gen_len", "steps", "warmup", "seed", "greedy",
+              "stop_at_eos", "reward", "lora_dim", "zero_stage", "dtype", "device", "phases",
+              "ppo_epochs", "generation_batches", "prompts_file")
+
+
+def resumable(out: Path, o: BenchOptions) -> dict:
+    from .results import load_results
+    if not (out / "results.json").exists():
+        raise ConfigError(f"--resume: {out} holds no run to resume")
+    prev = load_results(out)
+    saved = prev.get("options", {})
+    diff = [k for k in _SAME_WORK if k in saved and _norm(saved[k]) != _norm(getattr(o, k))]
+    if diff:
+        raise ConfigError(f"--resume: options differ from the saved run ({', '.join(diff)}); "
+                          f"use the same options or another --out")
+    return prev
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 class Run:
     def __init__(self, o: BenchOptions, out: Path):
         self.o, self.out = o, out
+        self.finished: set = set()
         self.data = dict(version=VERSION, options=o.to_dict(), env={}, limits={}, engines={},
                          rows=[])
         self.interrupted = False
@@ -144,22 +169,28 @@ class Run:
                                 start_new_session=True)
         self.data["engines"][name] = dict(status="running", pid=proc.pid)
         seen, status = 0, None
+        started = time.perf_counter()
         base = [r for r in self.data["rows"] if r["engine"] != name]
         while True:
             try:
                 code = proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 code = None
-            except KeyboardInterrupt:
-                self.interrupted = True
+            if code is None and self.interrupted:  # SIGINT: stop the worker, keep its rows
                 os.killpg(proc.pid, signal.SIGTERM)
                 code = proc.wait()
+            late = self.o.engine_timeout and time.perf_counter() - started > self.o.engine_timeout
+            if code is None and late:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                status = f"failed: timed out after {self.o.engine_timeout:g} s"
             lines = read_jsonl(rows_path)
             if len(lines) != seen:
                 seen = len(lines)
                 mine = [r for r in lines if "event" not in r]
                 for ev in lines:
-                    if ev.get("event") == "status":
+                    if ev.get("event") == "status" and not (status or "").startswith(
+                            "failed: timed out"):
                         status = ev["status"]
                     elif ev.get("event") == "progress":
                         progress.show(f"{name}: step {ev['step']} {ev['phase']}")
@@ -182,11 +213,17 @@ class Run:
 
 def run(o: BenchOptions) -> int:
     """A whole benchmark run; returns the exit status (0 ok, 1 a failed engine or parity)."""
-    out = Path(o.out or "results/latest")
-    if (out / "results.json").exists() and not o.overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --overwrite to replace it "
-                          f"or choose another --out")
+    out = distributed.run_dir(Path(o.out or "results/latest"))  # rank r > 0: --out/rank<r>
+    previous = None
+    if o.resume and o.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if o.resume:
+        previous = resumable(out, o)
+    elif (out / "results.json").exists() and not o.overwrite:
+        raise ConfigError(f"--out {out} already holds a run; pass --overwrite to replace it, "
+                          f"--resume to finish it, or choose another --out")
     check_model(o)
+    distributed.check(o)
     names = []
     for e in o.engines:
         names += available_engines(o.device) if e == "available" else [e]
@@ -201,7 +238,13 @@ def run(o: BenchOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     r = Run(o, out)
     r.data["options"]["engines_run"] = names
-    r.data["env"] = environment()
+    if previous is not None:  # keep what finished; the rest runs again from its first step
+        finished = {n for n, e in previous["engines"].items()
+                    if e.get("status") == "ok" or e.get("status", "").startswith("unavailable")}
+        r.data["engines"] = {n: e for n, e in previous["engines"].items() if n in finished}
+        r.data["rows"] = [x for x in previous["rows"] if x["engine"] in finished]
+        r.finished = finished
+    r.data["env"] = dict(environment(), **distributed.launch_info())
     import torch
     if o.threads:
         torch.set_num_threads(o.threads)
@@ -210,11 +253,27 @@ def run(o: BenchOptions) -> int:
                                  quick=o.preset.startswith("tiny"))
     r.save()
     progress = Progress()
-    if "hf" not in names:  # the parity reference still comes from hf, probe only
+
+    def on_sigint(signum, frame):  # finish cleanly: stop the running worker, save, summarise
+        r.interrupted = True
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return _run_engines(r, o, out, names, progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Progress) -> int:
+    have_ref = (out / "engines" / "parity_ref.safetensors").exists() and "hf" in r.finished
+    if "hf" not in names and not have_ref:  # the parity reference comes from hf, probe only
         r.run_engine("hf", reference=True, probe_only=True, progress=progress)
         r.data["engines"].pop("hf", None)
         r.data["rows"] = [x for x in r.data["rows"] if x["engine"] != "hf"]
     for name in names:
+        if name in r.finished:
+            print(f"resume: {name} already finished ({r.data['engines'][name]['status']})",
+                  file=sys.stderr)
+            continue
         if r.interrupted:
             r.data["engines"][name] = dict(status="failed: not run (interrupted)")
             continue
@@ -238,10 +297,19 @@ def run(o: BenchOptions) -> int:
         plot_phases(df, out / "phases.png")
     except Exception as e:  # noqa: BLE001 - a plot must never cost the results
         print(f"note: could not plot ({e})", file=sys.stderr)
-    print(format_table(df))
-    print(f"\nresults: {out}/results.json, rows.csv, summary.csv, phases.png")
+    if distributed.is_main():
+        print(format_table(df))
+        print(f"\nresults: {out}/results.json, rows.csv, summary.csv, phases.png")
     if r.interrupted:
-        print(f"interrupted: measured rows are saved in {out}; rerun the same command with "
-              f"--overwrite to measure again", file=sys.stderr)
+        print(f"interrupted: measured rows are saved in {out}; run the same command with "
+              f"--resume to finish the engines that did not", file=sys.stderr)
         return 130
-    return 0 if all(s == "ok" or s.startswith("unavailable") for s in df.status) else 1
+    if any(s.startswith("failed") for s in df.status):
+        return 1
+    missing = [e for e, s in zip(df.engine, df.status) if s.startswith("unavailable")
+               and e in o.engines]  # asked for by name (not through `available`)
+    if missing:
+        print(f"rlhf-bench run: error: engine(s) unavailable on this machine: "
+              f"{', '.join(missing)} (see the status column); the others ran", file=sys.stderr)
+        return 2
+    return 0

@@ -25,6 +25,7 @@ from core.rng import fold_in
 from core.step import add_advantages, ppo_step
 from core.types import GenerationConfig, torch_dtype
 
+from . import distributed
 from . import flops as F
 from .config import from_dict
 from .results import append_jsonl, row
@@ -46,10 +47,14 @@ class Recorder:
     def __init__(self, path: str, engine: str, device: str, keep: set):
         self.path, self.engine, self.device, self.keep = path, engine, device, keep
         self.step = -1
+        self.held = None  # multi-rank: a list keeping step rows for bench.distributed.end_step
 
     def emit(self, phase, metric, value, unit="", step=None):
-        append_jsonl(self.path, row(self.engine, self.step if step is None else step, phase,
-                                    metric, value, unit))
+        r = row(self.engine, self.step if step is None else step, phase, metric, value, unit)
+        if self.held is not None and r["step"] >= 0:
+            self.held.append(r)
+        else:
+            append_jsonl(self.path, r)
 
     def event(self, **kw):
         append_jsonl(self.path, dict(event=kw.pop("kind"), engine=self.engine, **kw))
@@ -133,13 +138,14 @@ def run(spec: dict) -> int:
     o = from_dict(spec["options"])
     name = spec["engine"]
     rec = Recorder(spec["rows_path"], name, o.device, set(o.phases))
+    dist = distributed.setup(o, name, rec)  # None unless launched on several ranks
     if o.threads:
         torch.set_num_threads(o.threads)
     base_rss = _rss_mb()
     rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
     try:
         engine = engines.get(name, compile=o.compile)
-        cfg = o.run_config()
+        cfg = o.run_config() if dist is None else dist.run_config(o)
         bundle = build_bundle(o.preset, seed=o.seed, dtype=torch_dtype(o.dtype),
                               lora_dim=o.lora_dim, device=o.device)
         t0 = time.perf_counter()
@@ -162,6 +168,8 @@ def run(spec: dict) -> int:
                   total=o.warmup + o.steps)
         batches = [make_prompts(o, bundle, step, i) for i in range(o.generation_batches)]
         seed = fold_in(o.seed, step)
+        if dist is not None:  # this rank's rows of each batch, and its own sampling seed
+            batches, seed = dist.shard(batches, seed)
         t0 = time.perf_counter()
         if gen_only:
             with rec.phase("sync"):
@@ -174,7 +182,10 @@ def run(spec: dict) -> int:
             for k, v in m._asdict().items():
                 rec.emit("metrics", k, float(v))
         rec.emit("step", "seconds", time.perf_counter() - t0, "s")
+        rec.emit("sync", "bytes", getattr(engine, "sync_bytes", 0), "B")  # copied by sync
         rec.emit("step", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB")
+        if dist is not None:
+            dist.end_step(rec)
     engine.release()
     rec.emit("setup", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB", step=-1)
     rec.event(kind="status", status="ok")

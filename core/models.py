@@ -1,6 +1,7 @@
 """Model presets (architecture configs, random init, no download) and the four-model bundle."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import NamedTuple
@@ -109,7 +110,8 @@ class ModelBundle(NamedTuple):
 
 
 def _seeded(seed: int):
-    return torch.random.fork_rng(devices=[])  # leave global RNG state as it was
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)  # leave global RNG state as it was
 
 
 def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
@@ -118,7 +120,9 @@ def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
     from transformers import AutoModel, AutoModelForCausalLM
     cfg = build_config(name)
     local = name not in PRESETS
-    with _seeded(seed):
+    # build straight on a GPU (random init of a 1.3B model on the CPU costs tens of seconds)
+    where = torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()
+    with _seeded(seed), where:
         torch.manual_seed(fold_in(seed, 1))
         if local:
             actor = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=dtype,

@@ -12,7 +12,7 @@ from core.rng import step_noise
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
                         TrainState)
 
-from . import common
+from . import common, zero
 
 
 class GumbelNoise:
@@ -32,8 +32,9 @@ def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pa
     """model.generate with fixed-length answers (unless gen.stop_at_eos); pads to P + G."""
     from transformers import GenerationConfig as HFGen, LogitsProcessorList
     B, P = prompts.input_ids.shape
-    cfg = HFGen(max_new_tokens=gen.gen_len, do_sample=False, pad_token_id=pad_id,
-                eos_token_id=eos_id if gen.stop_at_eos else None, use_cache=True)
+    cfg = HFGen(max_new_tokens=gen.gen_len, do_sample=False, num_beams=1,  # DeepSpeed reads it
+                pad_token_id=pad_id, eos_token_id=eos_id if gen.stop_at_eos else None,
+                use_cache=True)
     procs = LogitsProcessorList([] if gen.greedy else [GumbelNoise(seed, P, gen.temperature)])
     with torch.no_grad():
         out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
@@ -58,7 +59,9 @@ class HFEngine:
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         self.models, self.cfg = models, cfg
-        state, self.opts = common.init_state(models, cfg)
+        self.backend = zero.backend_for(cfg)  # torch, or DeepSpeed ZeRO for --zero-stage
+        state, self.opts = self.backend.init_state(models, cfg)
+        self.gen_kw = zero.generate_kwargs(cfg)
         return state
 
     def sync(self, state: TrainState) -> None:
@@ -67,13 +70,14 @@ class HFEngine:
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
         m = self.models
-        return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id)
+        return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id,
+                           **self.gen_kw)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
         return common.score(self.models, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
-        return common.train_step(self.models, self.opts, state, exp, ppo)
+        return self.backend.train_step(self.models, self.opts, state, exp, ppo)
 
     def release(self) -> None:
         pass  # HF's dynamic cache lives only inside each generate call

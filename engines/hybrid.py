@@ -22,13 +22,6 @@ from . import common
 from . import decoder as D
 
 
-def _backend(cfg: RunConfig):
-    if cfg.zero_stage >= 0:
-        from . import zero
-        return zero
-    return common
-
-
 class HybridEngine:
     name = "hybrid"
     weight_copies = 1
@@ -62,7 +55,8 @@ class HybridEngine:
                                          fullgraph=True)
         elif self.static:
             self._decode = D.decode_static
-        self.backend = _backend(cfg)
+        from .zero import backend_for
+        self.backend = backend_for(cfg)
         state, self.opts = self.backend.init_state(models, cfg)
         return state
 
@@ -73,11 +67,10 @@ class HybridEngine:
                                                     self.cfg.batch)
 
     def _gathered(self):
-        """Under ZeRO-3, gather every actor parameter once for the whole generate."""
+        """Under ZeRO-3, gather every actor parameter once for the whole generate (and lift
+        ZeRO's per-layer hooks), instead of once per layer per token."""
         if self.cfg.zero_stage == 3:
-            import deepspeed
-            params = list(self.models.actor.parameters())
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            return self.backend.gathered(self.opts[0])
         return contextlib.nullcontext()
 
     def _cache_for(self, w: D.Weights, batch: int, length: int, dtype, device) -> D.KVCache:
@@ -134,8 +127,9 @@ class HybridEngine:
         return Rollout(seq, torch.cat([am, amask.long()], dim=1), amask, P)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
-        with self._gathered() if self.cfg.zero_stage == 3 else contextlib.nullcontext():
-            return common.score(self.models, rollout, self.cfg.reward)
+        # full-sequence forwards: ZeRO-3's hooks gather each layer once per forward, which is
+        # what a forward costs anyway
+        return common.score(self.models, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
         self.packed = None  # packed copies are stale once the weights move

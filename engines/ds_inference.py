@@ -1,0 +1,192 @@
+"""`ds-inference`: generate with a `deepspeed.init_inference` copy of the actor.
+
+Two copies of the actor's weights: the training one (torch or DeepSpeed ZeRO, as `hf`) and an
+inference one. `sync` streams the trainable tensors, one (name, tensor) at a time, from the
+training copy into the inference copy and counts the bytes (`sync_bytes`); under ZeRO-3 each
+tensor is gathered on its own, never the whole model at once.
+
+- CUDA, no LoRA: kernel injection. DeepSpeed re-lays the weights into its fused kernels' layout
+  and has no call that refreshes them in place, so sync streams into a plain staging copy kept
+  on the host and re-injects from it (timed as sync, like everything a second copy costs).
+- CPU, or LoRA: the plain module (`replace_with_kernel_inject=False`); with `inference_tp` > 1,
+  AutoTP shards its linears over the tensor-parallel group and sync copies each rank's slice.
+Generation is `engines.hf.hf_generate` on the inference engine: the same Gumbel-max sampling
+as `hf`, so the same seed gives the same tokens. Scoring and training are `hf`'s.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+
+from core.engine import EngineUnavailable
+from core.models import ModelBundle
+from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
+                        TrainState, torch_dtype)
+
+from . import common, zero
+from .hf import hf_generate
+
+
+class _TPGroup:
+    """The `mpu` DeepSpeed's InferenceEngine asks for its tensor-parallel group (it would
+    otherwise always take ranks 0..tp-1, whatever the world size)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_model_parallel_group(self):
+        return self.group
+
+    def get_model_parallel_world_size(self):
+        import torch.distributed as dist
+        return dist.get_world_size(self.group)
+
+    def get_model_parallel_rank(self):
+        import torch.distributed as dist
+        return dist.get_rank(self.group)
+
+
+def tp_group(tp: int):
+    """This rank's group of `tp` consecutive ranks (every rank must call this)."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp:
+        raise ValueError(f"inference_tp {tp} does not divide the {world} ranks")
+    mine = None
+    for first in range(0, world, tp):
+        g = dist.new_group(list(range(first, first + tp)))
+        if first <= rank < first + tp:
+            mine = g
+    return mine
+
+
+class DSInferenceEngine:
+    name = "ds-inference"
+    weight_copies = 2
+
+    def __init__(self, **_):
+        self.infer = None
+        self.sync_bytes = 0
+
+    def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise EngineUnavailable("deepspeed is not installed (pip install deepspeed)")
+        zero.init_dist()
+        self.models, self.cfg = models, cfg
+        self.inject = cfg.device.startswith("cuda") and not cfg.lora_dim
+        self.tp = cfg.inference_tp
+        self.group = tp_group(self.tp) if self.tp > 1 else None
+        # Copy before ZeRO-3 partitions the training module in place. Kernel injection builds
+        # its own layout from this copy, so there it waits on the host: one copy on the device.
+        self.plain = copy.deepcopy(models.actor)
+        if self.inject:
+            self.plain.to("cpu")
+        self.alias = _aliases(models.actor)
+        self.full = {n: p.shape for n, p in models.actor.named_parameters(remove_duplicate=False)}
+        self.infer = self._build()
+        self.slices = self._tp_slices() if self.tp > 1 and not self.inject else {}
+        self.backend = zero.backend_for(cfg)
+        state, self.opts = self.backend.init_state(models, cfg)
+        return state
+
+    def _build(self):
+        import deepspeed
+        module = copy.deepcopy(self.plain) if self.inject else self.plain
+        kw = dict(dtype=torch_dtype(self.cfg.dtype), replace_with_kernel_inject=self.inject,
+                  max_out_tokens=max(1024, self.cfg.prompt_len + self.cfg.gen.gen_len))
+        if self.tp > 1:
+            if not self.cfg.device.startswith("cuda"):
+                # DeepSpeed's shared-memory all-reduce segfaults under AutoTP on CPU.
+                deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0
+            kw["tensor_parallel"] = {"tp_size": self.tp, "tp_group": self.group,
+                                     "mpu": _TPGroup(self.group)}
+        return deepspeed.init_inference(module, **kw)
+
+    def _tp_slices(self) -> dict:
+        """name -> (dim, offset, size) of this rank's AutoTP shard. Shards may be uneven (a
+        64-wide lm_head input stays whole on rank 0), so the ranks swap their shapes once."""
+        import torch.distributed as dist
+        mine = {n: tuple(t.shape) for n, t in self.infer.module.named_parameters(
+            remove_duplicate=False)}
+        every = [None] * self.tp
+        dist.all_gather_object(every, mine, group=self.group)
+        me, out = dist.get_rank(self.group), {}
+        for n, shape in mine.items():
+            full = self.full[n]
+            dims = {d for s in every for d, (a, b) in enumerate(zip(s[n], full)) if a != b}
+            if not dims:
+                continue
+            (d,) = dims  # AutoTP splits one dimension
+            assert sum(s[n][d] for s in every) == full[d], f"{n}: shards do not tile {full}"
+            out[n] = (d, sum(s[n][d] for s in every[:me]), shape[d])
+        return out
+
+    @torch.no_grad()
+    def sync(self, state: TrainState) -> None:
+        """Stream every trainable tensor into the inference copy; bytes land in sync_bytes."""
+        from deepspeed.runtime.zero import GatheredParameters
+        target = self.plain if self.inject else self.infer.module
+        dst, seen, n = {}, set(), 0
+        for name, t in target.named_parameters(remove_duplicate=False):
+            if t.data_ptr() not in seen:  # a tied tensor is written once
+                seen.add(t.data_ptr())
+                dst.setdefault(self.alias.get(name, name), []).append((name, t))
+        for name, p in state.actor_params.items():
+            with GatheredParameters([p], enabled=hasattr(p, "ds_id")):  # ZeRO-3: one at a time
+                for dname, t in dst.get(name, []):
+                    src = p.data
+                    if dname in self.slices:  # this rank's tensor-parallel shard
+                        src = src.narrow(*self.slices[dname])
+                    t.copy_(src)
+                    n += t.numel() * t.element_size()
+        self.sync_bytes = n
+        if self.inject:
+            self.infer = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.infer = self._build()
+
+    def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
+                 seed: int) -> Rollout:
+        m = self.models
+
+        def run(p: Prompts, s: int) -> Rollout:
+            # No ZeRO inside: each rank (or TP group) generates on its own copy.
+            return hf_generate(self.infer, p, gen, seed=s, pad_id=m.pad_id, eos_id=m.eos_id)
+
+        if self.group is None:
+            return run(prompts, seed)
+        # Tensor parallel: every rank of the group must run the same forwards, so the group
+        # generates each member's prompts in turn, each with that member's own seed.
+        import torch.distributed as dist
+        shards = [None] * self.tp
+        dist.all_gather_object(shards, (Prompts(*(t.cpu() for t in prompts)), seed),
+                               group=self.group)
+        mine = dist.get_rank(self.group)
+        out = None
+        for i, (p, s) in enumerate(shards):
+            r = run(Prompts(*(t.to(prompts.input_ids.device) for t in p)), s)
+            out = r if i == mine else out
+        return out
+
+    def score(self, state: TrainState, rollout: Rollout) -> Experience:
+        return common.score(self.models, rollout, self.cfg.reward)
+
+    def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
+        return self.backend.train_step(self.models, self.opts, state, exp, ppo)
+
+    def release(self) -> None:
+        pass  # the inference copy lives as long as the engine; HF's cache only inside generate
+
+
+def _aliases(module: torch.nn.Module) -> dict:
+    """name -> the name `named_parameters()` gives the same tensor (tied lm_head -> embedding)."""
+    first, out = {}, {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+

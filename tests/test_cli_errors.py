@@ -1,0 +1,181 @@
+"""Every bad input: exit status 2, one line naming the problem, no traceback, and an existing
+run left byte for byte as it was."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+TINY = ["--preset", "tiny-opt", "--batch", "2", "--prompt-len", "8", "--gen-len", "4",
+        "--steps", "1", "--warmup", "0"]
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A run directory holding results, as a previous run left it."""
+    out = tmp_path / "saved"
+    (out / "engines").mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps(dict(version=1, options={}, engines={},
+                                                      rows=[])))
+    (out / "summary.csv").write_text("engine,status\nhf,ok\n")
+    (out / "engines" / "hf.jsonl").write_text("{}\n")
+    return out
+
+
+def _digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _expect_bad(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _model_dir(tmp_path, with_model=True):
+    from core.models import build_bundle
+    d = tmp_path / "model"
+    d.mkdir()
+    if with_model:
+        build_bundle("tiny-opt", seed=0).actor.save_pretrained(d)
+    return d
+
+
+CASES = {
+    "unknown engine": (["--engines", "nope"], "unknown engine 'nope'; valid engines: hf"),
+    "unknown preset": (["--preset", "opt-7t"], "unknown preset 'opt-7t'; valid:"),
+    "zero batch": (["--batch", "0"], "--batch must be at least 1, got 0"),
+    "negative prompt": (["--prompt-len", "-3"], "--prompt-len must be at least 1"),
+    "zero answer": (["--gen-len", "0"], "--gen-len must be at least 1"),
+    "zero steps": (["--steps", "0"], "--steps must be at least 1"),
+    "too long": (["--prompt-len", "200", "--gen-len", "100"],
+                 "= 300 is longer than the model's 256 positions"),
+    "lora too big": (["--lora-dim", "65"], "--lora-dim 65 is larger than the layer width 64"),
+    "zero stage": (["--zero-stage", "4"], "--zero-stage must be 0, 1, 2 or 3"),
+    "missing path": (["--preset", "./no/such/model"], "model path './no/such/model' does not "
+                                                      "exist"),
+    "bad dtype": (["--dtype", "float8"], "--dtype must be float32, bfloat16 or float16"),
+    "no cuda": (["--device", "cuda"], "no CUDA device on this machine"),
+    "bad phases": (["--phases", "generate,fly"], "--phases takes a subset of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_run_options(case, saved_run, capsys):
+    extra, fragment = CASES[case]
+    before = _digest(saved_run)
+    _expect_bad(["run", "--engines", "hf", *TINY, *extra, "--out", saved_run, "--overwrite"],
+                fragment, capsys)
+    assert _digest(saved_run) == before
+
+
+def test_out_holding_a_run_needs_overwrite(saved_run, capsys):
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--out", saved_run], "already holds a run; pass --overwrite",
+                capsys)
+    assert _digest(saved_run) == before
+
+
+def test_path_without_a_model(tmp_path, saved_run, capsys):
+    empty = _model_dir(tmp_path, with_model=False)
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--preset", empty, "--out", saved_run, "--overwrite"],
+                "holds no Hugging Face model config", capsys)
+    assert _digest(saved_run) == before
+
+
+def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(600)}  # 600 tokens > tiny-opt's 512
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path / "tok")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2"}\n')
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--prompts-file", prompts, "--tokenizer", tmp_path / "tok",
+                 "--out", saved_run, "--overwrite"],
+                "tokenizer has 600 tokens but the model's vocabulary is 512", capsys)
+    assert _digest(saved_run) == before
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "does not exist"),
+    ("engines = [hf\n", "is not valid TOML"),
+    ('engines = "hf"\nbatchsize = 3\n', "unknown config key(s): batchsize"),
+    ('batch = "four"\n', "config key 'batch' should be int"),
+])
+def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
+    cfg = tmp_path / "run.toml"
+    if content is not None:
+        cfg.write_text(content)
+    before = _digest(saved_run)
+    _expect_bad(["run", "--config", cfg, "--out", saved_run, "--overwrite"], fragment, capsys)
+    assert _digest(saved_run) == before
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "no results file"),
+    ('{"version": 1, "rows": [', "not valid JSON"),
+    ('{"version": 7, "rows": [], "engines": {}}', "results version 7, this rlhf-bench reads "
+                                                   "version 1"),
+    ('{"rows": []}', "not an rlhf-bench results file"),
+    ('{"version": 1, "rows": [{"engine": "hf"}], "engines": {}}', "malformed rows"),
+])
+@pytest.mark.parametrize("cmd", ["compare", "report"])
+def test_bad_results_file(cmd, content, fragment, tmp_path, saved_run, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if content is not None:
+        (bad / "results.json").write_text(content)
+    before = _digest(bad), _digest(saved_run)
+    argv = ["compare", saved_run, bad] if cmd == "compare" else ["report", bad]
+    _expect_bad(argv, fragment, capsys)
+    assert (_digest(bad), _digest(saved_run)) == before
+
+
+def test_more_ranks_than_the_batch_divides(monkeypatch, saved_run, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--batch", "4", "--zero-stage", "0", "--out", saved_run,
+                 "--overwrite"], "--batch 4 does not split over 3 ranks", capsys)
+    assert _digest(saved_run) == before
+
+
+def test_bad_compare_threshold(saved_run, capsys):
+    _expect_bad(["compare", saved_run, saved_run, "--max-slowdown", "ten"],
+                "not a percentage: 'ten'", capsys)
+
+
+def test_resume_with_other_options_is_refused(saved_run, capsys):
+    data = json.loads((saved_run / "results.json").read_text())
+    data["options"] = dict(preset="tiny-opt", batch=2)
+    (saved_run / "results.json").write_text(json.dumps(data))
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--batch", "4", "--out", saved_run, "--resume"],
+                "--resume: options differ from the saved run (batch)", capsys)
+    assert _digest(saved_run) == before
+
+
+def test_unavailable_engine_is_reported_and_the_others_run(tmp_path, capsys):
+    out = tmp_path / "u"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--engines", "hf,ds-hybrid", *TINY, "--threads", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert e.value.code == 2
+    assert "engine(s) unavailable on this machine: ds-hybrid" in captured.err
+    data = json.loads((out / "results.json").read_text())
+    assert data["engines"]["hf"]["status"] == "ok"
+    assert data["engines"]["ds-hybrid"]["status"].startswith("unavailable: ")
