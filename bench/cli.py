@@ -73,7 +73,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
     from .report import format_table, plot_phases, plot_sweep, summarize
-    from .results import atomic_write_csv, load_results
+    from .results import atomic_write_csv, load_results, recover
     d = Path(args.dir)
     if (d / "sweep.csv").exists() and not (d / "results.json").exists():
         import pandas as pd
@@ -83,6 +83,8 @@ def cmd_report(args) -> int:
         print(f"\nplot: {d / 'sweep.png'}")
         return 0
     data = load_results(d)
+    if d.is_dir():
+        data = recover(data, d)
     df = summarize(data)
     print(format_table(df))
     if d.is_dir():

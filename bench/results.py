@@ -96,3 +96,18 @@ def load_results(path) -> dict:
     if not isinstance(data.get("engines"), dict):
         raise ResultsError(f"{p}: malformed engines section")
     return data
+
+
+def recover(data: dict, run_dir) -> dict:
+    """A run whose harness was killed leaves engines marked "running": take their rows from the
+    workers' own JSON-lines files, which hold every step finished before the kill."""
+    run_dir = Path(run_dir)
+    for name, info in data["engines"].items():
+        if info.get("status") != "running":
+            continue
+        lines = read_jsonl(run_dir / "engines" / f"{name}.jsonl")
+        rows = [r for r in lines if "event" not in r]
+        ends = [e["status"] for e in lines if e.get("event") == "status"]
+        data["rows"] = [r for r in data["rows"] if r["engine"] != name] + rows
+        info["status"] = ends[-1] if ends else "failed: harness stopped while it ran"
+    return data

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels as K
+
 
 class UnsupportedModel(ValueError):
     pass
@@ -159,6 +161,10 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         return y
     if L.t:
         y = x @ L.w
+    elif (x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
+          and not torch.compiler.is_compiling() and K.available()):
+        # decode on CPU: read W once, as it lies (engines/kernels.py)
+        y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w).reshape(*x.shape[:-1], -1)
     elif x.shape[:-1].numel() <= SMALL_M:
         # decode: stream W once as the left operand, (N, K) @ (K, M); same values as F.linear
         x2 = x.reshape(-1, x.shape[-1])

@@ -196,3 +196,39 @@ def test_config_file_gives_the_same_keys(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["options"]["preset"] == "tiny-llama" and data["options"]["greedy"] is True
     assert data["engines"]["hybrid"]["status"] == "ok"
+
+
+def test_harness_killed_by_sigkill_loses_no_finished_step(tmp_path):
+    out = tmp_path / "kill9"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    args = ["run", "--engines", "hf", "--preset", "tiny-opt", "--batch", "2", "--prompt-len",
+            "8", "--gen-len", "32", "--steps", "500", "--warmup", "0", "--threads", "1",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            rows = json.loads((out / "results.json").read_text())["rows"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if len({r["step"] for r in rows if r["phase"] == "step"}) >= 3:
+            break
+    proc.kill()  # SIGKILL: no handler runs, no final save
+    proc.wait()
+    from bench.results import load_results, read_jsonl, recover
+    data = load_results(out)  # still a whole, readable file
+    worker_rows = [r for r in read_jsonl(out / "engines" / "hf.jsonl") if "event" not in r]
+    finished = {r["step"] for r in worker_rows if r["phase"] == "step" and r["metric"] == "seconds"}
+    assert len(finished) >= 3
+    data = recover(data, out)
+    got = {r["step"] for r in data["rows"] if r["phase"] == "step" and r["metric"] == "seconds"}
+    assert finished <= got  # every step the worker finished is read back
+    p = cli("report", out)
+    assert p.returncode == 0 and "hf" in p.stdout, p.stderr
+    # the orphaned worker notices the harness is gone and stops by itself
+    time.sleep(3)
+    n = len(read_jsonl(out / "engines" / "hf.jsonl"))
+    time.sleep(2)
+    assert len(read_jsonl(out / "engines" / "hf.jsonl")) == n

@@ -1,0 +1,31 @@
+"""The decode linear kernel against its slow twin, F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines import kernels as K
+
+
+def test_kernel_builds_here():
+    # CI's machines have a compiler and AVX2; if this fails the engines still run (on
+    # F.linear), but hybrid decode loses its speed, so say so loudly
+    assert K.available(), K.why_unavailable()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768)])
+def test_skinny_linear_equals_f_linear(m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    want = F.linear(x, w)
+    got = K.skinny_linear(x, w)
+    assert got.shape == want.shape
+    # different summation order only: float32 rounding, relative to the row's scale
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
+def test_too_many_rows_or_other_dtypes_use_the_twin():
+    x, w = torch.randn(40, 32), torch.randn(16, 32)
+    assert torch.equal(K.skinny_linear(x, w), F.linear(x, w))
+    xd, wd = x[:4].double(), w.double()
+    assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))
