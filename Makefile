@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(VENV)/bin/rlhf-bench run --engines available --preset opt-mini --batch 4 \
-	  --prompt-len 32 --gen-len 32 --steps 3 --warmup 1 --seed 0 --out results/bench --overwrite
+	$(VENV)/bin/rlhf-bench run --engines available --preset opt-125m --batch 8 \
+	  --prompt-len 32 --gen-len 32 --steps 1 --warmup 1 --seed 0 --out results/bench --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout 900 tests

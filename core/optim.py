@@ -22,6 +22,9 @@ class AdamState(NamedTuple):
 class GradientTransformation(NamedTuple):
     init: Callable[[dict], AdamState]
     update: Callable[[dict, AdamState, dict], tuple[dict, AdamState]]
+    # the same step done in place on a donated state and the params (what engines use: the
+    # pure form allocates new moments every step, ~2x the optimiser state in transient memory)
+    update_: Optional[Callable[[dict, AdamState, dict], AdamState]] = None
 
 
 def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
@@ -59,7 +62,29 @@ def adamw(lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
             updates[k], mu[k], nu[k] = u, m, v
         return updates, AdamState(count, mu, nu, new_master or None)
 
-    return GradientTransformation(init, update)
+    @torch.no_grad()
+    def update_(grads: dict, state: AdamState, params: dict) -> AdamState:
+        """In place: moments, master copies and params move; `state` is donated."""
+        count = state.count + 1
+        t = int(count)
+        step_size = lr / (1.0 - b1 ** t)
+        bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+        for k, g in grads.items():
+            g = g.float()
+            m, v = state.mu[k], state.nu[k]
+            m.lerp_(g, 1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+            has_master = state.master is not None and k in state.master
+            p = state.master[k] if has_master else params[k]
+            if weight_decay:
+                p.mul_(1.0 - lr * weight_decay)
+            p.addcdiv_(m, denom, value=-step_size)
+            if has_master:
+                params[k].copy_(p)
+        return AdamState(count, state.mu, state.nu, state.master)
+
+    return GradientTransformation(init, update, update_)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from torch.func import functional_call, grad_and_value
 from core import ppo as P
 from core.guards import check_finite, check_grads
 from core.models import ModelBundle, position_ids, trainable
-from core.optim import adamw, apply_updates_, global_norm
+from core.optim import adamw, global_norm
 from core.rewards import model_score, rule_score
 from core.step import experience_stats, split_rows
 from core.types import Experience, Metrics, PPOConfig, Rollout, RunConfig, TrainState
@@ -105,10 +105,9 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     check_finite("train", actor_loss=a_loss, critic_loss=c_loss)
     check_grads("train", "actor gradient", a_grads, a_norm)
     check_grads("train", "critic gradient", c_grads, c_norm)
-    a_upd, a_state = a_opt.update(a_grads, state.actor_opt, state.actor_params)
-    apply_updates_(state.actor_params, a_upd)
-    c_upd, c_state = c_opt.update(c_grads, state.critic_opt, state.critic_params)
-    apply_updates_(state.critic_params, c_upd)
+    # in place on the donated state (core.optim's pure `update` is the checked reference)
+    a_state = a_opt.update_(a_grads, state.actor_opt, state.actor_params)
+    c_state = c_opt.update_(c_grads, state.critic_opt, state.critic_params)
     stats = experience_stats(exp)
     metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"],
                       a_norm, c_norm)

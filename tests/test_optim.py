@@ -72,3 +72,24 @@ def test_apply_updates_in_place_and_global_norm():
     assert torch.equal(p["a"], torch.tensor([2.0, 3.0, 4.0]))
     # sqrt(3^2 + 4^2) = 5
     assert float(global_norm({"x": torch.tensor([3.0]), "y": torch.tensor([[4.0]])})) == 5.0
+
+
+def test_in_place_update_matches_the_pure_update():
+    """Engines train with update_ (in place, donated state); the pure update is the reference."""
+    import torch
+    from core.optim import adamw, apply_updates_
+    gen = torch.Generator().manual_seed(3)
+    p_pure = {"a": torch.randn(50, 7, generator=gen), "b": torch.randn(7, generator=gen)}
+    p_inpl = {k: v.clone() for k, v in p_pure.items()}
+    opt = adamw(1e-2, (0.9, 0.95), 1e-8, weight_decay=0.1)
+    s_pure, s_inpl = opt.init(p_pure), opt.init(p_inpl)
+    for _ in range(5):
+        g = {k: torch.randn(v.shape, generator=gen) for k, v in p_pure.items()}
+        u, s_pure = opt.update(g, s_pure, p_pure)
+        apply_updates_(p_pure, u)
+        s_inpl = opt.update_(g, s_inpl, p_inpl)
+    for k in p_pure:
+        assert torch.allclose(p_pure[k], p_inpl[k], atol=1e-6, rtol=0)
+        assert torch.allclose(s_pure.mu[k], s_inpl.mu[k], atol=1e-7)
+        assert torch.allclose(s_pure.nu[k], s_inpl.nu[k], atol=1e-7)
+    assert int(s_inpl.count) == 5
