@@ -232,3 +232,23 @@ def test_harness_killed_by_sigkill_loses_no_finished_step(tmp_path):
     n = len(read_jsonl(out / "engines" / "hf.jsonl"))
     time.sleep(2)
     assert len(read_jsonl(out / "engines" / "hf.jsonl")) == n
+
+
+def test_resume_keeps_finished_engines_and_runs_the_rest(two_engine_run, tmp_path):
+    import shutil
+    src, _ = two_engine_run
+    out = tmp_path / "resume"
+    shutil.copytree(src, out)
+    data = json.loads((out / "results.json").read_text())
+    # as if the run had been interrupted during hybrid: its rows partial, its status failed
+    data["engines"]["hybrid"]["status"] = "failed: interrupted (SIGINT)"
+    data["rows"] = [r for r in data["rows"] if not (r["engine"] == "hybrid" and r["step"] >= 1)]
+    (out / "results.json").write_text(json.dumps(data))
+    hf_rows = [r for r in data["rows"] if r["engine"] == "hf"]
+    p = cli("run", "--engines", "hf,hybrid", *RUN, "--out", out, "--resume", check=0)
+    assert "resume: hf already finished" in p.stderr
+    after = json.loads((out / "results.json").read_text())
+    assert [r for r in after["rows"] if r["engine"] == "hf"] == hf_rows  # kept, not re-measured
+    assert after["engines"]["hybrid"]["status"] == "ok"
+    steps = {r["step"] for r in after["rows"] if r["engine"] == "hybrid" and r["phase"] == "step"}
+    assert steps == {0, 1, 2}
