@@ -8,8 +8,9 @@ import pandas as pd
 SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
                    "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
-                   "train_flops_frac", "decode_roofline_frac", "peak_mem_mb",
-                   "weight_copies", "actor_weight_mb", "parity_max_abs_diff",
+                   "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
+                   "decode_roofline_frac", "peak_mem_mb", "weight_copies", "actor_weight_mb",
+                   "weights_held_mb", "parity_max_abs_diff",
                    "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
                    "critic_loss"]
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
@@ -39,8 +40,9 @@ def summarize(data: dict) -> pd.DataFrame:
         d["samples_per_s"] = B / d["step_s"]
         peak = limits.get("matmul_flops", float("nan"))
         for phase, col in (("generate", "gen"), ("score", "score"), ("train", "train")):
-            d[f"{col}_flops_frac"] = setup.get((phase, "flops"), float("nan")) / d[
-                PHASE_COL[phase]] / peak
+            achieved = setup.get((phase, "flops"), float("nan")) / d[PHASE_COL[phase]]
+            d[f"{col}_gflops"] = achieved / 1e9
+            d[f"{col}_flops_frac"] = achieved / peak
         d["decode_roofline_frac"] = _roofline(setup, o, limits) / d["gen_s"]
         d["peak_mem_mb"] = setup.get(("setup", "peak_rss_mb"),
                                      measured[measured.metric == "peak_rss_mb"].value.max())
@@ -49,6 +51,7 @@ def summarize(data: dict) -> pd.DataFrame:
             d["peak_mem_mb"] = gpu_peak.max()
         d["weight_copies"] = setup.get(("setup", "weight_copies"), float("nan"))
         d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
+        d["weights_held_mb"] = d["actor_weight_mb"] * d["weight_copies"]
         d["parity_max_abs_diff"] = setup.get(("parity", "max_abs_diff"), float("nan"))
         d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))
         d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
