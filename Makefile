@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(VENV)/bin/rlhf-bench run --engines available --preset opt-125m --batch 8 \
+	$(VENV)/bin/rlhf-bench run --engines available --preset opt-125m --batch 4 \
 	  --prompt-len 32 --gen-len 32 --steps 1 --warmup 1 --seed 0 --out results/bench --overwrite
 
 test: $(STAMP)
