@@ -6,7 +6,6 @@ results.json / rows.csv / summary.csv atomically as rows arrive.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil

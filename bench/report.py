@@ -68,26 +68,16 @@ def summarize(data: dict) -> pd.DataFrame:
 
 
 def _roofline(setup: dict, o: dict, limits: dict) -> float:
-    from .flops import Shape
+    """flops.decode_roofline_s for the actor shape the worker recorded (nan if it did not)."""
+    from .flops import Shape, decode_roofline_s
     try:
-        s = Shape(0, 0, int(setup[("setup", "n_layers")]), 0, int(setup[("setup", "kv_width")]),
-                  int(setup[("setup", "decode_weight_bytes")]))
+        s = Shape(*(int(setup[("setup", f"shape_{f}")]) for f in Shape._fields))
+        dbytes = int(setup[("setup", "dtype_bytes")])
     except KeyError:
         return float("nan")
-    # Shape above carries what the byte side needs; FLOPs come from the recorded prefill count
-    # and, per decode step, 2 FLOPs per weight element read (an underestimate, so the roofline
-    # stays a lower bound on time).
-    B, P, G = o["batch"] * o["generation_batches"], o["prompt_len"], o["gen_len"]
-    dbytes = int(setup[("setup", "dtype_bytes")])
-    peak, bw = limits["matmul_flops"], limits["mem_bw"]
-    prefill = setup.get(("setup", "prefill_flops"), 0.0) / peak
-    total = prefill
-    per_weight = s.weight_bytes / dbytes
-    for t in range(G - 1):
-        ctx = P + t
-        byt = s.weight_bytes + 2 * s.n_layers * B * ctx * s.kv_width * dbytes
-        total += max(byt / bw, 2 * per_weight * B / peak)
-    return total
+    B = o["batch"] * o["generation_batches"]
+    return decode_roofline_s(s, B, o["prompt_len"], o["gen_len"], dbytes,
+                             limits["matmul_flops"], limits["mem_bw"])
 
 
 def format_table(df: pd.DataFrame) -> str:

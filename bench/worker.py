@@ -22,7 +22,7 @@ from core.data import jsonl_prompts, synthetic_prompts
 from core.engine import EngineUnavailable
 from core.models import build_bundle, weight_bytes
 from core.rng import fold_in
-from core.step import add_advantages, ppo_step
+from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
 
 from . import distributed
@@ -104,11 +104,9 @@ def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
     dbytes = torch.finfo(torch_dtype(o.dtype)).bits // 8
     rec.emit("setup", "actor_weight_bytes", weight_bytes(bundle.actor), "B", step=-1)
     rec.emit("setup", "weight_copies", engine.weight_copies, "", step=-1)
-    rec.emit("setup", "decode_weight_bytes", a.weight_bytes, "B", step=-1)
     rec.emit("setup", "dtype_bytes", dbytes, "B", step=-1)
-    rec.emit("setup", "kv_width", a.kv_width, "", step=-1)
-    rec.emit("setup", "n_layers", a.n_layers, "", step=-1)
-    rec.emit("setup", "prefill_flops", F.forward_flops(a, B, P), "FLOP", step=-1)
+    for field, value in a._asdict().items():  # the actor's shape, for the decode roofline
+        rec.emit("setup", f"shape_{field}", value, "", step=-1)
 
 
 def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, reference: bool):

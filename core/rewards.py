@@ -1,7 +1,6 @@
 """Reward signals: the reward model's score, or a rule for learning tests."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .ppo import last_valid_index

@@ -37,6 +37,17 @@ def answer_mask_from(answer: torch.Tensor, eos_id: int, stop_at_eos: bool) -> to
     return (is_eos.cumsum(-1) - is_eos) == 0
 
 
+def finish_rollout(prompts, answer: torch.Tensor, pad_id: int, eos_id: int,
+                   stop_at_eos: bool) -> Rollout:
+    """Prompts + (B, G) generated tokens -> Rollout: tokens after a row's EOS become padding
+    and leave the attention mask."""
+    amask = answer_mask_from(answer, eos_id, stop_at_eos)
+    answer = torch.where(amask, answer, torch.full_like(answer, pad_id))
+    seq = torch.cat([prompts.input_ids, answer], dim=1)
+    attn = torch.cat([prompts.attention_mask, amask.long()], dim=1)
+    return Rollout(seq, attn, amask, prompts.input_ids.shape[1])
+
+
 @torch.no_grad()
 def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
     seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len

@@ -43,11 +43,7 @@ def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pa
     if answer.shape[1] < gen.gen_len:  # every row stopped early
         fill = answer.new_full((B, gen.gen_len - answer.shape[1]), pad_id)
         answer = torch.cat([answer, fill], dim=1)
-    amask = common.answer_mask_from(answer, eos_id, gen.stop_at_eos)
-    answer = torch.where(amask, answer, torch.full_like(answer, pad_id))
-    seq = torch.cat([prompts.input_ids, answer], dim=1)
-    attn = torch.cat([prompts.attention_mask, amask.long()], dim=1)
-    return Rollout(seq, attn, amask, P)
+    return common.finish_rollout(prompts, answer, pad_id, eos_id, gen.stop_at_eos)
 
 
 class HFEngine:

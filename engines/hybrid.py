@@ -39,11 +39,11 @@ class HybridEngine:
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         try:
-            D.extract(models.actor)
+            w = D.extract(models.actor)
         except D.UnsupportedModel as e:
             raise EngineUnavailable(str(e))
         self.models, self.cfg = models, cfg
-        if self.pack and not D.can_pack(D.extract(models.actor)):
+        if self.pack and not D.can_pack(w):
             raise EngineUnavailable("packed decode needs fp32 weights on a CPU torch with MKL")
         if self.pack and cfg.zero_stage == 3:
             raise EngineUnavailable("packed decode keeps a full copy: not with ZeRO-3")
@@ -121,10 +121,7 @@ class HybridEngine:
                 else:
                     slot = torch.tensor(P + t, device=ids.device)
                     logits = self._decode(w, cache, tok[:, None], next_pos + t, slot, key_mask)
-        amask = common.answer_mask_from(answer, eos, gen.stop_at_eos)
-        answer = torch.where(amask, answer, torch.full_like(answer, pad))
-        seq = torch.cat([ids, answer], dim=1)
-        return Rollout(seq, torch.cat([am, amask.long()], dim=1), amask, P)
+        return common.finish_rollout(prompts, answer, pad, eos, gen.stop_at_eos)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
         # full-sequence forwards: ZeRO-3's hooks gather each layer once per forward, which is
