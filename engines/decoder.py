@@ -7,6 +7,7 @@ Supported: OPT, Llama, GPT-2 families; anything else raises UnsupportedModel.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -177,6 +178,75 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         # LoRA unfused: two thin matmuls, exact, and the base weight is never modified
         y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
     return y
+
+
+def has_lora(w: Weights) -> bool:
+    return any(L is not None and L.a is not None for L in _lins(w))
+
+
+def _lins(w: Weights):
+    for l in w.layers:
+        yield from l.qkv
+        yield from (l.o, l.up, l.gate, l.down)
+    yield from (w.proj_in, w.proj_out, w.head)
+
+
+FOLD_BLOCK = 1 << 18  # elements of W per fold step: W, d and temporaries stay in cache
+
+
+def _delta(L: Lin, r0: int, r1: int) -> Tensor:
+    """Rows r0:r1 of the adapter's full-rank update scale * B @ A, laid out like L.w."""
+    d = (L.bb @ L.a[:, r0:r1]).t() if L.t else L.bb[r0:r1] @ L.a  # GPT-2 Conv1D: w is (in, out)
+    return d if L.scale == 1.0 else d.mul_(L.scale)
+
+
+def _blocks(L: Lin):
+    rows = max(1, FOLD_BLOCK // L.w.shape[1])
+    for r0 in range(0, L.w.shape[0], rows):
+        yield r0, min(r0 + rows, L.w.shape[0])
+
+
+@contextlib.contextmanager
+def lora_fused(w: Weights):
+    """Fold each LoRA adapter into its base weight in place (W += scale * B @ A) for the
+    duration, yielding adapter-free Weights; then put every base weight back bit for bit.
+
+    W + d - d is not always W in floating point, so before fusing, the elements whose round
+    trip is inexact are found and their original values kept (few: where |d| is not small
+    next to |W|); unfusing subtracts the same d and writes those values back. Both run in
+    row blocks, so the extra memory is one block plus the kept elements: no second copy.
+    """
+    done = []   # (Lin, r0, r1, flat indices, original values), in fusion order
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        for L in _lins(w):
+            if L is None or L.a is None:
+                continue
+            if not L.w.is_contiguous():
+                raise UnsupportedModel("LoRA fusing needs contiguous base weights")
+            for r0, r1 in _blocks(L):
+                W, d = L.w[r0:r1], _delta(L, r0, r1)
+                fused = W + d
+                bad = torch.sub(fused, d, out=d).ne_(W).reshape(-1).nonzero().squeeze(1)
+                done.append((L, r0, r1, bad, W.view(-1)[bad].clone()))
+                W.copy_(fused)
+        yield _strip_lora(w)
+    finally:
+        for L, r0, r1, bad, orig in reversed(done):
+            W = L.w[r0:r1]
+            W.sub_(_delta(L, r0, r1))
+            W.view(-1)[bad] = orig
+        torch.set_grad_enabled(grad)
+
+
+def _strip_lora(w: Weights) -> Weights:
+    def s(L):
+        return None if L is None else L._replace(a=None, bb=None, scale=1.0)
+    layers = tuple(l._replace(qkv=tuple(s(x) for x in l.qkv), o=s(l.o), up=s(l.up),
+                              gate=s(l.gate), down=s(l.down)) for l in w.layers)
+    return w._replace(layers=layers, head=s(w.head), proj_in=s(w.proj_in),
+                      proj_out=s(w.proj_out))
 
 
 def norm(x: Tensor, n: Norm) -> Tensor:

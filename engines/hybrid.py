@@ -3,7 +3,8 @@
 What DeepSpeed-Chat's Hybrid Engine does by patching modules at run time, done here with plain
 functions: generation runs `engines.decoder.forward` over references to the training
 parameters (no copy, nothing to sync), with a static KV cache kept between steps, prefill and
-decode as separate functions, LoRA applied unfused, and under ZeRO-3 every parameter gathered
+decode as separate functions, LoRA fused into the weights for the generate (and restored bit
+for bit after) when that pays, and under ZeRO-3 every parameter gathered
 once per generate. Scoring and training are the shared torch.func (or DeepSpeed) paths.
 """
 from __future__ import annotations
@@ -26,11 +27,17 @@ class HybridEngine:
     name = "hybrid"
     weight_copies = 1
 
-    def __init__(self, compile: bool = True, pack: bool = False, static: bool = False, **_):
+    # fold + restore measured at 30-58 unfused decode steps (bench/lora_cost.py, opt-125m, B 8)
+    LORA_FUSE_MIN_TOKENS = 48
+
+    def __init__(self, compile: bool = True, pack: bool = False, static: bool = False,
+                 lora: str = "auto", **_):
         # compile: torch.compile prefill and decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
         # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
-        self.compile, self.pack, self.static = compile, pack, static
+        if lora not in ("auto", "fused", "unfused"):
+            raise ValueError(f"lora must be auto, fused or unfused, not {lora!r}")
+        self.compile, self.pack, self.static, self.lora = compile, pack, static, lora
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
@@ -84,6 +91,13 @@ class HybridEngine:
                 torch._dynamo.mark_static_address(self.cache.v)
         return self.cache
 
+    def _fuse_lora(self, w: D.Weights, gen_len: int) -> bool:
+        """Fold LoRA into the weights for this generate? Packed decode keeps its own packed
+        base copy, so it stays unfused; `auto` fuses when enough tokens share the cost."""
+        if self.pack or self.lora == "unfused" or not D.has_lora(w):
+            return False
+        return self.lora == "fused" or gen_len >= self.LORA_FUSE_MIN_TOKENS
+
     @torch.no_grad()
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
@@ -91,8 +105,11 @@ class HybridEngine:
         B, P = ids.shape
         G = gen.gen_len
         pad, eos = self.models.pad_id, self.models.eos_id
-        with self._gathered():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._gathered())
             w = D.extract(self.models.actor)
+            if self._fuse_lora(w, G):
+                w = stack.enter_context(D.lora_fused(w))
             if self.pack and B == self.cfg.batch:
                 self.sync(state)  # a no-op unless weights changed since the last sync
                 w = self.packed

@@ -15,6 +15,10 @@ from conftest import make_bundle, make_cfg, make_prompts
 
 FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
 HYBRIDS = ["hybrid", "hybrid-packed"]
+# (lora rank, engine, hybrid's LoRA mode): with adapters, hybrid both folds them into the weights
+# for generation and runs them unfused; packed decode always runs them unfused
+VARIANTS = [(0, "hybrid", "auto"), (0, "hybrid-packed", "auto"), (4, "hybrid", "fused"),
+            (4, "hybrid", "unfused"), (4, "hybrid-packed", "auto")]
 
 
 def _nudge_lora(bundle):
@@ -25,20 +29,19 @@ def _nudge_lora(bundle):
                 p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(n)))
 
 
-def _pair(preset, engine, lora=0, **cfg_kw):
+def _pair(preset, engine, lora=0, mode="auto", **cfg_kw):
     b = make_bundle(preset, seed=0, lora_dim=lora)
     if lora:
         _nudge_lora(b)
     cfg = make_cfg(preset=preset, lora_dim=lora, **cfg_kw)
-    hf, hy = engines.get("hf"), engines.get(engine)
+    hf, hy = engines.get("hf"), engines.get(engine, lora=mode)
     return b, cfg, hf, hf.init(b, cfg, seed=0), hy, hy.init(b, cfg, seed=0)
 
 
-@pytest.mark.parametrize("engine", HYBRIDS)
-@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("lora,engine,mode", VARIANTS)
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_tokens_equal_hf_greedy_and_sampled(preset, lora, engine):
-    b, cfg, hf, s1, hy, s2 = _pair(preset, engine, lora)
+def test_tokens_equal_hf_greedy_and_sampled(preset, lora, engine, mode):
+    b, cfg, hf, s1, hy, s2 = _pair(preset, engine, lora, mode)
     prompts = make_prompts(b, cfg, seed=3)
     for greedy in (True, False):
         gen = GenerationConfig(gen_len=64, greedy=greedy)
@@ -101,10 +104,9 @@ def test_cached_decode_logits_equal_full_forward(preset, lora, packed):
     assert (got - want).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("engine", HYBRIDS)
-@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("lora,engine,mode", VARIANTS)
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_three_ppo_steps_equal_hf(preset, lora, engine):
+def test_three_ppo_steps_equal_hf(preset, lora, engine, mode):
     """Same prompts, seeds and weights: after 3 PPO steps the trained parameters agree, and each
     generate after a train step saw the new weights (no copy, no re-capture)."""
     ppo = PPOConfig(actor_lr=3e-4, critic_lr=3e-4, eps=1e-6)
@@ -112,7 +114,7 @@ def test_three_ppo_steps_equal_hf(preset, lora, engine):
     if lora:
         _nudge_lora(b1), _nudge_lora(b2)
     cfg = make_cfg(preset=preset, lora_dim=lora, ppo=ppo, gen={"gen_len": 12})
-    hf, hy = engines.get("hf"), engines.get(engine)
+    hf, hy = engines.get("hf"), engines.get(engine, lora=mode)
     s1, s2 = hf.init(b1, cfg, seed=0), hy.init(b2, cfg, seed=0)
     for step in range(3):
         prompts = make_prompts(b1, cfg, seed=step)
@@ -194,3 +196,53 @@ def test_static_decode_compiles_as_one_graph():
     gen = GenerationConfig(gen_len=16)
     assert torch.equal(hy.generate(s2, prompts, gen, seed=9).seq,
                        st.generate(s3, prompts, gen, seed=9).seq)
+
+
+@pytest.mark.parametrize("block", [D.FOLD_BLOCK, 97])   # whole weights, and many row blocks
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monkeypatch):
+    """Inside lora_fused the base weights hold W + scale * B @ A (a fused linear equals the
+    unfused one); afterwards every parameter is bit-identical to before, also when the
+    generate inside raises."""
+    monkeypatch.setattr(D, "FOLD_BLOCK", block)
+    b = make_bundle(preset, seed=0, lora_dim=4)
+    _nudge_lora(b)
+    with torch.no_grad():  # adapters as large as the weights: many inexact W + d - d
+        for n, p in b.actor.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20.0)
+    before = {n: p.detach().clone() for n, p in b.actor.named_parameters()}
+    w = D.extract(b.actor)
+    L = w.layers[0].qkv[0]
+    x = torch.randn(3, L.a.shape[1])
+    w0 = L.w.detach().clone()
+    with torch.no_grad():
+        unfused = D.lin(x, L)
+    with torch.no_grad():  # the fix-up path really runs: some W + d - d differ from W
+        inexact = sum(int(((Lo.w + d) - d != Lo.w).sum()) for Lo in D._lins(w)
+                      if Lo is not None and Lo.a is not None
+                      for d in [D._delta(Lo, 0, Lo.w.shape[0])])
+    assert inexact > 0
+    with D.lora_fused(w) as fw:
+        assert not D.has_lora(fw) and D.has_lora(w)
+        assert not torch.equal(L.w, w0)
+        with torch.no_grad():
+            assert (D.lin(x, fw.layers[0].qkv[0]) - unfused).abs().max() < 1e-4
+    for n, p in b.actor.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError, match="boom"):
+        with D.lora_fused(w):
+            raise RuntimeError("boom")
+    for n, p in b.actor.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_lora_auto_fuses_only_long_generations():
+    hy = engines.get("hybrid")
+    b = make_bundle("tiny-opt", seed=0, lora_dim=4)
+    w = D.extract(b.actor)
+    assert hy._fuse_lora(w, hy.LORA_FUSE_MIN_TOKENS) and not hy._fuse_lora(w, 2)
+    assert not engines.get("hybrid", lora="unfused")._fuse_lora(w, 1000)
+    assert not hy._fuse_lora(D.extract(make_bundle("tiny-opt", seed=0).actor), 1000)
+    with pytest.raises(ValueError, match="lora must be"):
+        engines.get("hybrid", lora="sometimes")
