@@ -160,20 +160,21 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         if L.a is not None:
             y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
         return y
-    if L.t:
-        y = x @ L.w
-    elif (x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
-          and not torch.compiler.is_compiling() and K.available()):
-        # decode on CPU: read W once, as it lies (engines/kernels.py)
-        y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w).reshape(*x.shape[:-1], -1)
-    elif x.shape[:-1].numel() <= SMALL_M:
-        # decode: stream W once as the left operand, (N, K) @ (K, M); same values as F.linear
-        x2 = x.reshape(-1, x.shape[-1])
-        y = (L.w @ x2.t()).t().reshape(*x.shape[:-1], L.w.shape[0])
+    if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and K.available()):
+        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py)
+        y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w, L.b).reshape(*x.shape[:-1], -1)
     else:
-        y = F.linear(x, L.w)
-    if L.b is not None:
-        y = y + L.b
+        if L.t:
+            y = x @ L.w
+        elif x.shape[:-1].numel() <= SMALL_M:
+            # decode: stream W once as the left operand, (N, K) @ (K, M); values as F.linear
+            x2 = x.reshape(-1, x.shape[-1])
+            y = (L.w @ x2.t()).t().reshape(*x.shape[:-1], L.w.shape[0])
+        else:
+            y = F.linear(x, L.w)
+        if L.b is not None:
+            y = y + L.b
     if L.a is not None:
         # LoRA unfused: two thin matmuls, exact, and the base weight is never modified
         y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale

@@ -38,8 +38,8 @@ static inline float hsum(__m256 v) {
 
 // rows of W [n0, n1) against 8 rows of x (x padded with zero rows when M < 8): eight named
 // accumulators so they live in registers, and two rows of W per pass to halve the x loads
-static void block8(const float* x, const float* w, float* y, int64_t K, int64_t N, int rows,
-                   int64_t n0, int64_t n1) {
+static void block8(const float* x, const float* w, const float* bias, float* y, int64_t K,
+                   int64_t N, int rows, int64_t n0, int64_t n1) {
   const int64_t K8 = K & ~int64_t(7);
   const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K, *x4 = x + 4 * K,
               *x5 = x + 5 * K, *x6 = x + 6 * K, *x7 = x + 7 * K;
@@ -63,25 +63,29 @@ static void block8(const float* x, const float* w, float* y, int64_t K, int64_t 
                   hsum(a7)};
     for (int m = 0; m < rows; ++m) {
       for (int64_t k = K8; k < K; ++k) s[m] += wr[k] * x[m * K + k];
-      y[m * N + n] = s[m];
+      y[m * N + n] = bias ? s[m] + bias[n] : s[m];
     }
   }
 }
 
-torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
-  // x (M, K) contiguous float32, w (N, K) contiguous float32 -> (M, N)
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
+  // x (M, K) contiguous float32, w (N, K) contiguous float32, b (N,) or None -> (M, N)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
   const int64_t groups = (M + 7) / 8;
-  auto xp8 = torch::zeros({groups * 8, K}, x.options());  // zero rows pad M up to 8s
-  xp8.narrow(0, 0, M).copy_(x);
+  torch::Tensor xp8 = x;
+  if (M % 8) {  // zero rows pad M up to 8s
+    xp8 = torch::zeros({groups * 8, K}, x.options());
+    xp8.narrow(0, 0, M).copy_(x);
+  }
   const float* xp = xp8.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
+  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t g = 0; g < groups; ++g) {
       const int rows = (int)std::min<int64_t>(8, M - g * 8);
-      block8(xp + g * 8 * K, wp, yp + g * 8 * N, K, N, rows, n0, n1);
+      block8(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, n0, n1);
     }
   });
   return y;
@@ -103,7 +107,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v5", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v6", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
@@ -125,11 +129,13 @@ def why_unavailable() -> Optional[str]:
     return _why
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, K), w (N, K) -> (M, N) = x @ w.T; the kernel for M <= MAX_ROWS fp32 CPU tensors,
-    F.linear otherwise."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """x (M, K), w (N, K), b (N,) or None -> (M, N) = x @ w.T + b; the kernel for
+    M <= MAX_ROWS fp32 CPU tensors, F.linear otherwise."""
     mod = _load()
     if (mod is None or x.shape[0] > MAX_ROWS or x.dtype != torch.float32
-            or w.dtype != torch.float32 or x.device.type != "cpu" or not w.is_contiguous()):
-        return F.linear(x, w)
-    return mod.skinny_linear(x.contiguous(), w)
+            or w.dtype != torch.float32 or x.device.type != "cpu" or not w.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
+        return F.linear(x, w, b)
+    return mod.skinny_linear(x.contiguous(), w, b)

@@ -17,11 +17,13 @@ def test_kernel_builds_here():
 def test_skinny_linear_equals_f_linear(m, k, n):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    want = F.linear(x, w)
-    got = K.skinny_linear(x, w)
-    assert got.shape == want.shape
-    # different summation order only: float32 rounding, relative to the row's scale
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    b = torch.randn(n, generator=g)
+    for bias in (None, b):
+        want = F.linear(x, w, bias)
+        got = K.skinny_linear(x, w, bias)
+        assert got.shape == want.shape
+        # different summation order only: float32 rounding, relative to the row's scale
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
 def test_too_many_rows_or_other_dtypes_use_the_twin():
