@@ -96,19 +96,23 @@ def available_engines(device: str) -> list[str]:
 
 
 class Progress:
-    """One status line on stderr, redrawn in place; silent when stderr is not a terminal."""
+    """Progress on stderr: on a terminal one status line redrawn in place at every phase;
+    otherwise (a log file, CI) one line per step started."""
 
     def __init__(self):
-        self.on = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
-    def show(self, text: str) -> None:
-        if self.on:
-            sys.stderr.write(f"\r\033[K{text}  [{time.perf_counter() - self.t0:6.1f}s]")
-            sys.stderr.flush()
+    def show(self, text: str, milestone: bool = False) -> None:
+        stamp = f"[{time.perf_counter() - self.t0:6.1f}s]"
+        if self.tty:
+            sys.stderr.write(f"\r\033[K{text}  {stamp}")
+        elif milestone:
+            sys.stderr.write(f"{text}  {stamp}\n")
+        sys.stderr.flush()
 
     def done(self) -> None:
-        if self.on:
+        if self.tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
@@ -185,14 +189,20 @@ class Run:
                 status = f"failed: timed out after {self.o.engine_timeout:g} s"
             lines = read_jsonl(rows_path)
             if len(lines) != seen:
-                seen = len(lines)
+                new, seen = lines[seen:], len(lines)
                 mine = [r for r in lines if "event" not in r]
                 for ev in lines:
                     if ev.get("event") == "status" and not (status or "").startswith(
                             "failed: timed out"):
                         status = ev["status"]
-                    elif ev.get("event") == "progress":
-                        progress.show(f"{name}: step {ev['step']} {ev['phase']}")
+                for ev in new:
+                    if ev.get("event") != "progress":
+                        continue
+                    if ev["phase"] == "step":  # a step starts (warm-up steps included)
+                        progress.show(f"{name}: step {ev['step'] + 1} of {ev['total']}",
+                                      milestone=True)
+                    else:
+                        progress.show(f"{name}: step {ev['step'] + 1} {ev['phase']}")
                 self.data["rows"] = base + mine
                 self.save()
             if code is not None:
@@ -207,6 +217,8 @@ class Run:
             status = f"failed: {why}: {last[0][:200]}"
         self.data["engines"][name] = dict(status=status, exit_code=code)
         self.save()
+        if not probe_only:
+            progress.show(f"{name}: {status}", milestone=True)
         return status
 
 
