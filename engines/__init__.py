@@ -6,7 +6,7 @@ import importlib
 REGISTRY: dict[str, str] = {
     "hf": "engines.hf:HFEngine",
     "hybrid": "engines.hybrid:HybridEngine",
-    "hybrid-packed": "engines.hybrid:PackedHybridEngine",
+    "hybrid-packed": "engines.hybrid:packed",
     "ds-inference": "engines.ds_inference:DSInferenceEngine",
     "ds-hybrid": "engines.ds_hybrid:DSHybridEngine",
 }
@@ -25,5 +25,5 @@ def check_name(name: str) -> str:
 
 def get(name: str, **kwargs):
     """Build the engine called `name`; keyword arguments go to its constructor."""
-    module, cls = REGISTRY[check_name(name)].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    module, factory = REGISTRY[check_name(name)].split(":")
+    return getattr(importlib.import_module(module), factory)(**kwargs)

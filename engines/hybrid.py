@@ -155,10 +155,10 @@ class HybridEngine:
         self.cache = None
 
 
-class PackedHybridEngine(HybridEngine):
-    """`hybrid` plus MKL-packed decode weights: a second, re-laid-out copy of every actor
-    linear, re-packed (timed as sync) after each optimiser step. Shows whether packing pays."""
-    name = "hybrid-packed"
-
-    def __init__(self, compile: bool = True, **_):
-        super().__init__(compile=compile, pack=True)
+def packed(**kw) -> HybridEngine:
+    """`hybrid-packed`: `hybrid` plus MKL-packed decode weights, a second, re-laid-out copy of
+    every actor linear, re-packed (timed as sync) after each optimiser step. Shows whether
+    packing pays."""
+    engine = HybridEngine(**{**kw, "pack": True})
+    engine.name = "hybrid-packed"
+    return engine

@@ -37,6 +37,21 @@ def make_prompts(bundle, cfg: RunConfig, seed: int):
                              seed=seed)
 
 
+def lockstep(e1, s1, e2, s2, bundle, cfg: RunConfig, steps: int, label: str = ""):
+    """Run two engines through the same PPO steps (same prompts and seeds); at every step their
+    sampled answers must be identical and their actor losses within 1e-5. Returns both states."""
+    from core.step import ppo_step
+    for step in range(steps):
+        prompts = make_prompts(bundle, cfg, seed=step)
+        r1 = e1.generate(s1, prompts, cfg.gen, seed=step)
+        r2 = e2.generate(s2, prompts, cfg.gen, seed=step)
+        assert torch.equal(r1.seq, r2.seq), f"{label} step {step}: generation diverged"
+        s1, m1 = ppo_step(e1, s1, prompts, cfg, seed=step)
+        s2, m2 = ppo_step(e2, s2, prompts, cfg, seed=step)
+        assert abs(float(m1.actor_loss) - float(m2.actor_loss)) < 1e-5, f"{label} step {step}"
+    return s1, s2
+
+
 def params_of(module: torch.nn.Module) -> dict:
     """name -> detached clone of every parameter (a snapshot)."""
     return {n: p.detach().clone() for n, p in module.named_parameters()}

@@ -7,11 +7,10 @@ import torch
 import engines
 from core.engine import EngineUnavailable
 from core.models import position_ids
-from core.step import ppo_step
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
 
-from conftest import make_bundle, make_cfg, make_prompts
+from conftest import lockstep, make_bundle, make_cfg, make_prompts
 
 FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
 HYBRIDS = ["hybrid", "hybrid-packed"]
@@ -115,15 +114,7 @@ def test_three_ppo_steps_equal_hf(preset, lora, engine, mode):
         _nudge_lora(b1), _nudge_lora(b2)
     cfg = make_cfg(preset=preset, lora_dim=lora, ppo=ppo, gen={"gen_len": 12})
     hf, hy = engines.get("hf"), engines.get(engine, lora=mode)
-    s1, s2 = hf.init(b1, cfg, seed=0), hy.init(b2, cfg, seed=0)
-    for step in range(3):
-        prompts = make_prompts(b1, cfg, seed=step)
-        r1 = hf.generate(s1, prompts, cfg.gen, seed=step)
-        r2 = hy.generate(s2, prompts, cfg.gen, seed=step)
-        assert torch.equal(r1.seq, r2.seq), f"step {step}: generation diverged"
-        s1, m1 = ppo_step(hf, s1, prompts, cfg, seed=step)
-        s2, m2 = ppo_step(hy, s2, prompts, cfg, seed=step)
-        assert abs(float(m1.actor_loss) - float(m2.actor_loss)) < 1e-5
+    lockstep(hf, hf.init(b1, cfg, seed=0), hy, hy.init(b2, cfg, seed=0), b1, cfg, 3, preset)
     moved = 0.0
     for (n, p1), (_, p2), p0 in zip(b1.actor.named_parameters(), b2.actor.named_parameters(),
                                     make_bundle(preset, 0, lora_dim=lora).actor.parameters()):
