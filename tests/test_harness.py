@@ -62,6 +62,11 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert summary.set_index("engine").loc["hybrid", "parity_max_abs_diff"] < 1e-4
     assert "gen_tokens_per_s" in p.stdout and "hybrid" in p.stdout  # the printed table
     assert (out / "phases.png").stat().st_size > 1000
+    # stderr is a pipe here, as in CI logs: one progress line per step, and each engine's end
+    for name in ("hf", "hybrid"):
+        for step in (1, 2, 3):
+            assert f"{name}: step {step} of 3" in p.stderr, p.stderr
+        assert f"{name}: ok" in p.stderr
 
 
 def test_report_reprints_and_plots(two_engine_run):
