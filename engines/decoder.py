@@ -158,7 +158,7 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         y = torch.ops.mkl._mkl_linear(x2, L.packed, L.w, L.b, L.rows)
         y = y.reshape(*x.shape[:-1], L.w.shape[0])
         if L.a is not None:
-            y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
+            y = y + _lora(x, L)
         return y
     if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
             and not torch.compiler.is_compiling() and K.available()):
@@ -177,8 +177,14 @@ def lin(x: Tensor, L: Lin) -> Tensor:
             y = y + L.b
     if L.a is not None:
         # LoRA unfused: two thin matmuls, exact, and the base weight is never modified
-        y = y + ((x @ L.a.t()) @ L.bb.t()) * L.scale
+        y = y + _lora(x, L)
     return y
+
+
+def _lora(x: Tensor, L: Lin) -> Tensor:
+    """scale * (x @ A.T) @ B.T in the adapters' dtype (PEFT keeps adapters of a bf16 model in
+    fp32 by default), returned in x's."""
+    return (((x.to(L.a.dtype) @ L.a.t()) @ L.bb.t()) * L.scale).to(x.dtype)
 
 
 def has_lora(w: Weights) -> bool:
@@ -198,7 +204,8 @@ FOLD_BLOCK = 1 << 18  # elements of W per fold step: W, d and temporaries stay i
 def _delta(L: Lin, r0: int, r1: int) -> Tensor:
     """Rows r0:r1 of the adapter's full-rank update scale * B @ A, laid out like L.w."""
     d = (L.bb @ L.a[:, r0:r1]).t() if L.t else L.bb[r0:r1] @ L.a  # GPT-2 Conv1D: w is (in, out)
-    return d if L.scale == 1.0 else d.mul_(L.scale)
+    d = d if L.scale == 1.0 else d.mul_(L.scale)
+    return d.to(L.w.dtype)  # fold and check in W's dtype: fp32 adapters on bf16 weights
 
 
 def _blocks(L: Lin):

@@ -237,3 +237,25 @@ def test_lora_auto_fuses_only_long_generations():
     assert not hy._fuse_lora(D.extract(make_bundle("tiny-opt", seed=0).actor), 1000)
     with pytest.raises(ValueError, match="lora must be"):
         engines.get("hybrid", lora="sometimes")
+
+
+def test_lora_on_bf16_weights_folds_exactly_and_runs_unfused():
+    """PEFT keeps the adapters of a bf16 model in fp32: the unfused path mixes the dtypes as
+    PEFT does, and folding works in the weights' dtype and still restores them bit for bit."""
+    b = make_bundle("tiny-opt", seed=0, lora_dim=4, dtype=torch.bfloat16)
+    _nudge_lora(b)
+    w = D.extract(b.actor)
+    L = w.layers[0].qkv[0]
+    assert L.w.dtype == torch.bfloat16 and L.a.dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in b.actor.named_parameters()}
+    x = torch.randn(4, L.w.shape[1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = b.actor.get_base_model().model.decoder.layers[0].self_attn.q_proj(x)
+        unfused = D.lin(x, L)
+        assert unfused.dtype == torch.bfloat16
+        assert (unfused.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
+        with D.lora_fused(w) as fw:
+            folded = D.lin(x, fw.layers[0].qkv[0])
+            assert (folded.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
+    for n, p in b.actor.named_parameters():
+        assert torch.equal(p, before[n]), n
