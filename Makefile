@@ -39,4 +39,4 @@ gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl hjson ninja py-cpuinfo pydantic pydantic-core \
-	  annotated-types typing-inspection msgpack einops
+	  annotated-types typing-inspection typing-extensions msgpack einops

@@ -1,6 +1,7 @@
 """bench/gpu_check.sh --dry-run runs the GPU check's steps on CPU on a tiny preset."""
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,11 +15,18 @@ def test_gpu_check_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert list(summary.engine) == ["hf", "ds-inference", "ds-hybrid", "hybrid"]
+    assert list(summary.engine) == ["hf", "hybrid", "ds-inference", "ds-hybrid"]
     status = dict(zip(summary.engine, summary.status))
     assert status["hf"] == "ok" and status["hybrid"] == "ok"
     assert status["ds-hybrid"].startswith("unavailable:")
     sweep = pd.read_csv(tmp_path / "sweep.csv")
     assert sorted(set(sweep.batch)) == [2, 4]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "phases.png").exists()
-    assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()  # GPU tests skip on CPU
+    log = (tmp_path / "log.txt").read_text()
+    assert "skipped" in log and "done (status 0)" in log  # GPU tests skip on CPU
+    # what the device tool brings back: at most 8 plain files, none in a sub-folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "details.tgz", "log.txt", "phases.png", "summary.csv", "sweep.csv", "sweep.png"]
+    with tarfile.open(tmp_path / "details.tgz") as tar:
+        names = tar.getnames()
+    assert "compare/results.json" in names and "compare/engines/hybrid.log" in names
