@@ -26,6 +26,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
       help="let answers end at EOS (default: fixed-length answers, equal work per engine)")
     a("--reward", choices=["model", "rule"])
     a("--lora-dim", type=int)
+    a("--lora-mode", help="hybrid with --lora-dim: fused (fold adapters into the weights for "
+      "generate), unfused, or auto (default: fold for answers of 48+ tokens)")
     a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
     a("--offload", action="store_true", default=None)
     a("--grad-ckpt", action="store_true", default=None)

@@ -42,6 +42,8 @@ class BenchOptions:
     tokenizer: str = ""
     parity_tol: float = 0.0        # 0: by dtype (fp32 1e-3, bf16/fp16 5e-2)
     compile: bool = True           # hybrid: torch.compile prefill/decode where it pays
+    lora_mode: str = "auto"        # hybrid: fold LoRA into the weights for generate (fused),
+                                   # run it unfused, or fold for answers of >= 48 tokens (auto)
     out: str = ""
     overwrite: bool = False
     resume: bool = False           # continue the run in --out: re-run only unfinished engines
@@ -123,6 +125,8 @@ def validate(o: BenchOptions) -> BenchOptions:
         raise ConfigError(f"--inference-tp must be at least 1, got {o.inference_tp}")
     if o.lora_dim < 0:
         raise ConfigError(f"--lora-dim must be 0 (off) or positive, got {o.lora_dim}")
+    if o.lora_mode not in ("auto", "fused", "unfused"):
+        raise ConfigError(f"--lora-mode must be auto, fused or unfused, got {o.lora_mode!r}")
     if o.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {o.dtype!r}")
     if o.reward not in ("model", "rule"):

@@ -120,7 +120,7 @@ class Progress:
 # options that change what is measured: a resumed run must agree with the saved one on these
 _SAME_WORK = ("preset", "batch", "prompt_len", "gen_len", "steps", "warmup", "seed", "greedy",
               "stop_at_eos", "reward", "lora_dim", "zero_stage", "dtype", "device", "phases",
-              "ppo_epochs", "generation_batches", "prompts_file")
+              "ppo_epochs", "generation_batches", "prompts_file", "lora_mode")
 
 
 def resumable(out: Path, o: BenchOptions) -> dict:

@@ -146,7 +146,7 @@ def run(spec: dict) -> int:
     base_rss = _rss_mb()
     rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
     try:
-        engine = engines.get(name, compile=o.compile)
+        engine = engines.get(name, compile=o.compile, lora=o.lora_mode)
         cfg = o.run_config() if dist is None else dist.run_config(o)
         bundle = build_bundle(o.preset, seed=o.seed, dtype=torch_dtype(o.dtype),
                               lora_dim=o.lora_dim, device=o.device)

@@ -212,7 +212,7 @@ def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monk
     with torch.no_grad():  # the fix-up path really runs: some W + d - d differ from W
         inexact = sum(int(((Lo.w + d) - d != Lo.w).sum()) for Lo in D._lins(w)
                       if Lo is not None and Lo.a is not None
-                      for d in [D._delta(Lo, 0, Lo.w.shape[0])])
+                      for d in [D._delta(Lo, 0, Lo.w.shape[0], D._Scratch())])
     assert inexact > 0
     with D.lora_fused(w) as fw:
         assert not D.has_lora(fw) and D.has_lora(w)
