@@ -74,6 +74,10 @@ def param_count(s: Shape) -> int:
     return n + 2 * d * s.final_norm + (2 * s.e * d if s.e != d else 0)
 
 
+# engines.hybrid.HybridEngine.LORA_FUSE_MIN_TOKENS (tests/test_project.py checks they agree)
+HYBRID_FOLD_MIN_TOKENS = 48
+
+
 def matmul_params(s: Shape, lm_head: bool = True) -> int:
     """Weights each token multiplies through: per layer 4 d^2 + 2 d ffn, the projections, and the
     LM head (V e) or a value head (e) for critic and reward models."""
@@ -263,11 +267,15 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
     token step costs its roofline or the CPU time to launch its layers, whichever is longer,
     plus the generate loop's host work. `hf`'s per-layer gathers are prefetched during the step,
     so only their excess over it is exposed; the gather-once of `hybrid` / `ds-hybrid` blocks.
-    LoRA adapters: DeepSpeed fuses them into the weights for generation; `hf` (PEFT) and
-    `hybrid` run them unfused, reading their weights and paying 2 FLOPs per adapter weight."""
+    LoRA adapters: DeepSpeed fuses them into the weights for generation, and so does `hybrid`
+    for answers of HYBRID_FOLD_MIN_TOKENS or more (folding and restoring cost ~4 passes over the
+    adapted weights per generate); `hf` (PEFT), and `hybrid` for shorter answers, run them
+    unfused, reading their weights and paying 2 FLOPs per adapter weight."""
     a, gpu, e, tp = model_shape(cfg.model), GPUS[cfg.gpu], cfg.efficiency, cfg.inference_tp
     bg, P = b * tp, cfg.prompt_len
-    adapters = lora_param_count(a, cfg.lora_dim) if cfg.engine in ("hf", "hybrid") else 0
+    folds = cfg.engine == "hybrid" and cfg.lora_dim > 0 and cfg.gen_len >= HYBRID_FOLD_MIN_TOKENS
+    unfused = cfg.engine == "hf" or (cfg.engine == "hybrid" and not folds)
+    adapters = lora_param_count(a, cfg.lora_dim) if unfused else 0
     gather = _comm_s(cfg, zero3_gather_bytes(a, cfg.gpus), a.layers)
     per_forward = cfg.engine == "hf" and generate_gathers(cfg) > 0
 
@@ -287,6 +295,9 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
         t, c = step(bg * flops_per_token_forward(a, P + j),
                     decode_bytes_per_step(a, bg, P + j - 1), bg)
         work, comm = work + t, comm + c
+    if folds:  # read + write the adapted weights to fold, and again to restore
+        work += _roofline(0.0, 4 * matmul_params(a, lm_head=False) * BF16 / tp, gpu, e.prefill,
+                          e.decode)
     if not per_forward:
         comm += generate_gathers(cfg) * gather
     return work, comm

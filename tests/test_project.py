@@ -110,6 +110,16 @@ def test_decode_roofline_and_gathers_by_hand(toy):
     assert work == pytest.approx(4.480e-6 + 4.672e-6)
     work, _ = P.generate_time(toy(engine="ds-hybrid", zero_stage=0, lora_dim=2), b=1)
     assert work == pytest.approx(6.848e-6)
+    # answers of 48+ tokens: hybrid folds the adapters like DeepSpeed, plus ~4 passes over the
+    # decoder weights (1544 of them, no LM head): 4 * 1544 * 2 B at 1 GB/s
+    from engines.hybrid import HybridEngine
+    assert P.HYBRID_FOLD_MIN_TOKENS == HybridEngine.LORA_FUSE_MIN_TOKENS
+    long = dict(zero_stage=0, lora_dim=2, gen_len=P.HYBRID_FOLD_MIN_TOKENS)
+    folded, _ = P.generate_time(toy(engine="hybrid", **long), b=1)
+    ds, _ = P.generate_time(toy(engine="ds-hybrid", **long), b=1)
+    assert folded == pytest.approx(ds + 4 * P.matmul_params(P.model_shape("toy"), False) * 2 / 1e9)
+    unfused, _ = P.generate_time(toy(engine="hf", **long), b=1)
+    assert unfused > folded
     # ZeRO-3 on 4 GPUs: a gather moves 3048 B over 0.1 GB/s = 3.048e-5 s.
     # hybrid pays it once; hf per forward, less the step it hides behind:
     # (3.048e-5 - 3.328e-6) + (3.048e-5 - 3.520e-6) = 5.4112e-5 s
