@@ -3,7 +3,8 @@
 MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
 weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of the
 weights. This kernel reads the training weight W (N, K) as it lies, once: every row of W is
-dotted with all rows of x (kept in L1) using AVX2 FMA, and the N rows are split across torch's
+dotted with all rows of x (kept in L1) using AVX2 FMA (AVX-512 where the CPU has it, picked at
+run time), and the N rows are split across torch's
 intra-op threads. Built on first use with torch's C++ extension loader (cached in
 TORCH_EXTENSIONS_DIR); where it cannot build or the CPU lacks AVX2/FMA, `available()` is False
 and callers use F.linear (the slow twin, checked against it in tests/test_kernels.py).
@@ -36,36 +37,71 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// rows of W [n0, n1) against 8 rows of x (x padded with zero rows when M < 8): eight named
-// accumulators so they live in registers, and two rows of W per pass to halve the x loads
-static void block8(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                   int64_t N, int rows, int64_t n0, int64_t n1) {
+// rows of W [n0, n1) against R rows of x (x padded with zero rows up to R): R accumulators
+// in registers, each W vector loaded once and used R times. AVX2: 8 floats a vector.
+template <int R>
+static void block_avx2(const float* x, const float* w, const float* bias, float* y, int64_t K,
+                       int64_t N, int rows, int64_t n0, int64_t n1) {
   const int64_t K8 = K & ~int64_t(7);
-  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K, *x4 = x + 4 * K,
-              *x5 = x + 5 * K, *x6 = x + 6 * K, *x7 = x + 7 * K;
   for (int64_t n = n0; n < n1; ++n) {
     const float* wr = w + n * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-           a7 = a0;
+    __m256 a[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8) {
       _mm_prefetch((const char*)(wr + k + PREFETCH), _MM_HINT_T0);  // rows ahead, from DRAM
       const __m256 v = _mm256_loadu_ps(wr + k);
-      a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x0 + k), a0);
-      a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + k), a1);
-      a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x2 + k), a2);
-      a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x3 + k), a3);
-      a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x4 + k), a4);
-      a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x5 + k), a5);
-      a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x6 + k), a6);
-      a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x7 + k), a7);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * K + k), a[r]);
     }
-    float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5), hsum(a6),
-                  hsum(a7)};
     for (int m = 0; m < rows; ++m) {
-      for (int64_t k = K8; k < K; ++k) s[m] += wr[k] * x[m * K + k];
-      y[m * N + n] = bias ? s[m] + bias[n] : s[m];
+      float s = hsum(a[m]);
+      for (int64_t k = K8; k < K; ++k) s += wr[k] * x[m * K + k];
+      y[m * N + n] = bias ? s + bias[n] : s;
     }
   }
+}
+
+// the same with AVX-512 (16 floats a vector), compiled for that target alone and chosen at run
+// time: on a CPU without it this code is never entered
+template <int R>
+__attribute__((target("avx512f"))) static void block_avx512(
+    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
+    int64_t n0, int64_t n1) {
+  const int64_t K16 = K & ~int64_t(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
+    __m512 a[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K16; k += 16) {
+      _mm_prefetch((const char*)(wr + k + PREFETCH), _MM_HINT_T0);
+      const __m512 v = _mm512_loadu_ps(wr + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + r * K + k), a[r]);
+    }
+    for (int m = 0; m < rows; ++m) {
+      float s = _mm512_reduce_add_ps(a[m]);
+      for (int64_t k = K16; k < K; ++k) s += wr[k] * x[m * K + k];
+      y[m * N + n] = bias ? s + bias[n] : s;
+    }
+  }
+}
+
+using BlockFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int,
+                         int64_t, int64_t);
+
+static bool use512 = __builtin_cpu_supports("avx512f");
+
+// tests run both paths on a CPU that has AVX-512; returns whether AVX-512 is now in use
+bool set_avx512(bool on) {
+  use512 = on && __builtin_cpu_supports("avx512f");
+  return use512;
+}
+
+static BlockFn pick(int rows) {  // 4-row blocks when 4 rows or fewer remain: no wasted FMAs
+  if (use512) return rows <= 4 ? block_avx512<4> : block_avx512<8>;
+  return rows <= 4 ? block_avx2<4> : block_avx2<8>;
 }
 
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
@@ -85,7 +121,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t g = 0; g < groups; ++g) {
       const int rows = (int)std::min<int64_t>(8, M - g * 8);
-      block8(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, n0, n1);
+      pick(rows)(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, n0, n1);
     }
   });
   return y;
@@ -107,8 +143,8 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v6", cpp_sources=_SRC,
-                           functions=["skinny_linear", "cpu_ok"],
+        _mod = load_inline(name="rlhf_bench_skinny_v8", cpp_sources=_SRC,
+                           functions=["skinny_linear", "cpu_ok", "set_avx512"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
         if not _mod.cpu_ok():
@@ -118,6 +154,13 @@ def _load():
         print(f"rlhf-bench: skinny-linear kernel unavailable, using F.linear: {_why}",
               file=sys.stderr)
     return _mod
+
+
+def set_avx512(on: bool) -> bool:
+    """Use the AVX-512 blocks where the CPU has them (the default), or force the AVX2 ones;
+    returns whether AVX-512 is in use."""
+    mod = _load()
+    return bool(mod is not None and mod.set_avx512(on))
 
 
 def available() -> bool:

@@ -12,9 +12,19 @@ def test_kernel_builds_here():
     assert K.available(), K.why_unavailable()
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
-@pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768)])
-def test_skinny_linear_equals_f_linear(m, k, n):
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request):
+    """Run each case on both instruction sets (AVX-512 only where this CPU has it)."""
+    wide = K.set_avx512(request.param == "avx512")
+    if request.param == "avx512" and not wide:
+        pytest.skip("this CPU has no AVX-512; the AVX2 case covers the kernel here")
+    yield request.param
+    K.set_avx512(True)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9)])
+def test_skinny_linear_equals_f_linear(m, k, n, isa):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g)
