@@ -31,6 +31,26 @@ def cli(*args, check=None, timeout=600):
     return p
 
 
+def _wait_for(out, timeout: float, done, every: float = 0.5):
+    """Poll a running harness's results.json until done(data); returns data, or None when
+    `timeout` seconds pass first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(every)
+        try:
+            data = json.loads((out / "results.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if done(data):
+            return data
+    return None
+
+
+def _steps(data, engine: str) -> set:
+    """Steps of `engine` with a step row in a results dict."""
+    return {r["step"] for r in data["rows"] if r["engine"] == engine and r["phase"] == "step"}
+
+
 RUN = ["--preset", "tiny-opt", "--batch", "2", "--prompt-len", "8", "--gen-len", "8",
        "--steps", "2", "--warmup", "1", "--threads", "1"]
 
@@ -111,36 +131,18 @@ def test_killed_engine_is_failed_and_the_other_keeps_its_rows(tmp_path):
             "--threads", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed, deadline = False, time.time() + 300
-    while time.time() < deadline and not killed:
-        time.sleep(0.5)
-        try:
-            data = json.loads((out / "results.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        hf = data["engines"].get("hf", {})
-        done = {r["step"] for r in data["rows"] if r["engine"] == "hf" and r["phase"] == "step"}
-        if hf.get("status") == "running" and len(done) >= 2:
-            os.kill(hf["pid"], signal.SIGKILL)
-            killed = True
-    assert killed, "hf never reached step 2"
+    data = _wait_for(out, 300, lambda d: d["engines"].get("hf", {}).get("status") == "running"
+                     and len(_steps(d, "hf")) >= 2)
+    assert data is not None, "hf never reached step 2"
+    os.kill(data["engines"]["hf"]["pid"], signal.SIGKILL)
     # the surviving engine goes on with its 200 steps; once it has measured one, stop the run
     # cleanly with SIGINT
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        time.sleep(0.5)
-        try:
-            rows = json.loads((out / "results.json").read_text())["rows"]
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        if any(r["engine"] == "hybrid" and r["phase"] == "step" for r in rows):
-            break
+    _wait_for(out, 240, lambda d: len(_steps(d, "hybrid")) >= 1)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     data = json.loads((out / "results.json").read_text())
     assert data["engines"]["hf"]["status"].startswith("failed: exit -9 (killed by signal 9)")
-    hf_steps = {r["step"] for r in data["rows"] if r["engine"] == "hf" and r["phase"] == "step"}
-    assert len(hf_steps) >= 2  # what hf measured before dying is kept
+    assert len(_steps(data, "hf")) >= 2  # what hf measured before dying is kept
     hy_rows = [r for r in data["rows"] if r["engine"] == "hybrid"]
     assert any(r["phase"] == "step" for r in hy_rows)  # the other engine ran and was saved
     assert proc.returncode == 130, stderr
@@ -211,15 +213,7 @@ def test_harness_killed_by_sigkill_loses_no_finished_step(tmp_path):
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        time.sleep(0.3)
-        try:
-            rows = json.loads((out / "results.json").read_text())["rows"]
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        if len({r["step"] for r in rows if r["phase"] == "step"}) >= 3:
-            break
+    _wait_for(out, 240, lambda d: len(_steps(d, "hf")) >= 3, every=0.3)
     proc.kill()  # SIGKILL: no handler runs, no final save
     proc.wait()
     from bench.results import load_results, read_jsonl, recover
