@@ -192,10 +192,19 @@ def has_lora(w: Weights) -> bool:
 
 
 def _lins(w: Weights):
+    """Every Lin slot of w (None where a model has no such linear), in map_lins's order."""
     for l in w.layers:
         yield from l.qkv
         yield from (l.o, l.up, l.gate, l.down)
     yield from (w.proj_in, w.proj_out, w.head)
+
+
+def map_lins(w: Weights, f) -> Weights:
+    """w with every Lin slot (None included) replaced by f(slot)."""
+    layers = tuple(l._replace(qkv=tuple(f(x) for x in l.qkv), o=f(l.o), up=f(l.up),
+                              gate=f(l.gate), down=f(l.down)) for l in w.layers)
+    return w._replace(layers=layers, proj_in=f(w.proj_in), proj_out=f(w.proj_out),
+                      head=f(w.head))
 
 
 FOLD_BLOCK = 1 << 18  # elements of W per fold step: W, d and temporaries stay in cache
@@ -252,39 +261,38 @@ def lora_fused(w: Weights):
     """
     folded = []   # (Lin, r0, r1, flat indices or None, original values), in fold order
     scratch = _Scratch()
-    grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    try:
-        for L in _lins(w):
-            if L is None or L.a is None:
-                continue
-            if not L.w.is_contiguous():
-                raise UnsupportedModel("LoRA fusing needs contiguous base weights")
-            for r0, r1 in _blocks(L):
-                W, d = L.w[r0:r1], _delta(L, r0, r1, scratch)
-                fused = torch.add(W, d, out=scratch("fused", W.shape, W.dtype, W.device))
-                back = torch.sub(fused, d, out=scratch("back", W.shape, W.dtype, W.device))
-                bad = back.ne_(W).view(-1).nonzero().squeeze(1)
-                kept = (bad.clone(), W.view(-1)[bad].clone()) if bad.numel() else (None, None)
-                folded.append((L, r0, r1) + kept)
-                W.copy_(fused)
-        yield _strip_lora(w)
-    finally:
-        for L, r0, r1, bad, orig in reversed(folded):
-            W = L.w[r0:r1]
-            W.sub_(_delta(L, r0, r1, scratch))
-            if bad is not None:
-                W.view(-1)[bad] = orig
-        torch.set_grad_enabled(grad)
+    with torch.no_grad():
+        try:
+            for L in _lins(w):
+                if L is None or L.a is None:
+                    continue
+                if not L.w.is_contiguous():
+                    raise UnsupportedModel("LoRA fusing needs contiguous base weights")
+                for r0, r1 in _blocks(L):
+                    folded.append((L, r0, r1) + _fold(L, r0, r1, scratch))
+            yield _strip_lora(w)
+        finally:
+            for L, r0, r1, bad, orig in reversed(folded):
+                W = L.w[r0:r1]
+                W.sub_(_delta(L, r0, r1, scratch))
+                if bad is not None:
+                    W.view(-1)[bad] = orig
+
+
+def _fold(L: Lin, r0: int, r1: int, scratch: _Scratch) -> tuple:
+    """W[r0:r1] += d in place; returns (flat indices, original values) of the elements where
+    W + d - d != W, or (None, None) where there are none."""
+    W, d = L.w[r0:r1], _delta(L, r0, r1, scratch)
+    fused = torch.add(W, d, out=scratch("fused", W.shape, W.dtype, W.device))
+    back = torch.sub(fused, d, out=scratch("back", W.shape, W.dtype, W.device))
+    bad = back.ne_(W).view(-1).nonzero().squeeze(1)
+    kept = (bad.clone(), W.view(-1)[bad].clone()) if bad.numel() else (None, None)
+    W.copy_(fused)
+    return kept
 
 
 def _strip_lora(w: Weights) -> Weights:
-    def s(L):
-        return None if L is None else L._replace(a=None, bb=None, scale=1.0)
-    layers = tuple(l._replace(qkv=tuple(s(x) for x in l.qkv), o=s(l.o), up=s(l.up),
-                              gate=s(l.gate), down=s(l.down)) for l in w.layers)
-    return w._replace(layers=layers, head=s(w.head), proj_in=s(w.proj_in),
-                      proj_out=s(w.proj_out))
+    return map_lins(w, lambda L: None if L is None else L._replace(a=None, bb=None, scale=1.0))
 
 
 def norm(x: Tensor, n: Norm) -> Tensor:
@@ -440,7 +448,4 @@ def pack(w: Weights, rows: int) -> tuple[Weights, int]:
         nbytes += packed.numel() * packed.element_size()
         return L._replace(packed=packed, rows=rows)
 
-    layers = tuple(l._replace(qkv=tuple(p(x) for x in l.qkv), o=p(l.o), up=p(l.up),
-                              gate=p(l.gate), down=p(l.down)) for l in w.layers)
-    return w._replace(layers=layers, head=p(w.head), proj_in=p(w.proj_in),
-                      proj_out=p(w.proj_out)), nbytes
+    return map_lins(w, p), nbytes

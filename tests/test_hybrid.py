@@ -10,7 +10,7 @@ from core.models import position_ids
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
 
-from conftest import lockstep, make_bundle, make_cfg, make_prompts
+from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
 
 FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
 HYBRIDS = ["hybrid", "hybrid-packed"]
@@ -202,7 +202,7 @@ def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monk
         for n, p in b.actor.named_parameters():
             if "lora_B" in n:
                 p.mul_(20.0)
-    before = {n: p.detach().clone() for n, p in b.actor.named_parameters()}
+    before = params_of(b.actor)
     w = D.extract(b.actor)
     L = w.layers[0].qkv[0]
     x = torch.randn(3, L.a.shape[1])
@@ -247,7 +247,7 @@ def test_lora_on_bf16_weights_folds_exactly_and_runs_unfused():
     w = D.extract(b.actor)
     L = w.layers[0].qkv[0]
     assert L.w.dtype == torch.bfloat16 and L.a.dtype == torch.float32
-    before = {n: p.detach().clone() for n, p in b.actor.named_parameters()}
+    before = params_of(b.actor)
     x = torch.randn(4, L.w.shape[1], dtype=torch.bfloat16)
     with torch.no_grad():
         want = b.actor.get_base_model().model.decoder.layers[0].self_attn.q_proj(x)
