@@ -191,17 +191,14 @@ class Run:
             if len(lines) != seen:
                 new, seen = lines[seen:], len(lines)
                 mine = [r for r in lines if "event" not in r]
-                for ev in lines:
-                    if ev.get("event") == "status" and not (status or "").startswith(
-                            "failed: timed out"):
+                for ev in new:  # the latest status wins, unless the harness timed it out
+                    kind = ev.get("event")
+                    if kind == "status" and not (status or "").startswith("failed: timed out"):
                         status = ev["status"]
-                for ev in new:
-                    if ev.get("event") != "progress":
-                        continue
-                    if ev["phase"] == "step":  # a step starts (warm-up steps included)
+                    elif kind == "progress" and ev["phase"] == "step":  # warm-up steps included
                         progress.show(f"{name}: step {ev['step'] + 1} of {ev['total']}",
                                       milestone=True)
-                    else:
+                    elif kind == "progress":
                         progress.show(f"{name}: step {ev['step'] + 1} {ev['phase']}")
                 self.data["rows"] = base + mine
                 self.save()
