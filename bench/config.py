@@ -5,7 +5,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 
-from core.types import GenerationConfig, PPOConfig, RunConfig
+from core.types import LORA_MODES, GenerationConfig, PPOConfig, RunConfig
 
 PHASES = ("sync", "generate", "score", "train")
 
@@ -125,7 +125,7 @@ def validate(o: BenchOptions) -> BenchOptions:
         raise ConfigError(f"--inference-tp must be at least 1, got {o.inference_tp}")
     if o.lora_dim < 0:
         raise ConfigError(f"--lora-dim must be 0 (off) or positive, got {o.lora_dim}")
-    if o.lora_mode not in ("auto", "fused", "unfused"):
+    if o.lora_mode not in LORA_MODES:
         raise ConfigError(f"--lora-mode must be auto, fused or unfused, got {o.lora_mode!r}")
     if o.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {o.dtype!r}")

@@ -111,6 +111,11 @@ class PPOConfig:
     weight_decay: float = 0.0
 
 
+# how `hybrid` runs LoRA adapters in generation: folded into the weights, unfused, or folded
+# for long enough answers (engines.hybrid.HybridEngine.LORA_FUSE_MIN_TOKENS)
+LORA_MODES = ("auto", "fused", "unfused")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     preset: str = "tiny-opt"

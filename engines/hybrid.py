@@ -16,8 +16,8 @@ import torch
 from core.engine import EngineUnavailable
 from core.models import ModelBundle, position_ids
 from core.rng import step_noise
-from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
-                        TrainState)
+from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Prompts, Rollout,
+                        RunConfig, TrainState)
 
 from . import common
 from . import decoder as D
@@ -35,8 +35,8 @@ class HybridEngine:
         # compile: torch.compile prefill and decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
         # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
-        if lora not in ("auto", "fused", "unfused"):
-            raise ValueError(f"lora must be auto, fused or unfused, not {lora!r}")
+        if lora not in LORA_MODES:
+            raise ValueError(f"lora must be one of {', '.join(LORA_MODES)}, not {lora!r}")
         self.compile, self.pack, self.static, self.lora = compile, pack, static, lora
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
