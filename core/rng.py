@@ -29,10 +29,16 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 
 
 def gumbel(seed: int, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """Gumbel(0, 1) noise; argmax(logits / T + gumbel) is a sample from softmax(logits / T)."""
-    u = torch.rand(shape, generator=generator(seed), dtype=torch.float32)
+    """Gumbel(0, 1) noise; argmax(logits / T + gumbel) is a sample from softmax(logits / T).
+
+    Drawn on `device` with that device's own generator: on a GPU, a CPU draw plus its copy
+    would cost more per token than a CUDA-graph decode step, and the copy would stall the
+    host. CPU and CUDA generators give different noise for one seed; on one device every
+    engine draws the same."""
+    device = torch.device(device)
+    u = torch.rand(shape, generator=generator(seed, device), dtype=torch.float32, device=device)
     u = u.clamp_(min=1e-20, max=1.0 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device=device, dtype=dtype)
+    return (-torch.log(-torch.log(u))).to(dtype)
 
 
 def step_noise(seed: int, t: int, shape, device="cpu") -> torch.Tensor:

@@ -120,6 +120,9 @@ class HybridEngine:
             next_pos = pos[:, -1:] + 1                                   # (B, 1)
             logits = self._prefill(w, cache, ids, pos, 0, key_mask)      # (B, V)
             answer = torch.full((B, G), pad, dtype=torch.long, device=ids.device)
+            # cache slots as device tensors made once: a host scalar copied per step would
+            # stall the host until the GPU drains, every token
+            slots = torch.arange(P, P + G, device=ids.device)
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for t in range(G):
                 scores = logits.float()
@@ -136,8 +139,8 @@ class HybridEngine:
                 if self._decode is None:
                     logits = D.forward(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
                 else:
-                    slot = torch.tensor(P + t, device=ids.device)
-                    logits = self._decode(w, cache, tok[:, None], next_pos + t, slot, key_mask)
+                    logits = self._decode(w, cache, tok[:, None], next_pos + t, slots[t],
+                                          key_mask)
         return common.finish_rollout(prompts, answer, pad, eos, gen.stop_at_eos)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
