@@ -42,11 +42,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--tokenizer", help="local tokenizer path for --prompts-file")
     a("--parity-tol", type=float, help="max |logprob diff| vs hf (default by dtype)")
     a("--no-compile", dest="compile", action="store_false", default=None,
-      help="hybrid: run prefill/decode eagerly")
+      help="hybrid: run decode eagerly (no CUDA graphs)")
     a("--out", help="run directory (default results/latest)")
     a("--overwrite", action="store_true", default=None, help="replace a run already in --out")
     a("--engine-timeout", type=float,
       help="seconds one engine may take before it is stopped and marked failed (default none)")
+    a("--time-budget", type=float,
+      help="seconds for all engines together: each gets an equal share of what is left when it "
+           "starts, so time one leaves unused goes to the next (default none)")
     a("--resume", action="store_true", default=None,
       help="continue the run in --out: keep finished engines, run the others")
 

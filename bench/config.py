@@ -41,13 +41,15 @@ class BenchOptions:
     prompts_file: str = ""         # JSONL of {"prompt": text}; needs tokenizer
     tokenizer: str = ""
     parity_tol: float = 0.0        # 0: by dtype (fp32 1e-3, bf16/fp16 5e-2)
-    compile: bool = True           # hybrid: torch.compile prefill/decode where it pays
+    compile: bool = True           # hybrid: CUDA-graph decode (torch.compile) on GPUs
     lora_mode: str = "auto"        # hybrid: fold LoRA into the weights for generate (fused),
                                    # run it unfused, or fold for answers of >= 48 tokens (auto)
     out: str = ""
     overwrite: bool = False
     resume: bool = False           # continue the run in --out: re-run only unfinished engines
     engine_timeout: float = 0.0    # seconds per engine process; 0: no limit
+    time_budget: float = 0.0       # seconds for all the engines of a run, shared out as they
+                                   # go (time one leaves unused goes to the next); 0: no limit
 
     def run_config(self) -> RunConfig:
         return RunConfig(preset=self.preset, batch=self.batch, prompt_len=self.prompt_len,
@@ -116,6 +118,8 @@ def validate(o: BenchOptions) -> BenchOptions:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(o, k)}")
     if o.engine_timeout < 0:
         raise ConfigError(f"--engine-timeout must be 0 (none) or positive, got {o.engine_timeout}")
+    if o.time_budget < 0:
+        raise ConfigError(f"--time-budget must be 0 (none) or positive, got {o.time_budget}")
     if o.warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more, got {o.warmup}")
     if o.zero_stage not in (-1, 0, 1, 2, 3):

@@ -89,16 +89,19 @@ fi
 
 status=0
 say "GPU-marked tests (at most ${TEST_LIMIT} s)"
-timeout "$TEST_LIMIT" $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25
+# -v: one line per test as it ends, so a run cut off at the limit still says which passed
+timeout "$TEST_LIMIT" $PY -m pytest -v --tb=short -m gpu tests/test_gpu.py -p no:cacheprovider \
+    2>&1 | grep -v "^$" | tail -40
 [[ ${PIPESTATUS[0]} == 0 ]] || { status=1; say "GPU tests failed or ran out of time"; }
 ship
 
-# the comparison comes first: each engine gets an equal share of what is left (less 20 s to
-# write results); time that engines leave unused goes to the sweep
-if [[ $DRY == 1 ]]; then per=300; else per=$(( ($(left) - 20) / 4 )); (( per < 45 )) && per=45; fi
-say "comparison: hf, hybrid, ds-inference, ds-hybrid (at most ${per} s each)"
+# the comparison comes first, within what is left less 20 s to write results: each engine
+# gets an equal share of what is left when it starts (--time-budget), so time one leaves
+# unused goes to the next; the sweep runs only if enough is left after
+if [[ $DRY == 1 ]]; then budget=1200; else budget=$(( $(left) - 20 )); (( budget < 180 )) && budget=180; fi
+say "comparison: hf, hybrid, ds-inference, ds-hybrid (at most ${budget} s together)"
 $PY -m bench run --engines hf,hybrid,ds-inference,ds-hybrid "${RUN[@]}" \
-    --engine-timeout $per --out "$WORK/compare" --overwrite
+    --time-budget $budget --out "$WORK/compare" --overwrite
 rc=$?  # 2: an engine is unavailable here (its row says why); the rest ran
 [[ $rc == 0 || $rc == 2 ]] || status=1
 ship

@@ -154,8 +154,8 @@ class Run:
         atomic_write_csv(self.out / "rows.csv", pd.DataFrame(
             self.data["rows"], columns=["engine", "step", "phase", "metric", "value", "unit"]))
 
-    def run_engine(self, name: str, reference: bool, probe_only: bool, progress: Progress
-                   ) -> str:
+    def run_engine(self, name: str, reference: bool, probe_only: bool, progress: Progress,
+                   timeout: float | None = None) -> str:
         rows_path = self.out / "engines" / f"{name}.jsonl"
         rows_path.parent.mkdir(parents=True, exist_ok=True)
         rows_path.unlink(missing_ok=True)
@@ -182,11 +182,11 @@ class Run:
             if code is None and self.interrupted:  # SIGINT: stop the worker, keep its rows
                 os.killpg(proc.pid, signal.SIGTERM)
                 code = proc.wait()
-            late = self.o.engine_timeout and time.perf_counter() - started > self.o.engine_timeout
+            late = timeout is not None and time.perf_counter() - started > timeout
             if code is None and late:
                 os.killpg(proc.pid, signal.SIGKILL)
                 code = proc.wait()
-                status = f"failed: timed out after {self.o.engine_timeout:g} s"
+                status = f"failed: timed out after {timeout:.0f} s"
             lines = read_jsonl(rows_path)
             if len(lines) != seen:
                 new, seen = lines[seen:], len(lines)
@@ -271,10 +271,26 @@ def run(o: BenchOptions) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
+def engine_limit(o: BenchOptions, spent: float, left: int) -> float | None:
+    """Seconds the next engine may take: --engine-timeout, and under --time-budget an equal
+    share of what is left among the `left` engines still to run; None: no limit."""
+    limits = [o.engine_timeout] if o.engine_timeout else []
+    if o.time_budget:
+        limits.append(max(0.0, o.time_budget - spent) / max(1, left))
+    return min(limits) if limits else None
+
+
 def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Progress) -> int:
     have_ref = (out / "engines" / "parity_ref.safetensors").exists() and "hf" in r.finished
-    if "hf" not in names and not have_ref:  # the parity reference comes from hf, probe only
-        r.run_engine("hf", reference=True, probe_only=True, progress=progress)
+    todo = [n for n in names if n not in r.finished]
+    probe = "hf" not in names and not have_ref  # the parity reference comes from hf, probe only
+    t0 = time.perf_counter()
+
+    def limit():
+        return engine_limit(o, time.perf_counter() - t0, len(todo) + probe)
+    if probe:
+        r.run_engine("hf", reference=True, probe_only=True, progress=progress, timeout=limit())
+        probe = False
         r.data["engines"].pop("hf", None)
         r.data["rows"] = [x for x in r.data["rows"] if x["engine"] != "hf"]
     for name in names:
@@ -282,10 +298,17 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
             print(f"resume: {name} already finished ({r.data['engines'][name]['status']})",
                   file=sys.stderr)
             continue
+        timeout = limit()
+        todo.remove(name)
         if r.interrupted:
             r.data["engines"][name] = dict(status="failed: not run (interrupted)")
-            continue
-        r.run_engine(name, reference=(name == "hf"), probe_only=False, progress=progress)
+        elif timeout is not None and timeout < 1:
+            r.data["engines"][name] = dict(status=f"failed: not run (--time-budget "
+                                                  f"{o.time_budget:g} s spent)")
+            progress.show(f"{name}: {r.data['engines'][name]['status']}", milestone=True)
+        else:
+            r.run_engine(name, reference=(name == "hf"), probe_only=False, progress=progress,
+                         timeout=timeout)
     progress.done()
     df = summarize(r.data)
     tol = o.parity_tol or DEFAULT_PARITY_TOL[o.dtype]

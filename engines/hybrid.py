@@ -32,7 +32,7 @@ class HybridEngine:
 
     def __init__(self, compile: bool = True, pack: bool = False, static: bool = False,
                  lora: str = "auto", **_):
-        # compile: torch.compile prefill and decode where it pays. On CUDA it does (decode is
+        # compile: torch.compile decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
         # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
         if lora not in LORA_MODES:
@@ -56,8 +56,9 @@ class HybridEngine:
             raise EngineUnavailable("packed decode keeps a full copy: not with ZeRO-3")
         self.weight_copies = 2 if self.pack else 1
         if cfg.device.startswith("cuda") and self.compile:
-            # fixed shapes every step (static decode) -> CUDA graphs replay the whole step
-            self._prefill = torch.compile(D.forward, dynamic=False)
+            # fixed shapes every step (static decode) -> CUDA graphs replay the whole step.
+            # Prefill stays eager: one call per generate, of large GEMMs that launch overhead
+            # does not dominate, and compiling it would double the cold compile time.
             self._decode = torch.compile(D.decode_static, mode="reduce-overhead",
                                          fullgraph=True)
         elif self.static:

@@ -51,7 +51,10 @@ def test_cuda_graph_decode_equals_eager():
     _, _, eager, s2, _ = _setup("hybrid", dtype=torch.float32, compile=False, static=True)
     assert graphed._decode is not None and graphed._decode is not D.decode_static
     gen = GenerationConfig(gen_len=32, greedy=True)
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"]["cudagraph_skips"]
     r1 = graphed.generate(s1, prompts, gen, seed=0)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
     r1b = graphed.generate(s1, prompts, gen, seed=0)  # a replay of the captured graph
     r2 = eager.generate(s2, prompts, gen, seed=0)
     assert torch.equal(r1.seq, r1b.seq)

@@ -1,4 +1,5 @@
 """bench/gpu_check.sh --dry-run runs the GPU check's steps on CPU on a tiny preset."""
+import json
 import os
 import subprocess
 import tarfile
@@ -30,3 +31,6 @@ def test_gpu_check_dry_run(tmp_path):
     with tarfile.open(tmp_path / "details.tgz") as tar:
         names = tar.getnames()
     assert "compare/results.json" in names and "compare/engines/hybrid.log" in names
+    with tarfile.open(tmp_path / "details.tgz") as tar:
+        options = json.load(tar.extractfile("compare/results.json"))["options"]
+    assert options["time_budget"] == 1200   # the engines share one budget

@@ -149,6 +149,32 @@ def test_killed_engine_is_failed_and_the_other_keeps_its_rows(tmp_path):
     assert "interrupted" in stderr and "--resume" in stderr  # says how to go on
 
 
+def test_time_budget_shares_what_is_left():
+    from bench.config import BenchOptions
+    from bench.harness import engine_limit
+    o = BenchOptions(time_budget=400)
+    assert engine_limit(o, spent=0, left=4) == 100
+    assert engine_limit(o, spent=40, left=3) == 120      # what the first left unused goes on
+    assert engine_limit(o, spent=500, left=1) == 0       # spent: the caller does not start it
+    assert engine_limit(BenchOptions(time_budget=400, engine_timeout=50), 0, 4) == 50
+    assert engine_limit(BenchOptions(engine_timeout=50), 0, 4) == 50
+    assert engine_limit(BenchOptions(), 0, 4) is None
+
+
+def test_time_budget_stops_engines_and_keeps_their_rows(tmp_path):
+    out = tmp_path / "b"
+    p = cli("run", "--engines", "hf,hybrid", "--preset", "tiny-opt", "--batch", "2",
+            "--prompt-len", "8", "--gen-len", "64", "--steps", "500", "--warmup", "0",
+            "--threads", "1", "--time-budget", "24", "--out", out)
+    assert p.returncode == 1, p.stdout + p.stderr
+    data = json.loads((out / "results.json").read_text())
+    hf, hy = data["engines"]["hf"]["status"], data["engines"]["hybrid"]["status"]
+    assert hf == "failed: timed out after 12 s", hf         # half of 24 s
+    assert hy.startswith("failed: timed out after "), hy    # the rest, less the polling lag
+    assert int(hy.split()[-2]) <= 12
+    assert _steps(data, "hf")                                # what it measured is kept
+
+
 def test_flops_hand_count():
     # a toy shape: 1000 matmul weights of which 300 are the head, 2 layers, attention width 8
     s = F.Shape(linear_params=1000, head_params=300, n_layers=2, attn_width=8, kv_width=8,
