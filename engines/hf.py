@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from core.models import ModelBundle
-from core.rng import step_noise
+from core.rng import noisy_scores
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
                         TrainState)
 
@@ -22,9 +22,8 @@ class GumbelNoise:
         self.seed, self.prompt_len, self.temperature = seed, prompt_len, temperature
 
     def __call__(self, input_ids, scores):
-        t = input_ids.shape[1] - self.prompt_len
-        noise = step_noise(self.seed, t, scores.shape, device=scores.device)
-        return scores.float() / self.temperature + noise
+        return noisy_scores(scores, self.seed, input_ids.shape[1] - self.prompt_len,
+                            self.temperature)
 
 
 def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pad_id: int,

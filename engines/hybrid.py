@@ -15,7 +15,7 @@ import torch
 
 from core.engine import EngineUnavailable
 from core.models import ModelBundle, position_ids
-from core.rng import step_noise
+from core.rng import noisy_scores
 from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Prompts, Rollout,
                         RunConfig, TrainState)
 
@@ -126,10 +126,8 @@ class HybridEngine:
             slots = torch.arange(P, P + G, device=ids.device)
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for t in range(G):
-                scores = logits.float()
-                if not gen.greedy:
-                    scores = scores / gen.temperature + step_noise(seed, t, scores.shape,
-                                                                   device=scores.device)
+                scores = logits if gen.greedy else noisy_scores(logits, seed, t,
+                                                                 gen.temperature)
                 tok = scores.argmax(-1)
                 if gen.stop_at_eos:
                     tok = torch.where(done, torch.full_like(tok, pad), tok)
