@@ -31,8 +31,10 @@ def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pa
     """model.generate with fixed-length answers (unless gen.stop_at_eos); pads to P + G."""
     from transformers import GenerationConfig as HFGen, LogitsProcessorList
     B, P = prompts.input_ids.shape
+    # no EOS: an empty list, not None; generate fills None fields from the model's own
+    # generation config (OPT's eos 2), which stopped rows early and padded them
     cfg = HFGen(max_new_tokens=gen.gen_len, do_sample=False, num_beams=1,  # DeepSpeed reads it
-                pad_token_id=pad_id, eos_token_id=eos_id if gen.stop_at_eos else None,
+                pad_token_id=pad_id, eos_token_id=eos_id if gen.stop_at_eos else [],
                 use_cache=True)
     procs = LogitsProcessorList([] if gen.greedy else [GumbelNoise(seed, P, gen.temperature)])
     with torch.no_grad():

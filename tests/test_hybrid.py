@@ -71,6 +71,20 @@ def test_stop_at_eos_equals_hf(preset):
     assert lengths.min() < 48 and (r1.seq[:, cfg.prompt_len:][~r1.answer_mask] == b.pad_id).all()
 
 
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_fixed_length_answers_run_past_the_models_own_eos(preset):
+    """Without stop_at_eos every row runs its full length, even when it samples the EOS that
+    the model's own generation config names (HF generate fills an unset eos from there)."""
+    b, cfg, hf, s1, hy, s2 = _pair(preset, "hybrid")
+    prompts = make_prompts(b, cfg, seed=4)
+    gen = GenerationConfig(gen_len=48)
+    sampled = hf.generate(s1, prompts, gen, seed=5).seq[:, cfg.prompt_len:]
+    b.actor.generation_config.eos_token_id = int(sampled[:, :40].flatten().mode().values)
+    r1, r2 = hf.generate(s1, prompts, gen, seed=5), hy.generate(s2, prompts, gen, seed=5)
+    assert torch.equal(r1.seq[:, cfg.prompt_len:], sampled) and bool(r1.answer_mask.all())
+    assert torch.equal(r1.seq, r2.seq)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("lora", [0, 4])
 @pytest.mark.parametrize("preset", FAMILIES)
