@@ -171,7 +171,7 @@ class Run:
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         self.data["engines"][name] = dict(status="running", pid=proc.pid)
-        seen, status = 0, None
+        seen, status, note = 0, None, ""
         started = time.perf_counter()
         base = [r for r in self.data["rows"] if r["engine"] != name]
         while True:
@@ -195,6 +195,8 @@ class Run:
                     kind = ev.get("event")
                     if kind == "status" and not (status or "").startswith("failed: timed out"):
                         status = ev["status"]
+                    elif kind == "note":
+                        note = ev["note"]
                     elif kind == "progress" and ev["phase"] == "step":  # warm-up steps included
                         progress.show(f"{name}: step {ev['step'] + 1} of {ev['total']}",
                                       milestone=True)
@@ -212,7 +214,8 @@ class Run:
             last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:] or [""]
             why = f"exit {code}" + (f" (killed by signal {-code})" if code and code < 0 else "")
             status = f"failed: {why}: {last[0][:200]}"
-        self.data["engines"][name] = dict(status=status, exit_code=code)
+        self.data["engines"][name] = dict(status=status, exit_code=code,
+                                          **({"note": note} if note else {}))
         self.save()
         if not probe_only:
             progress.show(f"{name}: {status}", milestone=True)

@@ -12,7 +12,7 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "decode_roofline_frac", "peak_mem_mb", "weight_copies", "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff",
                    "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
-                   "critic_loss"]
+                   "critic_loss", "note"]
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
              "step": "step_s"}
 
@@ -32,7 +32,8 @@ def summarize(data: dict) -> pd.DataFrame:
         # generate may run several times per step (generation batches): sum per step first
         per_step = measured[measured.metric == "seconds"].groupby(["phase", "step"]).value.sum()
         secs = per_step.groupby("phase").median()
-        d = {"engine": name, "status": info.get("status", "failed: no result")}
+        d = {"engine": name, "status": info.get("status", "failed: no result"),
+             "note": info.get("note", "")}
         for phase, col in PHASE_COL.items():
             d[col] = secs.get(phase, float("nan"))
         B = o["batch"] * o["generation_batches"]
@@ -88,7 +89,9 @@ def format_table(df: pd.DataFrame) -> str:
     show["status"] = show.status.str.slice(0, 48)
     with pd.option_context("display.width", 200, "display.max_columns", 30,
                            "display.float_format", lambda v: f"{v:.4g}"):
-        return show.to_string(index=False)
+        table = show.to_string(index=False)
+    notes = [f"note: {e}: {n}" for e, n in zip(df.engine, df.get("note", [])) if n == n and n]
+    return "\n".join([table, *notes])
 
 
 def plot_phases(df: pd.DataFrame, path: Path) -> None:

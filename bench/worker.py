@@ -153,6 +153,8 @@ def run(spec: dict) -> int:
         t0 = time.perf_counter()
         state = engine.init(bundle, cfg, seed=o.seed)
         rec.emit("setup", "init_s", time.perf_counter() - t0, "s", step=-1)
+        if getattr(engine, "note", ""):
+            rec.event(kind="note", note=engine.note)
     except EngineUnavailable as e:
         rec.event(kind="status", status=f"unavailable: {e}")
         return EXIT_UNAVAILABLE

@@ -20,6 +20,7 @@ from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollou
                         TrainState)
 
 from . import common, zero
+from .ds_inference import kernel_blocker
 from .hf import hf_generate
 
 
@@ -49,6 +50,10 @@ class DSHybridEngine:
             import deepspeed  # noqa: F401
         except ImportError:
             raise EngineUnavailable("deepspeed is not installed (pip install deepspeed)")
+        blocker = kernel_blocker(models.actor)
+        if blocker:  # DeepSpeed would keep these layers as they are: plain HF generate
+            raise EngineUnavailable(f"DeepSpeed's Hybrid Engine would not swap in its kernels: "
+                                    f"{blocker}")
         self.models = models
         self.cfg = cfg if cfg.zero_stage >= 0 else cfg.replace(zero_stage=0)
         state, self.opts = zero.init_state(models, self.cfg,

@@ -5,11 +5,13 @@ inference one. `sync` streams the trainable tensors, one (name, tensor) at a tim
 training copy into the inference copy and counts the bytes (`sync_bytes`); under ZeRO-3 each
 tensor is gathered on its own, never the whole model at once.
 
-- CUDA, no LoRA: kernel injection. DeepSpeed re-lays the weights into its fused kernels' layout
-  and has no call that refreshes them in place, so sync streams into a plain staging copy kept
-  on the host and re-injects from it (timed as sync, like everything a second copy costs).
-- CPU, or LoRA: the plain module (`replace_with_kernel_inject=False`); with `inference_tp` > 1,
-  AutoTP shards its linears over the tensor-parallel group and sync copies each rank's slice.
+- CUDA, no LoRA, decoder layers of the legacy contract (see `kernel_blocker`): kernel
+  injection. DeepSpeed re-lays the weights into its fused kernels' layout and has no call that
+  refreshes them in place, so sync streams into a plain staging copy kept on the host and
+  re-injects from it (timed as sync, like everything a second copy costs).
+- Otherwise the plain module (`replace_with_kernel_inject=False`), with the reason in the run's
+  note; with `inference_tp` > 1, AutoTP shards its linears over the tensor-parallel group and
+  sync copies each rank's slice.
 Generation is `engines.hf.hf_generate` on the inference engine: the same Gumbel-max sampling
 as `hf`, so the same seed gives the same tokens. Scoring and training are `hf`'s.
 """
@@ -27,6 +29,27 @@ from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollou
 
 from . import common, zero
 from .hf import hf_generate
+
+# decoder-layer arguments of transformers' Cache-based contract (v5 names and the older ones)
+_CACHE_ARGS = ("cache", "past_key_values", "cache_position")
+
+
+def kernel_blocker(model) -> str | None:
+    """Why DeepSpeed's CUDA inference kernels cannot stand in for this model's decoder layers,
+    or None. Its injected layer keeps the legacy contract (K/V passed as `layer_past`, a tuple
+    returned); a layer that takes a Cache returns a tensor, and its model loop would hand the
+    injected layer's tuple to the next layer. DeepSpeed's Hybrid Engine skips such OPT layers
+    itself; `init_inference` does not."""
+    import inspect
+    stack = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), None)
+    if stack is None or not len(stack):
+        return "no decoder layer stack found"
+    layer = stack[0]
+    args = set(inspect.signature(layer.forward).parameters) & set(_CACHE_ARGS)
+    if args:
+        return (f"{type(layer).__name__}.forward takes a Cache ({', '.join(sorted(args))}), and "
+                f"DeepSpeed's injected layers keep the legacy tuple contract")
+    return None
 
 
 class _TPGroup:
@@ -69,6 +92,7 @@ class DSInferenceEngine:
     def __init__(self, **_):
         self.infer = None
         self.sync_bytes = 0
+        self.note = ""  # what a reader of the results must know (kept in the summary)
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         try:
@@ -77,7 +101,11 @@ class DSInferenceEngine:
             raise EngineUnavailable("deepspeed is not installed (pip install deepspeed)")
         zero.init_dist()
         self.models, self.cfg = models, cfg
-        self.inject = cfg.device.startswith("cuda") and not cfg.lora_dim
+        why_not = (f"DeepSpeed's inference kernels need CUDA (device: {cfg.device})"
+                   if not cfg.device.startswith("cuda") else
+                   "not with LoRA adapters" if cfg.lora_dim else kernel_blocker(models.actor))
+        self.inject = why_not is None
+        self.note = f"no kernel injection: {why_not}" if why_not else ""
         self.tp = cfg.inference_tp
         self.group = tp_group(self.tp) if self.tp > 1 else None
         # Copy before ZeRO-3 partitions the training module in place. Kernel injection builds

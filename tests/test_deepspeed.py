@@ -162,6 +162,29 @@ def test_ds_inference_generates_what_hf_does_before_and_after_training(stage, hf
     assert e.sync_bytes == n_bytes  # every trainable tensor, once (the tied head is the embedding)
 
 
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-llama", "tiny-gpt2"])
+def test_kernel_blocker_names_cache_based_layers(preset):
+    """transformers 5 decoder layers take a Cache: DeepSpeed's injected layers (legacy tuple
+    contract) cannot replace them, so ds-inference runs without injection and says so, and
+    ds-hybrid is unavailable. A legacy-contract layer is not blocked."""
+    from engines.ds_inference import kernel_blocker
+    actor = make_bundle(preset).actor
+    layer = next(m for m in actor.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    why = kernel_blocker(actor)
+    assert why is not None and why.startswith(f"{type(layer).__name__}.forward takes a Cache")
+
+    class Legacy(torch.nn.Module):
+        def forward(self, hidden_states, layer_past=None, attention_mask=None, use_cache=False):
+            return hidden_states, None
+    assert kernel_blocker(torch.nn.Sequential(torch.nn.ModuleList([Legacy()]))) is None
+
+
+def test_ds_inference_says_why_it_runs_without_kernels():
+    e = engines.get("ds-inference")
+    e.init(make_bundle(), make_cfg(), seed=0)
+    assert not e.inject and e.note.startswith("no kernel injection: ") and "CUDA" in e.note
+
+
 def test_ds_inference_without_sync_goes_stale(monkeypatch, hf_tokens):
     from engines.ds_inference import DSInferenceEngine
     monkeypatch.setattr(DSInferenceEngine, "sync", lambda self, state: None)

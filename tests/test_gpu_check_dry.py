@@ -20,6 +20,8 @@ def test_gpu_check_dry_run(tmp_path):
     status = dict(zip(summary.engine, summary.status))
     assert status["hf"] == "ok" and status["hybrid"] == "ok"
     assert status["ds-hybrid"].startswith("unavailable:")
+    note = dict(zip(summary.engine, summary.note.fillna("")))
+    assert note["ds-inference"].startswith("no kernel injection") and note["hybrid"] == ""
     sweep = pd.read_csv(tmp_path / "sweep.csv")
     assert sorted(set(sweep.batch)) == [2, 4]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "phases.png").exists()
