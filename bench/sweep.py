@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,10 +31,18 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     grid = [(p, b, g) for p in ([x for x in presets.split(",") if x] or [o.preset])
             for b in _ints(batches, o.batch) for g in _ints(gen_lens, o.gen_len)]
     frames, worst = [], 0
-    for preset, b, g in grid:
+    t0 = time.perf_counter()
+    for n, (preset, b, g) in enumerate(grid):
         sub = out / f"{preset}_b{b}_g{g}"
+        # --time-budget is the whole sweep's: each point an equal share of what is left
+        budget = o.time_budget and (o.time_budget - (time.perf_counter() - t0)) / (len(grid) - n)
+        if o.time_budget and budget < 1:
+            print(f"== sweep: --time-budget {o.time_budget:g} s spent; "
+                  f"{len(grid) - n} point(s) not run")
+            worst = max(worst, 1)
+            break
         oo = dataclasses.replace(o, preset=preset, batch=b, gen_len=g, out=str(sub),
-                                 overwrite=True)
+                                 overwrite=True, time_budget=budget)
         print(f"== sweep: preset {preset}, batch {b}, gen_len {g}")
         worst = max(worst, run(oo))
         df = summarize(load_results(sub))
@@ -42,6 +51,8 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
         df.insert(3, "gen_len", g)
         frames.append(df)
         atomic_write_csv(out / "sweep.csv", pd.concat(frames, ignore_index=True))
+    if not frames:
+        return worst
     table = pd.concat(frames, ignore_index=True)
     plot_sweep(table, out / "sweep.png")
     print(table[["engine", "preset", "batch", "gen_len", "status", "gen_tokens_per_s",

@@ -83,13 +83,14 @@ class HybridEngine:
 
     def _cache_for(self, w: D.Weights, batch: int, length: int, dtype, device) -> D.KVCache:
         c = self.cache
-        if c is None or c.k.shape[1] != batch or c.k.shape[3] < length or c.k.dtype != dtype:
+        k0 = None if c is None else c.k[0]
+        if k0 is None or k0.shape[0] != batch or k0.shape[2] < length or k0.dtype != dtype:
             self.cache = None  # free the old one before allocating
             self.cache = D.new_cache(w, batch, length, dtype, device)
-            if self._decode is not None and self.cache.k.is_cuda:
-                # the graph writes into the cache in place: its address must never change
-                torch._dynamo.mark_static_address(self.cache.k)
-                torch._dynamo.mark_static_address(self.cache.v)
+            if self._decode is not None and self.cache.k[0].is_cuda:
+                # the graph writes into the cache in place: its addresses must never change
+                for t in self.cache.k + self.cache.v:
+                    torch._dynamo.mark_static_address(t)
         return self.cache
 
     def _fuse_lora(self, w: D.Weights, gen_len: int) -> bool:
@@ -115,7 +116,8 @@ class HybridEngine:
                 self.sync(state)  # a no-op unless weights changed since the last sync
                 w = self.packed
             cache = self._cache_for(w, B, P + G, w.embed.dtype, ids.device)
-            key_mask = torch.ones(B, P + G, dtype=torch.bool, device=ids.device)
+            # over the whole cache, which a longer earlier generate may have left longer
+            key_mask = torch.ones(B, cache.k[0].shape[2], dtype=torch.bool, device=ids.device)
             key_mask[:, :P] = am.bool()
             pos = position_ids(am)
             next_pos = pos[:, -1:] + 1                                   # (B, 1)

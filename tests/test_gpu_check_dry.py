@@ -16,7 +16,7 @@ def test_gpu_check_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert list(summary.engine) == ["hf", "hybrid", "ds-inference", "ds-hybrid"]
+    assert list(summary.engine) == ["hf", "ds-inference", "ds-hybrid", "hybrid"]
     status = dict(zip(summary.engine, summary.status))
     assert status["hf"] == "ok" and status["hybrid"] == "ok"
     assert status["ds-hybrid"].startswith("unavailable:")
@@ -33,6 +33,7 @@ def test_gpu_check_dry_run(tmp_path):
     with tarfile.open(tmp_path / "details.tgz") as tar:
         names = tar.getnames()
     assert "compare/results.json" in names and "compare/engines/hybrid.log" in names
+    assert "sweep/tiny-opt_b4_g8/results.json" in names
     with tarfile.open(tmp_path / "details.tgz") as tar:
         options = json.load(tar.extractfile("compare/results.json"))["options"]
     assert options["time_budget"] == 1200   # the engines share one budget

@@ -175,6 +175,20 @@ def test_time_budget_stops_engines_and_keeps_their_rows(tmp_path):
     assert _steps(data, "hf")                                # what it measured is kept
 
 
+def test_sweep_time_budget_covers_the_whole_grid(tmp_path):
+    p = cli("sweep", "--engines", "hf", "--preset", "tiny-opt", "--batches", "2,3,4",
+            "--prompt-len", "8", "--gen-len", "8", "--steps", "200", "--warmup", "0",
+            "--threads", "1", "--time-budget", "9", "--out", tmp_path / "s")
+    assert p.returncode == 1, p.stdout + p.stderr
+    first = json.loads((tmp_path / "s" / "tiny-opt_b2_g8" / "results.json").read_text())
+    assert first["options"]["time_budget"] == pytest.approx(3, abs=0.1)  # 9 s over 3 points
+    assert first["engines"]["hf"]["status"] == "failed: timed out after 3 s"
+    # later points share what is left: never more than an equal share of the whole
+    later = [json.loads(f.read_text())["options"]["time_budget"]
+             for f in (tmp_path / "s").glob("*/results.json")]
+    assert all(b <= 3.01 for b in later)
+
+
 def test_flops_hand_count():
     # a toy shape: 1000 matmul weights of which 300 are the head, 2 layers, attention width 8
     s = F.Shape(linear_params=1000, head_params=300, n_layers=2, attn_width=8, kv_width=8,

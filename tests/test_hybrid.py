@@ -143,7 +143,7 @@ def test_release_frees_cache_and_next_generate_reallocates():
     gen = GenerationConfig(gen_len=8, greedy=True)
     first = hy.generate(s2, prompts, gen, seed=0)
     cache = hy.cache
-    assert cache is not None and cache.k.shape[3] == cfg.prompt_len + 8
+    assert cache is not None and cache.k[0].shape[2] == cfg.prompt_len + 8
     hy.generate(s2, prompts, gen, seed=0)
     assert hy.cache is cache  # reused across steps, not reallocated
     hy.release()
@@ -151,6 +151,21 @@ def test_release_frees_cache_and_next_generate_reallocates():
     again = hy.generate(s2, prompts, gen, seed=0)
     assert hy.cache is not None and hy.cache is not cache
     assert torch.equal(first.seq, again.seq)
+
+
+def test_static_decode_reuses_a_longer_cache():
+    """A shorter generate after a longer one reuses the longer cache; the fixed-shape decode
+    masks the slots past its end and still samples hf's tokens."""
+    b, cfg, hf, s1, _, _ = _pair("tiny-opt", "hybrid")
+    st = engines.get("hybrid", static=True)
+    s3 = st.init(b, cfg, seed=0)
+    prompts = make_prompts(b, cfg, seed=1)
+    st.generate(s3, prompts, GenerationConfig(gen_len=24), seed=0)
+    cache = st.cache
+    gen = GenerationConfig(gen_len=8)
+    assert torch.equal(st.generate(s3, prompts, gen, seed=3).seq,
+                       hf.generate(s1, prompts, gen, seed=3).seq)
+    assert st.cache is cache and cache.k[0].shape[2] == cfg.prompt_len + 24
 
 
 def test_one_copy_generation_reads_live_parameters():
