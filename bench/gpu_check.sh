@@ -93,7 +93,10 @@ ship
 # runs only if enough is left after
 if [[ $DRY == 1 ]]; then budget=1200; else budget=$(( $(left) - 20 )); (( budget < 180 )) && budget=180; fi
 say "comparison: hf, ds-inference, ds-hybrid, hybrid (at most ${budget} s together)"
-$PY -m bench run --engines hf,ds-inference,ds-hybrid,hybrid "${RUN[@]}" \
+# the harness's own start and wrap-up are outside --time-budget: past the whole budget, SIGINT
+# stops it cleanly (it ends the running engine and saves what was measured)
+timeout -s INT -k 30 $(( $(left) > 60 ? $(left) : 60 )) \
+  $PY -m bench run --engines hf,ds-inference,ds-hybrid,hybrid "${RUN[@]}" \
     --time-budget $budget --out "$WORK/compare" --overwrite
 rc=$?  # 2: an engine is unavailable here (its row says why); the rest ran
 [[ $rc == 0 || $rc == 2 ]] || status=1
@@ -101,7 +104,8 @@ ship
 
 if (( $(left) >= 150 )); then
   say "generation sweep over batch size"
-  $PY -m bench sweep --engines hf,hybrid "${RUN[@]}" "${SWEEP[@]}" --phases generate --steps 1 \
+  timeout -s INT -k 30 $(( $(left) - 5 )) \
+    $PY -m bench sweep --engines hf,hybrid "${RUN[@]}" "${SWEEP[@]}" --phases generate --steps 1 \
       --warmup 0 --time-budget $(( $(left) - 15 )) --out "$WORK/sweep" --overwrite 2>&1 | tail -12
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
   $PY -m bench report "$WORK/sweep" > /dev/null 2>&1 || true

@@ -30,7 +30,7 @@ def _setup(engine, preset="tiny-opt", dtype=torch.bfloat16, batch=4, prompt=16, 
     return b, cfg, e, state, type(p)(*(t.to(DEV) for t in p))
 
 
-@pytest.mark.parametrize("engine", ["hybrid", "ds-inference"])
+@pytest.mark.parametrize("engine", ["hybrid", "ds-inference", "ds-hybrid"])
 def test_bf16_parity_with_hf(engine):
     """bf16: log-probs of hf's rollout within 2e-2 nats, greedy tokens agree on >= 90%
     (bf16 rounding flips near-tied argmaxes; after a flip the rest of a row differs)."""
