@@ -50,6 +50,7 @@ class Recorder:
         self.path, self.engine, self.device, self.keep = path, engine, device, keep
         self.step = -1
         self.held = None  # multi-rank: a list keeping step rows for bench.distributed.end_step
+        self.note = ""    # the engine's note last passed on
 
     def emit(self, phase, metric, value, unit="", step=None):
         r = row(self.engine, self.step if step is None else step, phase, metric, value, unit)
@@ -136,6 +137,14 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     rec.emit("parity", "token_agreement", float(agree), "", step=-1)
 
 
+def _note(rec: Recorder, engine) -> None:
+    """Pass on the engine's note (set at init, or later: a fallback it took) when new."""
+    note = getattr(engine, "note", "")
+    if note and note != rec.note:
+        rec.note = note
+        rec.event(kind="note", note=note)
+
+
 def run(spec: dict) -> int:
     o = from_dict(spec["options"])
     name = spec["engine"]
@@ -153,8 +162,7 @@ def run(spec: dict) -> int:
         t0 = time.perf_counter()
         state = engine.init(bundle, cfg, seed=o.seed)
         rec.emit("setup", "init_s", time.perf_counter() - t0, "s", step=-1)
-        if getattr(engine, "note", ""):
-            rec.event(kind="note", note=engine.note)
+        _note(rec, engine)
     except EngineUnavailable as e:
         rec.event(kind="status", status=f"unavailable: {e}")
         return EXIT_UNAVAILABLE
@@ -162,6 +170,7 @@ def run(spec: dict) -> int:
     t0 = time.perf_counter()
     parity_probe(rec, o, bundle, engine, state, spec["parity_path"], spec["reference"])
     rec.emit("parity", "probe_s", time.perf_counter() - t0, "s", step=-1)
+    _note(rec, engine)
     if spec.get("probe_only"):
         rec.event(kind="status", status="ok")
         return 0
@@ -188,6 +197,7 @@ def run(spec: dict) -> int:
         rec.emit("step", "seconds", time.perf_counter() - t0, "s")
         rec.emit("sync", "bytes", getattr(engine, "sync_bytes", 0), "B")  # copied by sync
         rec.emit("step", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB")
+        _note(rec, engine)
         if dist is not None:
             dist.end_step(rec)
     engine.release()

@@ -10,6 +10,7 @@ once per generate. Scoring and training are the shared torch.func (or DeepSpeed)
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -43,6 +44,7 @@ class HybridEngine:
         self.packed_bytes = 0
         self._prefill = D.forward
         self._decode = None  # decode_static(w, cache, ids, pos, slot tensor, key_mask) or None
+        self.note = ""       # what a reader of the results must know (kept in the summary)
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         try:
@@ -140,9 +142,23 @@ class HybridEngine:
                 if self._decode is None:
                     logits = D.forward(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
                 else:
-                    logits = self._decode(w, cache, tok[:, None], next_pos + t, slots[t],
-                                          key_mask)
+                    logits = self._decode_step(w, cache, tok[:, None], next_pos + t, slots[t],
+                                               key_mask)
         return common.finish_rollout(prompts, answer, pad, eos, gen.stop_at_eos)
+
+    def _decode_step(self, *args):
+        try:
+            return self._decode(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless eager can take over
+            if self._decode is D.decode_static:
+                raise
+            # a compile or CUDA-graph capture that fails must not cost the run: decode eagerly
+            # from here on (the step rewrites the same cache slot) and say so in the results
+            self._decode = D.decode_static
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            self.note = f"compiled decode failed, decode ran eager: {type(e).__name__}: {first}"
+            print(f"hybrid: {self.note}", file=sys.stderr)
+            return self._decode(*args)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
         # full-sequence forwards: ZeRO-3's hooks gather each layer once per forward, which is

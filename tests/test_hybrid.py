@@ -288,3 +288,21 @@ def test_lora_on_bf16_weights_folds_exactly_and_runs_unfused():
             assert (folded.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
     for n, p in b.actor.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_failed_compiled_decode_falls_back_to_eager_and_says_so():
+    """On a GPU the decode step is compiled (CUDA graphs); if compiling or capturing fails, the
+    generate goes on eagerly with the same tokens, and the engine's note says what happened."""
+    b, cfg, hf, s1, hy, s2 = _pair("tiny-opt", "hybrid")
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("capture failed\nsecond line")
+    hy._decode = broken
+    prompts = make_prompts(b, cfg, seed=2)
+    gen = GenerationConfig(gen_len=16)
+    assert torch.equal(hy.generate(s2, prompts, gen, seed=4).seq,
+                       hf.generate(s1, prompts, gen, seed=4).seq)
+    assert calls == [1] and hy._decode is D.decode_static
+    assert hy.note == "compiled decode failed, decode ran eager: RuntimeError: capture failed"
