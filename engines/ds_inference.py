@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 
 import torch
 
@@ -40,7 +41,6 @@ def kernel_blocker(model) -> str | None:
     returned); a layer that takes a Cache returns a tensor, and its model loop would hand the
     injected layer's tuple to the next layer. DeepSpeed's Hybrid Engine skips such OPT layers
     itself; `init_inference` does not."""
-    import inspect
     stack = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), None)
     if stack is None or not len(stack):
         return "no decoder layer stack found"
