@@ -317,10 +317,13 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
     tol = o.parity_tol or DEFAULT_PARITY_TOL[o.dtype]
     agree = MIN_TOKEN_AGREEMENT[o.dtype]
     for i, d in df.iterrows():
-        if d.status == "ok" and (d.parity_max_abs_diff > tol or
-                                 d.parity_token_agreement < agree):
-            why = (f"failed: parity with hf: max |logprob diff| {d.parity_max_abs_diff:.3g} "
-                   f"(tol {tol:g}), greedy token agreement {d.parity_token_agreement:.3f} "
+        # NaN (not measured: no generation path of its own) never fails
+        worst = max(d.parity_max_abs_diff, d.gen_parity_max_abs_diff if
+                    d.gen_parity_max_abs_diff == d.gen_parity_max_abs_diff else 0.0)
+        if d.status == "ok" and (worst > tol or d.parity_token_agreement < agree):
+            why = (f"failed: parity with hf: max |logprob diff| {worst:.3g} (scoring "
+                   f"{d.parity_max_abs_diff:.3g}, generation {d.gen_parity_max_abs_diff:.3g}; "
+                   f"tol {tol:g}), greedy token agreement {d.parity_token_agreement:.3f} "
                    f"(min {agree:g})")
             df.loc[i, "status"] = why
             r.data["engines"][d.engine]["status"] = why

@@ -10,7 +10,7 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
                    "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
                    "decode_roofline_frac", "peak_mem_mb", "weight_copies", "actor_weight_mb",
-                   "weights_held_mb", "parity_max_abs_diff",
+                   "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
                    "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
                    "critic_loss", "note"]
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
@@ -54,6 +54,7 @@ def summarize(data: dict) -> pd.DataFrame:
         d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
         d["weights_held_mb"] = d["actor_weight_mb"] * d["weight_copies"]
         d["parity_max_abs_diff"] = setup.get(("parity", "max_abs_diff"), float("nan"))
+        d["gen_parity_max_abs_diff"] = setup.get(("parity", "gen_max_abs_diff"), float("nan"))
         d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))
         d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
                                                                           0.0)
@@ -84,7 +85,8 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
 def format_table(df: pd.DataFrame) -> str:
     cols = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
             "gen_tokens_per_s", "gen_speedup_vs_hf", "step_speedup_vs_hf",
-            "decode_roofline_frac", "peak_mem_mb", "weight_copies", "parity_max_abs_diff"]
+            "decode_roofline_frac", "peak_mem_mb", "weight_copies", "parity_max_abs_diff",
+            "gen_parity_max_abs_diff"]
     show = df[cols].copy()
     show["status"] = show.status.str.slice(0, 48)
     with pd.option_context("display.width", 200, "display.max_columns", 30,

@@ -112,7 +112,8 @@ def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
 
 def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, reference: bool):
     """Greedy rollout on probe prompts with the initial weights. The reference engine saves its
-    rollout and log-probs; every other engine scores that same rollout and compares."""
+    rollout and log-probs; every other engine scores that same rollout and compares, and an
+    engine whose generation runs its own forward (`answer_logprobs`) compares that too."""
     from safetensors.torch import load_file, save_file
     prompts = make_prompts(o, bundle, step=-1, i=0)
     gen = GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos)
@@ -135,6 +136,10 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     agree = (rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]).float().mean()
     rec.emit("parity", "max_abs_diff", float(diff), "nat", step=-1)
     rec.emit("parity", "token_agreement", float(agree), "", step=-1)
+    if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
+        gen_lp = engine.answer_logprobs(state, ref_rollout).float().cpu()
+        rec.emit("parity", "gen_max_abs_diff", float(((gen_lp - ref["logprobs"]).abs() * m).max()),
+                 "nat", step=-1)
 
 
 def _note(rec: Recorder, engine) -> None:

@@ -14,6 +14,9 @@ class EngineUnavailable(RuntimeError):
 
 @runtime_checkable
 class Engine(Protocol):
+    """Optional members, read with getattr by the harness: `note: str` (how the engine ran,
+    kept in the results) and `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own
+    generation path's log-probs of a rollout's tokens, checked by the parity probe)."""
     name: str
     weight_copies: int  # full-size copies of the actor's weights the engine holds
 

@@ -105,10 +105,45 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
+        pad, eos = self.models.pad_id, self.models.eos_id
+        done = torch.zeros(prompts.input_ids.shape[0], dtype=torch.bool,
+                           device=prompts.input_ids.device)
+
+        def pick(t, logits):
+            nonlocal done
+            scores = logits if gen.greedy else noisy_scores(logits, seed, t, gen.temperature)
+            tok = scores.argmax(-1)
+            if not gen.stop_at_eos:
+                return tok, False
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            done = done | (tok == eos)
+            return tok, bool(done.all())
+
+        answer = self._decode_loop(state, prompts, gen.gen_len, pick)
+        return common.finish_rollout(prompts, answer, pad, eos, gen.stop_at_eos)
+
+    @torch.no_grad()
+    def answer_logprobs(self, state: TrainState, rollout: Rollout) -> torch.Tensor:
+        """(B, G) fp32 log-probs of the rollout's answer tokens as generation computes them
+        (prefill, then the cached decode steps, fed the rollout's own tokens). The harness's
+        parity probe compares them with the training forward's."""
+        P = rollout.prompt_len
+        forced, out = rollout.seq[:, P:], []
+
+        def pick(t, logits):
+            tok = forced[:, t]
+            out.append(logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+            return tok, False
+
+        self._decode_loop(state, Prompts(rollout.seq[:, :P], rollout.attention_mask[:, :P]),
+                          forced.shape[1], pick)
+        return torch.stack(out, 1)
+
+    def _decode_loop(self, state: TrainState, prompts: Prompts, G: int, pick) -> torch.Tensor:
+        """Prefill, then G tokens: pick(t, logits (B, V)) -> (tokens (B,), stop now?) chooses
+        each; returns the (B, G) answer (pad after a stop)."""
         ids, am = prompts
         B, P = ids.shape
-        G = gen.gen_len
-        pad, eos = self.models.pad_id, self.models.eos_id
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._gathered())
             w = D.extract(self.models.actor)
@@ -124,27 +159,21 @@ class HybridEngine:
             pos = position_ids(am)
             next_pos = pos[:, -1:] + 1                                   # (B, 1)
             logits = self._prefill(w, cache, ids, pos, 0, key_mask)      # (B, V)
-            answer = torch.full((B, G), pad, dtype=torch.long, device=ids.device)
+            answer = torch.full((B, G), self.models.pad_id, dtype=torch.long, device=ids.device)
             # cache slots as device tensors made once: a host scalar copied per step would
             # stall the host until the GPU drains, every token
             slots = torch.arange(P, P + G, device=ids.device)
-            done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for t in range(G):
-                scores = logits if gen.greedy else noisy_scores(logits, seed, t,
-                                                                 gen.temperature)
-                tok = scores.argmax(-1)
-                if gen.stop_at_eos:
-                    tok = torch.where(done, torch.full_like(tok, pad), tok)
-                    done = done | (tok == eos)
+                tok, stop = pick(t, logits)
                 answer[:, t] = tok
-                if t == G - 1 or (gen.stop_at_eos and bool(done.all())):
+                if t == G - 1 or stop:
                     break
                 if self._decode is None:
                     logits = D.forward(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
                 else:
                     logits = self._decode_step(w, cache, tok[:, None], next_pos + t, slots[t],
                                                key_mask)
-        return common.finish_rollout(prompts, answer, pad, eos, gen.stop_at_eos)
+        return answer
 
     def _decode_step(self, *args):
         try:

@@ -189,6 +189,20 @@ def test_sweep_time_budget_covers_the_whole_grid(tmp_path):
     assert all(b <= 3.01 for b in later)
 
 
+def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    gen = {r["engine"]: r["value"] for r in data["rows"] if r["metric"] == "gen_max_abs_diff"}
+    assert set(gen) == {"hybrid"} and 0 <= gen["hybrid"] < 1e-4  # hf has no path of its own
+    # scoring is shared (diff 0) and tokens agree: only the generation path can fail this
+    p = cli("run", "--engines", "hf,hybrid", *RUN, "--phases", "generate", "--parity-tol",
+            "1e-12", "--out", tmp_path / "p")
+    status = json.loads((tmp_path / "p" / "results.json").read_text())["engines"]
+    assert p.returncode == 1 and status["hf"]["status"] == "ok"
+    assert status["hybrid"]["status"].startswith("failed: parity with hf"), status
+    assert "scoring 0, generation " in status["hybrid"]["status"]
+
+
 def test_flops_hand_count():
     # a toy shape: 1000 matmul weights of which 300 are the head, 2 layers, attention width 8
     s = F.Shape(linear_params=1000, head_params=300, n_layers=2, attn_width=8, kv_width=8,

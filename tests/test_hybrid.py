@@ -52,6 +52,18 @@ def test_tokens_equal_hf_greedy_and_sampled(preset, lora, engine, mode):
     assert not torch.equal(other.seq, r2.seq)  # the seed really drives sampling
 
 
+@pytest.mark.parametrize("lora,engine,mode", VARIANTS)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_generation_path_logprobs_equal_the_training_forwards(preset, lora, engine, mode):
+    """answer_logprobs (prefill + cached decode, teacher-forced: the numbers generation
+    samples from) equal the log-probs scoring computes with one full forward."""
+    b, cfg, hf, s1, hy, s2 = _pair(preset, engine, lora, mode)
+    rollout = hf.generate(s1, make_prompts(b, cfg, seed=6), GenerationConfig(gen_len=48),
+                          seed=2)
+    got, want = hy.answer_logprobs(s2, rollout), hf.score(s1, rollout).logprobs
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_stop_at_eos_equals_hf(preset):
     b = make_bundle(preset, seed=0)
