@@ -32,9 +32,10 @@ def _setup(engine, preset="tiny-opt", dtype=torch.bfloat16, batch=4, prompt=16, 
 
 @pytest.mark.parametrize("engine", ["hybrid", "ds-inference", "ds-hybrid"])
 def test_bf16_parity_with_hf(engine):
-    """bf16: log-probs of hf's rollout within 2e-2 nats (scoring, and hybrid's generation
-    path: its compiled CUDA-graph decode), greedy tokens agree on >= 90% (bf16 rounding flips
-    near-tied argmaxes; after a flip the rest of a row differs)."""
+    """bf16: scoring log-probs of hf's rollout within 2e-2 nats, hybrid's generation path
+    (its compiled CUDA-graph decode) within 5e-2 (the harness's bf16 tolerance), greedy tokens
+    agree on >= 90% (bf16 rounding flips near-tied argmaxes; after a flip the rest of a row
+    differs)."""
     b, cfg, hf, s1, prompts = _setup("hf")
     _, _, other, s2, _ = _setup(engine)
     gen = GenerationConfig(gen_len=32, greedy=True)
