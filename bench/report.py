@@ -9,7 +9,8 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
                    "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
-                   "decode_roofline_frac", "peak_mem_mb", "weight_copies", "actor_weight_mb",
+                   "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "weight_copies",
+                   "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
                    "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
                    "critic_loss", "note"]
@@ -50,6 +51,7 @@ def summarize(data: dict) -> pd.DataFrame:
         gpu_peak = measured[measured.metric == "peak_mem_mb"].value
         if len(gpu_peak):
             d["peak_mem_mb"] = gpu_peak.max()
+        d["peak_reserved_mb"] = measured[measured.metric == "peak_reserved_mb"].value.max()
         d["weight_copies"] = setup.get(("setup", "weight_copies"), float("nan"))
         d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
         d["weights_held_mb"] = d["actor_weight_mb"] * d["weight_copies"]

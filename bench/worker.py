@@ -83,6 +83,9 @@ class Recorder:
             self.emit(name, "seconds", dt, "s")
             if cuda:
                 self.emit(name, "peak_mem_mb", torch.cuda.max_memory_allocated() / 2 ** 20, "MB")
+                # reserved also holds CUDA-graph pools, whose reuse allocated() does not see
+                self.emit(name, "peak_reserved_mb", torch.cuda.max_memory_reserved() / 2 ** 20,
+                          "MB")
 
 
 def make_prompts(o, bundle, step: int, i: int):

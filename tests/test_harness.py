@@ -203,6 +203,22 @@ def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
     assert "scoring 0, generation " in status["hybrid"]["status"]
 
 
+def test_summary_takes_gpu_memory_rows():
+    """What a CUDA worker records per phase (this machine has no GPU to make real ones)."""
+    from bench.report import summarize
+    rows = [["hybrid", 0, "generate", "seconds", 1.0, "s"],
+            ["hybrid", 0, "generate", "peak_mem_mb", 900.0, "MB"],
+            ["hybrid", 0, "generate", "peak_reserved_mb", 1500.0, "MB"],
+            ["hybrid", 0, "train", "peak_reserved_mb", 1200.0, "MB"],
+            ["hybrid", 0, "step", "seconds", 2.0, "s"]]
+    data = dict(options=dict(engines_run=["hybrid"], warmup=0, batch=2, generation_batches=1,
+                             gen_len=4, prompt_len=4),
+                engines={"hybrid": {"status": "ok"}}, rows=[dict(zip(
+                    ["engine", "step", "phase", "metric", "value", "unit"], r)) for r in rows])
+    d = summarize(data).iloc[0]
+    assert d.peak_mem_mb == 900 and d.peak_reserved_mb == 1500 and d.note == ""
+
+
 def test_flops_hand_count():
     # a toy shape: 1000 matmul weights of which 300 are the head, 2 layers, attention width 8
     s = F.Shape(linear_params=1000, head_params=300, n_layers=2, attn_width=8, kv_width=8,
