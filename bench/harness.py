@@ -274,12 +274,18 @@ def run(o: BenchOptions) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
+def fair_share(budget: float, spent: float, left: int) -> float:
+    """An equal share of what is left of `budget` seconds among `left` takers (--time-budget:
+    the engines of a run, the points of a sweep)."""
+    return max(0.0, budget - spent) / max(1, left)
+
+
 def engine_limit(o: BenchOptions, spent: float, left: int) -> float | None:
-    """Seconds the next engine may take: --engine-timeout, and under --time-budget an equal
-    share of what is left among the `left` engines still to run; None: no limit."""
+    """Seconds the next engine may take: --engine-timeout, and under --time-budget its fair
+    share among the `left` engines still to run; None: no limit."""
     limits = [o.engine_timeout] if o.engine_timeout else []
     if o.time_budget:
-        limits.append(max(0.0, o.time_budget - spent) / max(1, left))
+        limits.append(fair_share(o.time_budget, spent, left))
     return min(limits) if limits else None
 
 

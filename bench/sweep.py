@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import ConfigError
-from .harness import run
+from .harness import fair_share, run
 from .report import plot_sweep, summarize
 from .results import atomic_write_csv, load_results
 
@@ -35,7 +35,8 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     for n, (preset, b, g) in enumerate(grid):
         sub = out / f"{preset}_b{b}_g{g}"
         # --time-budget is the whole sweep's: each point an equal share of what is left
-        budget = o.time_budget and (o.time_budget - (time.perf_counter() - t0)) / (len(grid) - n)
+        budget = (fair_share(o.time_budget, time.perf_counter() - t0, len(grid) - n)
+                  if o.time_budget else 0.0)
         if o.time_budget and budget < 1:
             print(f"== sweep: --time-budget {o.time_budget:g} s spent; "
                   f"{len(grid) - n} point(s) not run")

@@ -133,15 +133,16 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     ref = load_file(ref_path)
     ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
                                 ref["answer_mask"].to(o.device), o.prompt_len)
-    exp = engine.score(state, ref_rollout)
-    m = ref["answer_mask"]
-    diff = ((exp.logprobs.float().cpu() - ref["logprobs"]).abs() * m).max()
+
+    def gap(logprobs):  # max |difference| from hf's log-probs over the valid answer tokens
+        return float(((logprobs.float().cpu() - ref["logprobs"]).abs() * ref["answer_mask"]).max())
+
     agree = (rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]).float().mean()
-    rec.emit("parity", "max_abs_diff", float(diff), "nat", step=-1)
+    rec.emit("parity", "max_abs_diff", gap(engine.score(state, ref_rollout).logprobs), "nat",
+             step=-1)
     rec.emit("parity", "token_agreement", float(agree), "", step=-1)
     if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
-        gen_lp = engine.answer_logprobs(state, ref_rollout).float().cpu()
-        rec.emit("parity", "gen_max_abs_diff", float(((gen_lp - ref["logprobs"]).abs() * m).max()),
+        rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
                  "nat", step=-1)
 
 
