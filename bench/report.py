@@ -12,7 +12,7 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "weight_copies",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
-                   "parity_token_agreement", "compile_s", "reward", "kl", "actor_loss",
+                   "parity_token_agreement", "parity_divergence_margin", "compile_s", "reward", "kl", "actor_loss",
                    "critic_loss", "note"]
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
              "step": "step_s"}
@@ -58,6 +58,8 @@ def summarize(data: dict) -> pd.DataFrame:
         d["parity_max_abs_diff"] = setup.get(("parity", "max_abs_diff"), float("nan"))
         d["gen_parity_max_abs_diff"] = setup.get(("parity", "gen_max_abs_diff"), float("nan"))
         d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))
+        d["parity_divergence_margin"] = setup.get(("parity", "divergence_margin"),
+                                                  float("nan"))
         d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
                                                                           0.0)
         for k in ("reward", "kl", "actor_loss", "critic_loss"):

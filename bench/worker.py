@@ -129,6 +129,7 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
                    "logprobs": exp.logprobs.float().cpu().contiguous()}, ref_path)
         rec.emit("parity", "max_abs_diff", 0.0, "nat", step=-1)
         rec.emit("parity", "token_agreement", 1.0, "", step=-1)
+        rec.emit("parity", "divergence_margin", 0.0, "nat", step=-1)
         return
     ref = load_file(ref_path)
     ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
@@ -137,13 +138,31 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     def gap(logprobs):  # max |difference| from hf's log-probs over the valid answer tokens
         return float(((logprobs.float().cpu() - ref["logprobs"]).abs() * ref["answer_mask"]).max())
 
-    agree = (rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]).float().mean()
-    rec.emit("parity", "max_abs_diff", gap(engine.score(state, ref_rollout).logprobs), "nat",
+    on_ref = engine.score(state, ref_rollout).logprobs
+    same = rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]
+    rec.emit("parity", "max_abs_diff", gap(on_ref), "nat", step=-1)
+    rec.emit("parity", "token_agreement", float(same.float().mean()), "", step=-1)
+    rec.emit("parity", "divergence_margin",
+             divergence_margin(same, on_ref, engine.score(state, rollout).logprobs), "nat",
              step=-1)
-    rec.emit("parity", "token_agreement", float(agree), "", step=-1)
     if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
         rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
                  "nat", step=-1)
+
+
+def divergence_margin(same, on_ref, on_own) -> float:
+    """Where a row's greedy answer first leaves hf's, how far apart the two chosen tokens are
+    in log-prob (the engine's scoring of both rollouts: the prefixes are equal up to there).
+    A correct engine leaves hf's path only at a near-tie, which low-precision rounding flips;
+    after that the rest of the row differs, so token agreement alone would blame the engine
+    for the tie. The largest margin over rows (0 if no row diverged)."""
+    same, on_ref, on_own = same.cpu(), on_ref.float().cpu(), on_own.float().cpu()
+    diverged = ~same.all(1)
+    if not diverged.any():
+        return 0.0
+    first = (~same).int().argmax(1, keepdim=True)
+    margin = on_ref.gather(1, first) - on_own.gather(1, first)
+    return float(margin.abs()[diverged.unsqueeze(1)].max())
 
 
 def _note(rec: Recorder, engine) -> None:

@@ -33,16 +33,17 @@ def _setup(engine, preset="tiny-opt", dtype=torch.bfloat16, batch=4, prompt=16, 
 @pytest.mark.parametrize("engine", ["hybrid", "ds-inference", "ds-hybrid"])
 def test_bf16_parity_with_hf(engine):
     """bf16: scoring log-probs of hf's rollout within 2e-2 nats, hybrid's generation path
-    (its compiled CUDA-graph decode) within 5e-2 (the harness's bf16 tolerance), greedy tokens
-    agree on >= 90% (bf16 rounding flips near-tied argmaxes; after a flip the rest of a row
-    differs)."""
+    (its compiled CUDA-graph decode) within 5e-2 (the harness's bf16 tolerance), and greedy
+    answers leave hf's only at near-ties (margin within 1e-1, the harness's bound): bf16
+    rounding flips near-tied argmaxes, after which the rest of a row differs."""
+    from bench.worker import divergence_margin
     b, cfg, hf, s1, prompts = _setup("hf")
     _, _, other, s2, _ = _setup(engine)
     gen = GenerationConfig(gen_len=32, greedy=True)
     r1, r2 = hf.generate(s1, prompts, gen, seed=0), other.generate(s2, prompts, gen, seed=0)
-    first = (r1.seq[:, cfg.prompt_len:][:, :8] == r2.seq[:, cfg.prompt_len:][:, :8])
-    assert first.float().mean() >= 0.9
     lp1, lp2 = hf.score(s1, r1).logprobs, other.score(s2, r1).logprobs
+    same = r1.seq[:, cfg.prompt_len:] == r2.seq[:, cfg.prompt_len:]
+    assert divergence_margin(same, lp2, other.score(s2, r2).logprobs) < 1e-1
     assert (lp1 - lp2).abs().max() < 2e-2
     if hasattr(other, "answer_logprobs"):
         assert (lp1 - other.answer_logprobs(s2, r1)).abs().max() < 5e-2

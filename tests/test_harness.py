@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bench import flops as F
 from bench.report import SUMMARY_COLUMNS
@@ -80,6 +81,7 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert list(summary.engine) == ["hf", "hybrid"] and (summary.status == "ok").all()
     assert summary.notna()[REQUIRED].all().all()
     assert summary.set_index("engine").loc["hybrid", "parity_max_abs_diff"] < 1e-4
+    assert (summary.parity_divergence_margin < 2e-3).all()  # measured for both, within ties
     assert "gen_tokens_per_s" in p.stdout and "hybrid" in p.stdout  # the printed table
     assert (out / "phases.png").stat().st_size > 1000
     # stderr is a pipe here, as in CI logs: one progress line per step, and each engine's end
@@ -204,6 +206,49 @@ def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
     assert p.returncode == 1 and status["hf"]["status"] == "ok"
     assert status["hybrid"]["status"].startswith("failed: parity with hf"), status
     assert "scoring 0, generation " in status["hybrid"]["status"]
+
+
+def test_divergence_margin_tells_a_near_tie_from_a_wrong_token():
+    """On a real model: a rollout that leaves hf's greedy path for a token the model finds much
+    less likely has a large margin; the same rollout kept on hf's path has none."""
+    import engines
+    from bench.worker import divergence_margin
+    from core.data import synthetic_prompts
+    from core.models import build_bundle
+    from core.types import GenerationConfig, RunConfig
+    b = build_bundle("tiny-opt", seed=0)
+    hf = engines.get("hf")
+    s = hf.init(b, RunConfig(preset="tiny-opt", batch=3, prompt_len=8), seed=0)
+    p = synthetic_prompts(3, 8, b.config.vocab_size, b.pad_id, seed=0)
+    ref = hf.generate(s, p, GenerationConfig(gen_len=6, greedy=True), seed=0)
+    on_ref = hf.score(s, ref).logprobs
+    same = torch.ones(3, 6, dtype=torch.bool)
+    assert divergence_margin(same, on_ref, on_ref) == 0.0
+    # row 1 takes, at answer position 2, the token hf found least likely there
+    with torch.no_grad():
+        logits = b.actor(input_ids=ref.seq, attention_mask=ref.attention_mask).logits
+    worst = int(logits[1, 8 + 2 - 1].argmin())
+    seq = ref.seq.clone()
+    seq[1, 8 + 2] = worst
+    own = type(ref)(seq, *ref[1:])
+    same = seq[:, 8:] == ref.seq[:, 8:]
+    margin = divergence_margin(same, on_ref, hf.score(s, own).logprobs)
+    gap = float(on_ref[1, 2] - hf.score(s, own).logprobs[1, 2])
+    assert margin == pytest.approx(gap) and margin > 0.5
+
+
+def test_parity_gate_fails_wrong_tokens_not_near_ties():
+    from bench.harness import parity_failure
+    row = dict(parity_max_abs_diff=0.01, gen_parity_max_abs_diff=0.02,
+               parity_token_agreement=0.3, parity_divergence_margin=0.008)
+    # bf16: low agreement after near-ties is no failure; the tolerance is 5e-2, ties 1e-1
+    assert parity_failure(pd.Series(row), 5e-2) == ""
+    why = parity_failure(pd.Series(dict(row, parity_divergence_margin=0.7)), 5e-2)
+    assert why.startswith("failed: parity with hf") and "divergence margin 0.7 (max 0.1" in why
+    assert parity_failure(pd.Series(dict(row, gen_parity_max_abs_diff=0.2)), 5e-2)
+    nan = float("nan")  # not measured (an engine without a path of its own, an old run)
+    assert parity_failure(pd.Series(dict(row, gen_parity_max_abs_diff=nan,
+                                         parity_divergence_margin=nan)), 5e-2) == ""
 
 
 def test_summary_takes_gpu_memory_rows():
