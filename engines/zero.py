@@ -25,6 +25,7 @@ import sys
 import torch
 
 from core import ppo as P
+from core.guards import check_finite, check_grads
 from core.models import ModelBundle, trainable
 from core.optim import global_norm
 from core.step import experience_stats, split_rows, take
@@ -162,10 +163,13 @@ def _critic_loss(engine, exp: Experience, cliprange_value: float):
     return P.critic_loss(values, exp.values, exp.returns, exp.answer_mask, cliprange_value)
 
 
-def _optimise(engine, loss_fn, exp: Experience, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _optimise(engine, loss_fn, exp: Experience, clip: float, label: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step over exp in `gradient_accumulation_steps` micro-batches (DeepSpeed
     scales each loss by 1/accum, so the step sees the mean gradient, as the torch backend).
-    Returns (mean loss, global grad norm)."""
+    A non-finite micro-batch loss raises before its backward, so this model does not move;
+    at ZeRO-0 the gradients are checked before the step too (ZeRO 1-3 keep them partitioned
+    inside DeepSpeed). Returns (mean loss, global grad norm)."""
     n, accum = exp.seq.shape[0], engine.gradient_accumulation_steps()
     parts = split_rows(n, accum)
     if len(parts) != accum or n % accum:
@@ -175,10 +179,13 @@ def _optimise(engine, loss_fn, exp: Experience, clip: float) -> tuple[torch.Tens
     losses, norm = [], None
     for i, rows in enumerate(parts):
         loss = loss_fn(engine, take(exp, torch.arange(n)[rows]), clip)
+        check_finite("train", **{f"{label}_loss": loss})
         engine.backward(loss)
         if i == accum - 1 and engine.zero_optimization_stage() == 0:
-            norm = global_norm({k: p.grad for k, p in engine.module.named_parameters()
-                                if p.grad is not None})  # ZeRO-0 keeps no norm of its own
+            grads = {k: p.grad for k, p in engine.module.named_parameters()
+                     if p.grad is not None}
+            norm = global_norm(grads)  # ZeRO-0 keeps no norm of its own
+            check_grads("train", f"{label} gradient", grads, norm)
         engine.step()  # steps the optimiser only at the accumulation boundary
         losses.append(loss.detach().float())
     engine.module.train(was_training)
@@ -190,10 +197,11 @@ def _optimise(engine, loss_fn, exp: Experience, clip: float) -> tuple[torch.Tens
 
 def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, ppo: PPOConfig
                ) -> tuple[TrainState, Metrics]:
-    """Actor PPO-clip step then critic clipped-value step; one optimiser step each."""
+    """Actor PPO-clip step then critic clipped-value step; one optimiser step each. (Unlike the
+    torch backend's, the actor has stepped before the critic's loss is checked.)"""
     actor, critic = opts
-    a_loss, a_norm = _optimise(actor, _actor_loss, exp, ppo.cliprange)
-    c_loss, c_norm = _optimise(critic, _critic_loss, exp, ppo.cliprange_value)
+    a_loss, a_norm = _optimise(actor, _actor_loss, exp, ppo.cliprange, "actor")
+    c_loss, c_norm = _optimise(critic, _critic_loss, exp, ppo.cliprange_value, "critic")
     stats = experience_stats(exp)
     metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"], a_norm,
                       c_norm)

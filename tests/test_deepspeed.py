@@ -95,6 +95,26 @@ def test_zero_training_matches_torch_backend(stage, torch_run):
     _assert_same_training(_train(stage), torch_run)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_zero_nan_loss_stops_before_the_actor_moves(stage):
+    from core.guards import NonFiniteError
+    from core.step import add_advantages
+    b = make_bundle()
+    cfg = make_cfg(zero_stage=stage, ppo=TRAIN)
+    e = engines.get("hf")
+    s = e.init(b, cfg, seed=0)
+    exp = add_advantages(e.score(s, e.generate(s, make_prompts(b, cfg, 0), cfg.gen, seed=0)),
+                         cfg.ppo)
+    adv = exp.advantages.clone()
+    adv[-1, 1] = float("nan")  # in the second micro-batch: the first has had its backward
+    before = _gathered(b.actor)
+    with pytest.raises(NonFiniteError) as err:
+        e.train_step(s, exp._replace(advantages=adv), cfg.ppo, seed=0)
+    assert (err.value.phase, err.value.name) == ("train", "actor_loss")
+    after = _gathered(b.actor)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_zero_grad_checkpointing_matches_torch_backend(torch_run):
     _assert_same_training(_train(2, grad_ckpt=True), torch_run)
 
