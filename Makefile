@@ -21,7 +21,7 @@ bench: $(STAMP)
 	$(VENV)/bin/rlhf-bench run --engines available --preset opt-125m --batch 4 \
 	  --prompt-len 32 --gen-len 32 --steps 1 --warmup 1 --seed 0 --out results/bench --overwrite
 
-# One pytest worker per core (tests run one intra-op thread each), whole files per worker so
+# One pytest worker per core, at most 4 (tests run one intra-op thread each), whole files per worker so
 # module fixtures (a harness run, DeepSpeed set-up) are built once.
 test: $(STAMP)
 	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile --timeout 900 tests

@@ -103,8 +103,13 @@ def cmd_compare(args) -> int:
     from .compare import compare, parse_percent
     from .results import load_results
     base, new = load_results(args.base), load_results(args.new)
-    table, problems = compare(base, new, parse_percent(args.max_slowdown),
-                              parse_percent(args.max_mem_growth), absolute=args.absolute)
+    slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
+    without = [p for p, d in ((args.base, base), (args.new, new))
+               if "hf" not in d["options"].get("engines_run", [])]
+    if without and not args.absolute:
+        print(f"note: no hf in {', '.join(map(str, without))}: comparing raw seconds, as "
+              f"--absolute does (meaningful on the same machine only)", file=sys.stderr)
+    table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.float_format",
                            lambda v: f"{v:.4g}"):

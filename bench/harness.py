@@ -2,7 +2,7 @@
 
 The harness owns the run directory: it measures the machine's limits, starts one worker per
 engine (the parity reference, hf, first), follows the rows each worker writes, and rewrites
-results.json / rows.csv / summary.csv atomically as rows arrive.
+results.json / rows.csv atomically as rows arrive; summary.csv and phases.png come at the end.
 """
 from __future__ import annotations
 

@@ -46,8 +46,11 @@ def summarize(data: dict) -> pd.DataFrame:
             d[f"{col}_gflops"] = achieved / 1e9
             d[f"{col}_flops_frac"] = achieved / peak
         d["decode_roofline_frac"] = _roofline(setup, o, limits) / d["gen_s"]
-        d["peak_mem_mb"] = setup.get(("setup", "peak_rss_mb"),
-                                     measured[measured.metric == "peak_rss_mb"].value.max())
+        # the process's peak (rank 0's alone in a multi-rank run) or the steps' (the largest
+        # rank's there; ru_maxrss only grows, so on one rank the steps' is never above it)
+        d["peak_mem_mb"] = max(setup.get(("setup", "peak_rss_mb"), float("nan")),
+                               measured[measured.metric == "peak_rss_mb"].value.max(),
+                               key=lambda v: v if v == v else float("-inf"))
         gpu_peak = measured[measured.metric == "peak_mem_mb"].value
         if len(gpu_peak):
             d["peak_mem_mb"] = gpu_peak.max()

@@ -25,11 +25,17 @@ def _ints(text: str, default: int) -> list[int]:
 
 def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     out = Path(o.out or "results/sweep")
-    if (out / "sweep.csv").exists() and not o.overwrite:
-        raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite or choose "
-                          f"another --out")
+    if o.resume and o.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if (out / "sweep.csv").exists() and not (o.overwrite or o.resume):
+        raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite to replace it, "
+                          f"--resume to finish it, or choose another --out")
     grid = [(p, b, g) for p in ([x for x in presets.split(",") if x] or [o.preset])
             for b in _ints(batches, o.batch) for g in _ints(gen_lens, o.gen_len)]
+    started = [out / f"{p}_b{b}_g{g}" for p, b, g in grid
+               if (out / f"{p}_b{b}_g{g}" / "results.json").exists()]
+    if o.resume and not started:
+        raise ConfigError(f"--resume: {out} holds no point of this sweep to resume")
     frames, worst = [], 0
     t0 = time.perf_counter()
     for n, (preset, b, g) in enumerate(grid):
@@ -42,8 +48,10 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
                   f"{len(grid) - n} point(s) not run")
             worst = max(worst, 1)
             break
+        # --resume: a point already started keeps its finished engines; the rest run afresh
+        again = o.resume and sub in started
         oo = dataclasses.replace(o, preset=preset, batch=b, gen_len=g, out=str(sub),
-                                 overwrite=True, time_budget=budget)
+                                 overwrite=not again, resume=again, time_budget=budget)
         print(f"== sweep: preset {preset}, batch {b}, gen_len {g}")
         worst = max(worst, run(oo))
         df = summarize(load_results(sub))

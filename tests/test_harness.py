@@ -114,6 +114,22 @@ def test_compare_passes_itself_and_catches_injected_slowdown(two_engine_run, tmp
                         .splitlines() if ln.strip()]
 
 
+def test_compare_without_hf_says_it_compares_raw_seconds(two_engine_run, tmp_path):
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    data["options"]["engines_run"] = ["hybrid"]
+    data["rows"] = [r for r in data["rows"] if r["engine"] != "hf"]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "results.json").write_text(json.dumps(data))
+    p = cli("compare", alone, alone, check=0)
+    assert f"note: no hf in {alone}, {alone}: comparing raw seconds" in p.stderr
+    assert any(ln.split()[:2] == ["hybrid", "gen_s"] for ln in p.stdout.splitlines())
+    assert "note:" not in cli("compare", alone, alone, "--absolute", check=0).stderr
+    p = cli("compare", out, alone, check=1)  # hf left the new run: that is a regression too
+    assert "hf: in the base run but not in the new one" in p.stdout
+
+
 def test_compare_reads_two_separate_runs(two_engine_run, tmp_path):
     """Plumbing only: two runs' timings differ by machine noise (tiny-opt phases last
     milliseconds; a 3x margin once failed under load), so no verdict on them is asserted; the
@@ -194,6 +210,23 @@ def test_sweep_time_budget_covers_the_whole_grid(tmp_path):
     assert all(b <= 3.01 for b in later)
 
 
+def test_sweep_resume_keeps_finished_points(tmp_path):
+    args = ["sweep", "--engines", "hf", "--preset", "tiny-opt", "--batches", "2,3",
+            "--prompt-len", "8", "--gen-len", "8", "--steps", "1", "--warmup", "0",
+            "--threads", "1", "--phases", "generate", "--out", tmp_path / "s"]
+    cli(*args, check=0)
+    first = (tmp_path / "s" / "tiny-opt_b2_g8" / "results.json").read_text()
+    (tmp_path / "s" / "tiny-opt_b3_g8" / "results.json").unlink()  # as if cut off there
+    p = cli(*args, check=2)  # a sweep is never replaced unasked
+    assert "already holds a sweep" in p.stderr
+    p = cli(*args, "--resume", check=0)
+    assert "resume: hf already finished" in p.stderr  # the first point, kept as it was
+    assert json.loads(first)["rows"] == json.loads(
+        (tmp_path / "s" / "tiny-opt_b2_g8" / "results.json").read_text())["rows"]
+    table = pd.read_csv(tmp_path / "s" / "sweep.csv")
+    assert list(table.batch) == [2, 3] and (table.status == "ok").all()
+
+
 def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
     out, _ = two_engine_run
     data = json.loads((out / "results.json").read_text())
@@ -265,6 +298,21 @@ def test_summary_takes_gpu_memory_rows():
                     ["engine", "step", "phase", "metric", "value", "unit"], r)) for r in rows])
     d = summarize(data).iloc[0]
     assert d.peak_mem_mb == 900 and d.peak_reserved_mb == 1500 and d.note == ""
+
+
+@pytest.mark.parametrize("step_peak, expected", [(90.0, 100.0), (150.0, 150.0)])
+def test_summary_peak_memory_counts_the_largest_rank(step_peak, expected):
+    """CPU peak RSS: the process's own (setup row, rank 0's only) or, in a multi-rank run
+    where rank 0 writes the largest rank's step rows, that one when larger."""
+    from bench.report import summarize
+    rows = [["hf", -1, "setup", "peak_rss_mb", 100.0, "MB"],
+            ["hf", 0, "step", "peak_rss_mb", step_peak, "MB"],
+            ["hf", 0, "step", "seconds", 2.0, "s"]]
+    data = dict(options=dict(engines_run=["hf"], warmup=0, batch=2, generation_batches=1,
+                             gen_len=4, prompt_len=4),
+                engines={"hf": {"status": "ok"}}, rows=[dict(zip(
+                    ["engine", "step", "phase", "metric", "value", "unit"], r)) for r in rows])
+    assert summarize(data).iloc[0].peak_mem_mb == expected
 
 
 def test_flops_hand_count():
