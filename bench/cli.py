@@ -12,15 +12,18 @@ EXIT_BAD_INPUT = 2
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--config", help="TOML file with the same keys as these options (flags override it)")
+    a("--config", help="TOML file whose keys are these options with _ for - (compile = false "
+      "for --no-compile); flags override it")
     a("--engines", help="comma-separated engine names, or 'available' (default hf)")
     a("--preset", help="model preset or local model path (default tiny-opt)")
-    a("--batch", type=int)
-    a("--prompt-len", type=int)
-    a("--gen-len", type=int)
-    a("--steps", type=int, help="measured steps")
-    a("--warmup", type=int, help="steps run first and left out of the medians")
-    a("--seed", type=int)
+    from .config import BenchOptions as D  # the defaults, read where they are defined
+    a("--batch", type=int, help=f"prompts per generation batch (default {D.batch})")
+    a("--prompt-len", type=int, help=f"prompt tokens (default {D.prompt_len})")
+    a("--gen-len", type=int, help=f"answer tokens (default {D.gen_len})")
+    a("--steps", type=int, help=f"measured steps (default {D.steps})")
+    a("--warmup", type=int,
+      help=f"steps run first and left out of the medians (default {D.warmup})")
+    a("--seed", type=int, help=f"(default {D.seed})")
     a("--greedy", action="store_true", default=None, help="greedy decoding (default: sampled)")
     a("--stop-at-eos", action="store_true", default=None,
       help="let answers end at EOS (default: fixed-length answers, equal work per engine)")
@@ -29,15 +32,17 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--lora-mode", help="hybrid with --lora-dim: fused (fold adapters into the weights for "
       "generate), unfused, or auto (default: fold for answers of 48+ tokens)")
     a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
-    a("--offload", action="store_true", default=None)
-    a("--grad-ckpt", action="store_true", default=None)
+    a("--offload", action="store_true", default=None,
+      help="ZeRO-Offload: optimizer states and step on the CPU (needs --zero-stage 1..3)")
+    a("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing in training")
     a("--inference-tp", type=int, help="ds-inference: tensor-parallel ranks (multi-rank runs)")
     a("--dtype", help="float32 (default), bfloat16 or float16")
     a("--device", help="cpu (default) or cuda")
     a("--threads", type=int, help="torch threads per engine process (default: torch's)")
     a("--phases", help="comma-separated subset of sync,generate,score,train to measure")
-    a("--ppo-epochs", type=int)
-    a("--generation-batches", type=int)
+    a("--ppo-epochs", type=int, help=f"passes over each step's experience (default {D.ppo_epochs})")
+    a("--generation-batches", type=int,
+      help=f"prompt batches generated per step (default {D.generation_batches})")
     a("--prompts-file", help="JSONL of {\"prompt\": text} rows (needs --tokenizer)")
     a("--tokenizer", help="local tokenizer path for --prompts-file")
     a("--parity-tol", type=float, help="max |logprob diff| vs hf (default by dtype)")
