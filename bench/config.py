@@ -130,6 +130,9 @@ def validate(o: BenchOptions) -> BenchOptions:
     if o.offload and o.zero_stage < 1:
         raise ConfigError(f"--offload is ZeRO-Offload: it needs --zero-stage 1, 2 or 3, got "
                           f"{'none' if o.zero_stage < 0 else o.zero_stage}")
+    if o.grad_ckpt and o.zero_stage < 0:
+        raise ConfigError("--grad-ckpt is done by the DeepSpeed training backend: add "
+                          "--zero-stage 0..3")
     if o.lora_dim < 0:
         raise ConfigError(f"--lora-dim must be 0 (off) or positive, got {o.lora_dim}")
     if o.lora_mode not in LORA_MODES:

@@ -63,6 +63,7 @@ CASES = {
     "lora too big": (["--lora-dim", "65"], "--lora-dim 65 is larger than the layer width 64"),
     "zero stage": (["--zero-stage", "4"], "--zero-stage must be 0, 1, 2 or 3"),
     "offload without zero": (["--offload"], "--offload is ZeRO-Offload: it needs --zero-stage 1"),
+    "grad-ckpt without zero": (["--grad-ckpt"], "--grad-ckpt is done by the DeepSpeed"),
     "bad lora mode": (["--lora-mode", "folded"], "--lora-mode must be auto, fused or unfused"),
     "missing path": (["--preset", "./no/such/model"], "model path './no/such/model' does not "
                                                       "exist"),
