@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would print a warning to stdout
 
 EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get the one-line error every other bad input gets (no usage block);
+    `--help` still shows the usage."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -83,11 +92,15 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
     from .report import format_table, plot_phases, plot_sweep, summarize
-    from .results import atomic_write_csv, load_results, recover
+    from .results import ResultsError, atomic_write_csv, load_results, recover
     d = Path(args.dir)
     if (d / "sweep.csv").exists() and not (d / "results.json").exists():
         import pandas as pd
         df = pd.read_csv(d / "sweep.csv")
+        need = {"engine", "preset", "batch", "gen_len", "status", "gen_tokens_per_s"}
+        if need - set(df.columns):
+            raise ResultsError(f"{d / 'sweep.csv'}: not a sweep table (no "
+                               f"{', '.join(sorted(need - set(df.columns)))})")
         plot_sweep(df, d / "sweep.png")
         print(df.to_string(index=False))
         print(f"\nplot: {d / 'sweep.png'}")
@@ -95,13 +108,25 @@ def cmd_report(args) -> int:
     data = load_results(d)
     if d.is_dir():
         data = recover(data, d)
-    df = summarize(data)
+    with _malformed(d):
+        df = summarize(data)
     print(format_table(df))
     if d.is_dir():
         atomic_write_csv(d / "summary.csv", df)
         plot_phases(df, d / "phases.png")
         print(f"\nplot: {d / 'phases.png'}")
     return 0
+
+
+@contextlib.contextmanager
+def _malformed(where):
+    """A results file that passed load_results' checks but still breaks the summary: one line
+    naming it, not a traceback."""
+    from .results import ResultsError
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError) as e:
+        raise ResultsError(f"{where}: malformed results ({type(e).__name__}: {e})")
 
 
 def cmd_compare(args) -> int:
@@ -114,7 +139,8 @@ def cmd_compare(args) -> int:
     if without and not args.absolute:
         print(f"note: no hf in {', '.join(map(str, without))}: comparing raw seconds, as "
               f"--absolute does (meaningful on the same machine only)", file=sys.stderr)
-    table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
+    with _malformed(f"{args.base} or {args.new}"):
+        table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.float_format",
                            lambda v: f"{v:.4g}"):
@@ -134,7 +160,7 @@ def cmd_project(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf-bench", description=__doc__)
+    p = _Parser(prog="rlhf-bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="compare engines on identical PPO steps")
     _run_args(r)

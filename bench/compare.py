@@ -65,6 +65,9 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
 def parse_percent(text: str) -> float:
     t = str(text).strip()
     try:
-        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise ValueError(f"not a percentage: {text!r} (write e.g. 10% or 0.1)")
+        v = float("nan")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"not a percentage: {text!r} (write e.g. 10% or 0.1; at least 0)")
+    return v

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass
 
@@ -78,8 +80,11 @@ def from_dict(d: dict) -> BenchOptions:
     for k in ("engines", "phases"):
         if isinstance(d.get(k), str):
             d[k] = tuple(x.strip() for x in d[k].split(",") if x.strip())
-        elif isinstance(d.get(k), list):
+        elif isinstance(d.get(k), list) and all(isinstance(x, str) for x in d[k]):
             d[k] = tuple(d[k])
+        elif k in d and not isinstance(d[k], tuple):
+            raise ConfigError(f"config key {k!r} should be a comma-separated string or a list "
+                              f"of names, got {d[k]!r}")
     types = {f.name: f.type for f in dataclasses.fields(BenchOptions)}
     for k, v in d.items():
         want = {"int": int, "float": float, "bool": bool, "str": str}.get(types[k])
@@ -113,9 +118,17 @@ def validate(o: BenchOptions) -> BenchOptions:
                 raise ConfigError(str(err))
     if not o.engines:
         raise ConfigError("no engines given; valid engines: " + ", ".join(engines.REGISTRY))
-    for k in ("batch", "prompt_len", "gen_len", "steps"):
+    for k in ("batch", "prompt_len", "gen_len", "steps", "ppo_epochs", "generation_batches"):
         if getattr(o, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(o, k)}")
+    for k in ("engine_timeout", "time_budget", "parity_tol"):
+        if not math.isfinite(getattr(o, k)):
+            raise ConfigError(f"--{k.replace('_', '-')} must be a finite number, got "
+                              f"{getattr(o, k)}")
+    if o.parity_tol < 0:
+        raise ConfigError(f"--parity-tol must be 0 (by dtype) or positive, got {o.parity_tol}")
+    if not 0 <= o.threads <= 1024:
+        raise ConfigError(f"--threads must be 0 (torch's default) to 1024, got {o.threads}")
     if o.engine_timeout < 0:
         raise ConfigError(f"--engine-timeout must be 0 (none) or positive, got {o.engine_timeout}")
     if o.time_budget < 0:
@@ -147,6 +160,8 @@ def validate(o: BenchOptions) -> BenchOptions:
                           f"{', '.join(o.phases) or 'nothing'}")
     if o.prompts_file and not o.tokenizer:
         raise ConfigError("--prompts-file needs --tokenizer (a local tokenizer path)")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", o.device):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {o.device!r}")
     if o.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

@@ -60,6 +60,11 @@ def check_model(o: BenchOptions) -> None:
     if o.prompts_file:
         if not os.path.exists(o.prompts_file):
             raise ConfigError(f"--prompts-file {o.prompts_file!r} does not exist")
+        from core.data import prompt_texts
+        try:
+            prompt_texts(o.prompts_file)
+        except ValueError as e:
+            raise ConfigError(f"--prompts-file: {e}")
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(o.tokenizer, local_files_only=True)

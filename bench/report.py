@@ -40,7 +40,7 @@ def summarize(data: dict) -> pd.DataFrame:
         B = o["batch"] * o["generation_batches"]
         d["gen_tokens_per_s"] = B * o["gen_len"] / d["gen_s"]
         d["samples_per_s"] = B / d["step_s"]
-        peak = limits.get("matmul_flops", float("nan"))
+        peak = limits.get("matmul_flops", 0) or float("nan")  # 0 or absent: not measured
         for phase, col in (("generate", "gen"), ("score", "score"), ("train", "train")):
             achieved = setup.get((phase, "flops"), float("nan")) / d[PHASE_COL[phase]]
             d[f"{col}_gflops"] = achieved / 1e9
@@ -84,6 +84,8 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
         dbytes = int(setup[("setup", "dtype_bytes")])
     except KeyError:
         return float("nan")
+    if not (limits.get("matmul_flops", 0) > 0 and limits.get("mem_bw", 0) > 0):
+        return float("nan")  # not measured
     B = o["batch"] * o["generation_batches"]
     return decode_roofline_s(s, B, o["prompt_len"], o["gen_len"], dbytes,
                              limits["matmul_flops"], limits["mem_bw"])

@@ -86,16 +86,42 @@ def load_results(path) -> dict:
         raise ResultsError(f"{p}: not valid JSON ({e.__class__.__name__}: truncated or corrupt)")
     if not isinstance(data, dict) or "version" not in data:
         raise ResultsError(f"{p}: not an rlhf-bench results file (no version)")
-    if data["version"] != VERSION:
+    if not _is(data["version"], int) or data["version"] != VERSION:
         raise ResultsError(f"{p}: results version {data['version']!r}, this rlhf-bench reads "
                            f"version {VERSION}")
     rows = data.get("rows")
-    if not isinstance(rows, list) or any(not isinstance(r, dict) or set(ROW_KEYS) - set(r)
-                                         for r in rows):
-        raise ResultsError(f"{p}: malformed rows (each needs {', '.join(ROW_KEYS)})")
-    if not isinstance(data.get("engines"), dict):
-        raise ResultsError(f"{p}: malformed engines section")
+    if not isinstance(rows, list) or not all(_good_row(r) for r in rows):
+        raise ResultsError(f"{p}: malformed rows (each needs {', '.join(ROW_KEYS)}: "
+                           f"engine, phase, metric and unit strings, an integer step, a number)")
+    engines = data.get("engines")
+    if not isinstance(engines, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("status", ""), str)
+            for e in engines.values()):
+        raise ResultsError(f"{p}: malformed engines section (each engine needs a status string)")
+    o = data.get("options")
+    if not isinstance(o, dict) or not isinstance(o.get("engines_run"), list) or not all(
+            isinstance(e, str) for e in o["engines_run"]):
+        raise ResultsError(f"{p}: malformed options (engines_run must be a list of names)")
+    bad = [k for k in ("batch", "generation_batches", "prompt_len", "gen_len", "warmup")
+           if not _is(o.get(k), int) or o[k] < 0]
+    if bad:
+        raise ResultsError(f"{p}: malformed options ({', '.join(bad)} must be whole numbers)")
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict) or not all(_is(v, (int, float)) for k, v in limits.items()
+                                               if k in ("matmul_flops", "mem_bw")):
+        raise ResultsError(f"{p}: malformed limits section")
     return data
+
+
+def _is(v, kind) -> bool:
+    """isinstance without bool passing for a number (JSON true is no step or value)."""
+    return isinstance(v, kind) and not isinstance(v, bool)
+
+
+def _good_row(r) -> bool:
+    return (isinstance(r, dict) and not set(ROW_KEYS) - set(r) and _is(r["step"], int)
+            and _is(r["value"], (int, float)) and all(isinstance(r[k], str) for k in
+                                                      ("engine", "phase", "metric", "unit")))
 
 
 def recover(data: dict, run_dir) -> dict:
@@ -107,7 +133,9 @@ def recover(data: dict, run_dir) -> dict:
             continue
         lines = read_jsonl(run_dir / "engines" / f"{name}.jsonl")
         rows = [r for r in lines if "event" not in r]
-        ends = [e["status"] for e in lines if e.get("event") == "status"]
+        ends = [e["status"] for e in lines if e.get("event") == "status"
+                and isinstance(e.get("status"), str)]
+        rows = [r for r in rows if _good_row(r)]
         data["rows"] = [r for r in data["rows"] if r["engine"] != name] + rows
         info["status"] = ends[-1] if ends else "failed: harness stopped while it ran"
     return data

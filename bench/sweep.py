@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import ConfigError
-from .harness import fair_share, run
+from .harness import check_model, fair_share, run
 from .report import plot_sweep, summarize
 from .results import atomic_write_csv, load_results
 
@@ -17,6 +17,8 @@ def _ints(text: str, default: int) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()] if text else [default]
     except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}")
+    if not vals:
         raise ConfigError(f"expected comma-separated integers, got {text!r}")
     if any(v < 1 for v in vals):
         raise ConfigError(f"sweep values must be at least 1, got {text!r}")
@@ -30,8 +32,13 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     if (out / "sweep.csv").exists() and not (o.overwrite or o.resume):
         raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite to replace it, "
                           f"--resume to finish it, or choose another --out")
-    grid = [(p, b, g) for p in ([x for x in presets.split(",") if x] or [o.preset])
+    names = [x.strip() for x in presets.split(",") if x.strip()] if presets else [o.preset]
+    if not names:
+        raise ConfigError(f"--presets: expected comma-separated presets, got {presets!r}")
+    grid = [(p, b, g) for p in names
             for b in _ints(batches, o.batch) for g in _ints(gen_lens, o.gen_len)]
+    for p, b, g in grid:  # every point's model checks before any point runs
+        check_model(dataclasses.replace(o, preset=p, batch=b, gen_len=g))
     started = [out / f"{p}_b{b}_g{g}" for p, b, g in grid
                if (out / f"{p}_b{b}_g{g}" / "results.json").exists()]
     if o.resume and not started:

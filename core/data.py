@@ -23,16 +23,38 @@ def synthetic_prompts(batch: int, prompt_len: int, vocab_size: int, pad_id: int,
     return Prompts(torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask)
 
 
+def prompt_texts(path: str, key: str = "prompt") -> list[str]:
+    """The texts of a JSONL prompts file; ValueError naming the first bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text")
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory")
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}, line {n}: not valid JSON")
+        if not isinstance(row, dict) or not isinstance(row.get(key), str):
+            raise ValueError(f"{path}, line {n}: expected an object with a {key!r} string")
+        texts.append(row[key])
+    if not texts:
+        raise ValueError(f"{path}: no prompts")
+    return texts
+
+
 def jsonl_prompts(path: str, tokenizer_path: str, batch: int, prompt_len: int, *, seed: int,
                   key: str = "prompt") -> Prompts:
     """`batch` prompts drawn (seeded) from a JSONL file of {"prompt": text} rows, tokenised with
     a local tokenizer, cut to their last `prompt_len` tokens and left-padded."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-    with open(path, encoding="utf-8") as f:
-        texts = [json.loads(line)[key] for line in f if line.strip()]
-    if not texts:
-        raise ValueError(f"{path}: no prompts")
+    texts = prompt_texts(path, key)
     order = torch.randperm(len(texts), generator=generator(fold_in(seed, 12)))
     pick = [texts[int(order[i % len(texts)])] for i in range(batch)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -19,7 +19,9 @@ def saved_run(tmp_path):
     """A run directory holding results, as a previous run left it."""
     out = tmp_path / "saved"
     (out / "engines").mkdir(parents=True)
-    (out / "results.json").write_text(json.dumps(dict(version=1, options={}, engines={},
+    options = dict(engines_run=["hf"], preset="tiny-opt", batch=2, generation_batches=1,
+                   prompt_len=8, gen_len=4, warmup=0)
+    (out / "results.json").write_text(json.dumps(dict(version=1, options=options, engines={},
                                                       rows=[])))
     (out / "summary.csv").write_text("engine,status\nhf,ok\n")
     (out / "engines" / "hf.jsonl").write_text("{}\n")
@@ -70,6 +72,15 @@ CASES = {
     "bad dtype": (["--dtype", "float8"], "--dtype must be float32, bfloat16 or float16"),
     "no cuda": (["--device", "cuda"], "no CUDA device on this machine"),
     "bad phases": (["--phases", "generate,fly"], "--phases takes a subset of"),
+    "negative threads": (["--threads", "-1"], "--threads must be 0 (torch's default) to 1024"),
+    "unknown device": (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+    "zero generation batches": (["--generation-batches", "0"],
+                                "--generation-batches must be at least 1"),
+    "zero ppo epochs": (["--ppo-epochs", "0"], "--ppo-epochs must be at least 1"),
+    "negative parity tol": (["--parity-tol", "-1"], "--parity-tol must be 0 (by dtype) or"),
+    "nan budget": (["--time-budget", "nan"], "--time-budget must be a finite number"),
+    "not a number": (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
+    "bad choice": (["--reward", "vibes"], "argument --reward: invalid choice"),
 }
 
 
@@ -97,6 +108,34 @@ def test_path_without_a_model(tmp_path, saved_run, capsys):
     assert _digest(saved_run) == before
 
 
+@pytest.mark.parametrize("content, fragment", [
+    ("", "no prompts"),
+    ('{"prompt": "w1"}\n{"prompt": \n', "line 2: not valid JSON"),
+    ('{"text": "w1"}\n', "line 1: expected an object with a 'prompt' string"),
+    ('{"prompt": 5}\n', "line 1: expected an object with a 'prompt' string"),
+    (b"\xff\xfe", "not UTF-8 text"),
+])
+def test_bad_prompts_file_is_refused_before_anything_runs(content, fragment, tmp_path,
+                                                           saved_run, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = _digest(saved_run)
+    line = _expect_bad(["run", *TINY, "--prompts-file", prompts, "--tokenizer", tmp_path,
+                        "--out", saved_run, "--overwrite"], f"--prompts-file: {prompts}", capsys)
+    assert fragment in line
+    assert _digest(saved_run) == before
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--batches", ","], "expected comma-separated integers, got ','"),
+    (["--presets", "tiny-opt,nope"], "unknown preset 'nope'"),
+    (["--gen-lens", "4,260"], "is longer than the model's 256 positions"),
+])
+def test_sweep_checks_every_point_before_running_any(extra, fragment, tmp_path, capsys):
+    _expect_bad(["sweep", *TINY, *extra, "--out", tmp_path / "s"], fragment, capsys)
+    assert not (tmp_path / "s").exists()
+
+
 def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -118,6 +157,8 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
     ("engines = [hf\n", "is not valid TOML"),
     ('engines = "hf"\nbatchsize = 3\n', "unknown config key(s): batchsize"),
     ('batch = "four"\n', "config key 'batch' should be int"),
+    ("engines = 3\n", "config key 'engines' should be a comma-separated string or a list"),
+    ("phases = [1]\n", "config key 'phases' should be a comma-separated string or a list"),
 ])
 def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
     cfg = tmp_path / "run.toml"
@@ -128,6 +169,14 @@ def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
     assert _digest(saved_run) == before
 
 
+def _results(**kw) -> str:
+    """A results file, valid unless a keyword replaces one of its sections."""
+    good = dict(version=1, engines={"hf": {"status": "ok"}}, rows=[], limits={},
+                options=dict(engines_run=["hf"], batch=2, generation_batches=1, prompt_len=8,
+                             gen_len=8, warmup=0))
+    return json.dumps(dict(good, **kw))
+
+
 @pytest.mark.parametrize("content,fragment", [
     (None, "no results file"),
     ('{"version": 1, "rows": [', "not valid JSON"),
@@ -135,6 +184,17 @@ def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
                                                    "version 1"),
     ('{"rows": []}', "not an rlhf-bench results file"),
     ('{"version": 1, "rows": [{"engine": "hf"}], "engines": {}}', "malformed rows"),
+    ('{"version": true, "rows": [], "engines": {}}', "results version True"),
+    (_results(rows=[dict(engine="hf", step="a", phase="generate", metric="seconds", value=1,
+                         unit="s")]), "malformed rows"),
+    (_results(rows=[dict(engine="hf", step=0, phase="generate", metric="seconds", value="x",
+                         unit="s")]), "malformed rows"),
+    (_results(engines={"hf": "ok"}), "malformed engines section"),
+    (_results(engines={"hf": {"status": 5}}), "malformed engines section"),
+    (_results(options=["hf"]), "malformed options"),
+    (_results(options=dict(engines_run=5)), "malformed options"),
+    (_results(options=dict(engines_run=["hf"], batch="x")), "batch, generation_batches"),
+    (_results(limits="x"), "malformed limits section"),
 ])
 @pytest.mark.parametrize("cmd", ["compare", "report"])
 def test_bad_results_file(cmd, content, fragment, tmp_path, saved_run, capsys):
@@ -157,14 +217,16 @@ def test_more_ranks_than_the_batch_divides(monkeypatch, saved_run, capsys):
     assert _digest(saved_run) == before
 
 
-def test_bad_compare_threshold(saved_run, capsys):
-    _expect_bad(["compare", saved_run, saved_run, "--max-slowdown", "ten"],
-                "not a percentage: 'ten'", capsys)
+@pytest.mark.parametrize("value", ["ten", "nan", "inf", "-5%"])
+def test_bad_compare_threshold(value, saved_run, capsys):
+    # nan would turn the gate off, a negative limit would fail every run
+    _expect_bad(["compare", saved_run, saved_run, f"--max-slowdown={value}"],
+                f"not a percentage: '{value}'", capsys)
 
 
 def test_resume_with_other_options_is_refused(saved_run, capsys):
     data = json.loads((saved_run / "results.json").read_text())
-    data["options"] = dict(preset="tiny-opt", batch=2)
+    data["options"].update(preset="tiny-opt", batch=2)
     (saved_run / "results.json").write_text(json.dumps(data))
     before = _digest(saved_run)
     _expect_bad(["run", *TINY, "--batch", "4", "--out", saved_run, "--resume"],
