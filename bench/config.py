@@ -103,6 +103,8 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path!r} is not valid TOML: {e}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not valid TOML: not UTF-8 text")
     except IsADirectoryError:
         raise ConfigError(f"config file {path!r} is a directory")
 

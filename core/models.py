@@ -66,6 +66,8 @@ def build_config(name: str):
         for k, v in _NO_DROPOUT.get(cfg.model_type, {}).items():
             setattr(cfg, k, v)
         return cfg
+    if os.path.isfile(name):
+        raise ModelError(f"model path {name!r} is a file; give the folder that holds the model")
     if os.path.sep in name or name.startswith("."):
         raise ModelError(f"model path {name!r} does not exist")
     raise ModelError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)} or a local model path")

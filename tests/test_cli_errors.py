@@ -69,6 +69,7 @@ CASES = {
     "bad lora mode": (["--lora-mode", "folded"], "--lora-mode must be auto, fused or unfused"),
     "missing path": (["--preset", "./no/such/model"], "model path './no/such/model' does not "
                                                       "exist"),
+    "path of a file": (["--preset", __file__], f"model path {__file__!r} is a file"),
     "bad dtype": (["--dtype", "float8"], "--dtype must be float32, bfloat16 or float16"),
     "no cuda": (["--device", "cuda"], "no CUDA device on this machine"),
     "bad phases": (["--phases", "generate,fly"], "--phases takes a subset of"),
@@ -159,11 +160,12 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
     ('batch = "four"\n', "config key 'batch' should be int"),
     ("engines = 3\n", "config key 'engines' should be a comma-separated string or a list"),
     ("phases = [1]\n", "config key 'phases' should be a comma-separated string or a list"),
+    (b"\xff\xfe", "is not valid TOML: not UTF-8 text"),
 ])
 def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
     cfg = tmp_path / "run.toml"
     if content is not None:
-        cfg.write_text(content)
+        cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = _digest(saved_run)
     _expect_bad(["run", "--config", cfg, "--out", saved_run, "--overwrite"], fragment, capsys)
     assert _digest(saved_run) == before
