@@ -43,7 +43,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
     a("--offload", action="store_true", default=None,
       help="ZeRO-Offload: optimizer states and step on the CPU (needs --zero-stage 1..3)")
-    a("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing in training (needs --zero-stage 0..3)")
+    a("--grad-ckpt", action="store_true", default=None,
+      help="gradient checkpointing in training (needs --zero-stage 0..3)")
     a("--inference-tp", type=int, help="ds-inference: tensor-parallel ranks (multi-rank runs)")
     a("--dtype", help="float32 (default), bfloat16 or float16")
     a("--device", help="cpu (default) or cuda")

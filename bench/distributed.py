@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .config import BenchOptions, ConfigError
 
-_MAX = ("seconds", "peak_rss_mb", "peak_mem_mb", "peak_reserved_mb")  # the slowest / largest rank counts
+# the slowest / largest rank counts
+_MAX = ("seconds", "peak_rss_mb", "peak_mem_mb", "peak_reserved_mb")
 
 
 def rank() -> int:

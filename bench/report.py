@@ -12,8 +12,8 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "weight_copies",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
-                   "parity_token_agreement", "parity_divergence_margin", "compile_s", "reward", "kl", "actor_loss",
-                   "critic_loss", "note"]
+                   "parity_token_agreement", "parity_divergence_margin", "compile_s", "reward",
+                   "kl", "actor_loss", "critic_loss", "note"]
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
              "step": "step_s"}
 

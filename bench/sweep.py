@@ -35,10 +35,10 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     names = [x.strip() for x in presets.split(",") if x.strip()] if presets else [o.preset]
     if not names:
         raise ConfigError(f"--presets: expected comma-separated presets, got {presets!r}")
-    grid = [(p, b, g) for p in names
-            for b in _ints(batches, o.batch) for g in _ints(gen_lens, o.gen_len)]
-    for p, b, g in grid:  # every point's model checks before any point runs
-        check_model(dataclasses.replace(o, preset=p, batch=b, gen_len=g))
+    sizes, lens = _ints(batches, o.batch), _ints(gen_lens, o.gen_len)
+    grid = [(p, b, g) for p in names for b in sizes for g in lens]
+    for p in names:  # before any point runs; the model checks depend on preset and length only
+        check_model(dataclasses.replace(o, preset=p, gen_len=max(lens)))
     started = [out / f"{p}_b{b}_g{g}" for p, b, g in grid
                if (out / f"{p}_b{b}_g{g}" / "results.json").exists()]
     if o.resume and not started:
