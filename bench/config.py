@@ -162,6 +162,9 @@ def validate(o: BenchOptions) -> BenchOptions:
                           f"{', '.join(o.phases) or 'nothing'}")
     if o.prompts_file and not o.tokenizer:
         raise ConfigError("--prompts-file needs --tokenizer (a local tokenizer path)")
+    if o.tokenizer and not o.prompts_file:
+        raise ConfigError("--tokenizer is read only with --prompts-file (synthetic prompts "
+                          "need no tokenizer); add --prompts-file or drop --tokenizer")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", o.device):
         raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {o.device!r}")
     if o.device.startswith("cuda"):

@@ -82,6 +82,7 @@ CASES = {
     "nan budget": (["--time-budget", "nan"], "--time-budget must be a finite number"),
     "not a number": (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
     "bad choice": (["--reward", "vibes"], "argument --reward: invalid choice"),
+    "tokenizer alone": (["--tokenizer", "/tmp"], "--tokenizer is read only with --prompts-file"),
 }
 
 

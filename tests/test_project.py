@@ -254,6 +254,7 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
     (dict(tokens="0"), "tokens"),
     (dict(prompt_len="2000"), "positions"),
     (dict(gpus="two"), "integers"),
+    (dict(model="opt-1.3b", lora_dim="2049"), "larger than opt-1.3b's layer width 2048"),
 ])
 def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
     with pytest.raises(ValueError, match=match) as err:
