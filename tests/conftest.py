@@ -1,6 +1,8 @@
 """Shared fixtures: tiny model bundles, a small run config, prompts that fit them."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -11,6 +13,15 @@ from core.types import GenerationConfig, PPOConfig, RunConfig
 # Tiny models on a shared 2-core machine: one intra-op thread is ~30x faster than two
 # (OpenMP threads spin against the other workers' processes), and results stay deterministic.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: models and tokenizers load locally."""
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def make_bundle(preset: str = "tiny-opt", seed: int = 0, **kw):
