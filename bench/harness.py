@@ -277,10 +277,10 @@ def run(o: BenchOptions) -> int:
         r.data["engines"] = {n: e for n, e in previous["engines"].items() if n in finished}
         r.data["rows"] = [x for x in previous["rows"] if x["engine"] in finished]
         r.finished = finished
-    r.data["env"] = dict(environment(), **distributed.launch_info())
     import torch
-    if o.threads:
+    if o.threads:  # before environment(), which records the thread count
         torch.set_num_threads(o.threads)
+    r.data["env"] = dict(environment(), **distributed.launch_info())
     from core.types import torch_dtype
     r.data["limits"] = L.measure(o.device, dtype=torch_dtype(o.dtype),
                                  quick=o.preset.startswith("tiny"))

@@ -135,8 +135,8 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
                                 ref["answer_mask"].to(o.device), o.prompt_len)
 
-    def gap(logprobs):  # max |difference| from hf's log-probs over the valid answer tokens
-        return float(((logprobs.float().cpu() - ref["logprobs"]).abs() * ref["answer_mask"]).max())
+    def gap(logprobs):
+        return max_gap(logprobs, ref["logprobs"], ref["answer_mask"])
 
     on_ref = engine.score(state, ref_rollout).logprobs
     same = rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]
@@ -148,6 +148,18 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
         rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
                  "nat", step=-1)
+
+
+def _worst(x: torch.Tensor) -> float:
+    """The largest value, a NaN counting as the worst (+inf): a broken forward must not pass
+    for one that was not measured."""
+    return float(torch.nan_to_num(x.float(), nan=float("inf")).max())
+
+
+def max_gap(logprobs, ref_logprobs, answer_mask) -> float:
+    """max |difference| from the reference's log-probs over the valid answer tokens."""
+    diff = (logprobs.float().cpu() - ref_logprobs.float().cpu()).abs()
+    return _worst(torch.where(answer_mask.cpu().bool(), diff, 0.0))
 
 
 def divergence_margin(same, on_ref, on_own) -> float:
@@ -162,7 +174,7 @@ def divergence_margin(same, on_ref, on_own) -> float:
         return 0.0
     first = (~same).int().argmax(1, keepdim=True)
     margin = on_ref.gather(1, first) - on_own.gather(1, first)
-    return float(margin.abs()[diverged.unsqueeze(1)].max())
+    return _worst(margin.abs()[diverged.unsqueeze(1)])
 
 
 def _note(rec: Recorder, engine) -> None:

@@ -69,8 +69,9 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert data["version"] == 1 and set(data["engines"]) == {"hf", "hybrid"}
     for key in ("matmul_flops", "mem_bw", "threads"):
         assert data["limits"][key] > 0
-    for key in ("cpu", "torch", "transformers", "git_commit", "threads"):
+    for key in ("cpu", "torch", "transformers", "git_commit"):
         assert key in data["env"]
+    assert data["env"]["threads"] == data["limits"]["threads"] == 1  # --threads 1, as run
     rows = pd.read_csv(out / "rows.csv")
     assert list(rows.columns) == ["engine", "step", "phase", "metric", "value", "unit"]
     steps = rows[(rows.metric == "seconds") & (rows.phase == "step")]
@@ -282,6 +283,23 @@ def test_parity_gate_fails_wrong_tokens_not_near_ties():
     nan = float("nan")  # not measured (an engine without a path of its own, an old run)
     assert parity_failure(pd.Series(dict(row, gen_parity_max_abs_diff=nan,
                                          parity_divergence_margin=nan)), 5e-2) == ""
+
+
+def test_a_nan_log_prob_fails_parity_instead_of_passing_as_unmeasured():
+    from bench.harness import parity_failure
+    from bench.worker import divergence_margin, max_gap
+    ref = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    padded = torch.tensor([[0.0, 0.01, 0.0], [0.0, 0.0, float("nan")]])  # NaN at padding
+    assert max_gap(padded, ref, mask) == pytest.approx(0.01)
+    broken = padded.clone()
+    broken[0, 1] = float("nan")
+    assert max_gap(broken, ref, mask) == float("inf")
+    same = torch.tensor([[True, False, False], [True, True, True]])
+    assert divergence_margin(same, ref, broken) == float("inf")
+    row = dict(parity_max_abs_diff=max_gap(broken, ref, mask), gen_parity_max_abs_diff=0.0,
+               parity_token_agreement=1.0, parity_divergence_margin=0.0)
+    assert parity_failure(pd.Series(row), 1e-3).startswith("failed: parity with hf")
 
 
 def test_summary_takes_gpu_memory_rows():
