@@ -302,6 +302,23 @@ def test_a_nan_log_prob_fails_parity_instead_of_passing_as_unmeasured():
     assert parity_failure(pd.Series(row), 1e-3).startswith("failed: parity with hf")
 
 
+def test_memory_baseline_comes_after_the_lazy_imports():
+    """peak_mem_mb counts from a baseline taken after _import_libraries: building the bundle
+    must then load (almost) no new modules, or library code would count as the run's memory."""
+    code = ("import sys, torch\n"
+            "from bench.config import BenchOptions\n"
+            "from bench.worker import _import_libraries\n"
+            "from core.models import build_bundle\n"
+            "_import_libraries(BenchOptions(preset='tiny-opt'), 'hybrid')\n"
+            "before = set(sys.modules)\n"
+            "build_bundle('tiny-opt', seed=0)\n"
+            "print(len(set(sys.modules) - before))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split()[-1]) < 20  # without the warm-up: over 1000
+
+
 def test_summary_takes_gpu_memory_rows():
     """What a CUDA worker records per phase (this machine has no GPU to make real ones)."""
     from bench.report import summarize
