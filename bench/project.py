@@ -13,14 +13,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .project_presets import (CALIBRATION, CRITIC_MODEL, DEFAULT_EFFICIENCY, ENGINES, GPUS,
                               HELD_OUT, MAX_GLOBAL_BATCH, MODELS, SWEEP_GPUS, SWEEP_MODELS,
                               Efficiency, Gpu, Shape)
+from .results import atomic_write
 
 BF16 = 2              # bytes per bf16 value (weights, grads, activations, KV cache, logits)
 ADAM_BYTES = 12       # bytes per trainable param of fp32 master copy + Adam m + v
@@ -569,20 +568,6 @@ def configs_from_args(args) -> list[Config]:
     return out
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot(df, path: str) -> None:
     """Left: projected hours vs GPUs per model and engine. Right: each phase's share of the step
     at the largest GPU count in the table. Rows that do not fit are left out."""
@@ -606,7 +591,7 @@ def plot(df, path: str) -> None:
         share.plot.barh(stacked=True, ax=right)
         right.set(xlabel="share of step time", title=f"phases at {ok['gpus'].max()} GPUs")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -646,7 +631,7 @@ def run(args) -> int:
     print(f"efficiencies: {'; '.join(df['eff_source'].unique())}; tokens {args.tokens:.4g} = "
           f"{prompts:,.0f} prompts x ({args.prompt_len} + {args.gen_len})")
     if args.out:
-        _atomic_write(args.out, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(args.out, lambda tmp: df.to_csv(tmp, index=False))
     if args.plot:
         plot(df, args.plot)
     return 0

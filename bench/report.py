@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .results import atomic_write
+
 SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
                    "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
@@ -121,7 +123,7 @@ def plot_phases(df: pd.DataFrame, path: Path) -> None:
     ax.set_title("Time per phase")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -138,5 +140,5 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     ax.set_title("Generation throughput vs batch")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

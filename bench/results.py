@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 ROW_KEYS = ("engine", "step", "phase", "metric", "value", "unit")
 
 
@@ -24,20 +26,26 @@ def row(engine: str, step: int, phase: str, metric: str, value: float, unit: str
                 unit=unit)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
+def atomic_write(path: Path | str, write) -> None:
+    """Call write(tmp) on a temporary file in the target's folder, then rename it into place:
+    readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's is 0600: give what a plain open() gives
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path, obj) -> None:

@@ -28,7 +28,7 @@ from core.types import GenerationConfig, torch_dtype
 from . import distributed
 from . import flops as F
 from .config import from_dict
-from .results import append_jsonl, row
+from .results import append_jsonl, atomic_write, row
 
 EXIT_UNAVAILABLE = 3
 EXIT_ORPHANED = 4
@@ -123,10 +123,11 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     rollout = engine.generate(state, prompts, gen, seed=fold_in(o.seed, 999))
     if reference:
         exp = engine.score(state, rollout)
-        save_file({"seq": rollout.seq.cpu().contiguous(),
+        tensors = {"seq": rollout.seq.cpu().contiguous(),
                    "attention_mask": rollout.attention_mask.cpu().contiguous(),
                    "answer_mask": rollout.answer_mask.cpu().contiguous(),
-                   "logprobs": exp.logprobs.float().cpu().contiguous()}, ref_path)
+                   "logprobs": exp.logprobs.float().cpu().contiguous()}
+        atomic_write(ref_path, lambda tmp: save_file(tensors, tmp))
         rec.emit("parity", "max_abs_diff", 0.0, "nat", step=-1)
         rec.emit("parity", "token_agreement", 1.0, "", step=-1)
         rec.emit("parity", "divergence_margin", 0.0, "nat", step=-1)

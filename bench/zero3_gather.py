@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -44,6 +43,7 @@ def main(argv=None) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.zero import GatheredParameters
 
+    from bench.results import atomic_write_csv, atomic_write_json
     from core.data import synthetic_prompts
     from core.models import build_bundle
     from core.types import GenerationConfig, RunConfig
@@ -124,11 +124,10 @@ def main(argv=None) -> None:
                 gen_len=args.gen_len, repeats=args.repeats, threads=torch.get_num_threads(),
                 identical_tokens=bool(ok))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zero3_gather.json").write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
+    atomic_write_json(out / "zero3_gather.json", dict(meta, rows=rows))
     import pandas as pd
     df = pd.DataFrame(rows)
-    df.to_csv(out / "zero3_gather.csv", index=False)
+    atomic_write_csv(out / "zero3_gather.csv", df)
     _plot(df, meta, out / "zero3_gather.png")
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -137,6 +136,7 @@ def main(argv=None) -> None:
 
 
 def _plot(df, meta, path) -> None:
+    from bench.results import atomic_write
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +147,7 @@ def _plot(df, meta, path) -> None:
     ax.set_title(f"ZeRO-3 generation, {meta['preset']}, {meta['ranks']} ranks, "
                  f"B={meta['batch']} G={meta['gen_len']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -452,3 +452,19 @@ def test_resume_keeps_finished_engines_and_runs_the_rest(two_engine_run, tmp_pat
     assert after["engines"]["hybrid"]["status"] == "ok"
     steps = {r["step"] for r in after["rows"] if r["engine"] == "hybrid" and r["phase"] == "step"}
     assert steps == {0, 1, 2}
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_gives_umask_permissions(tmp_path):
+    from bench.results import atomic_write, atomic_write_text
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+    def half_then_crash(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
