@@ -1,7 +1,9 @@
 """FLOP and byte counts for a PPO step, from a model's shape.
 
-Counts are matmul FLOPs (2 per multiply-add): the linear layers (including the vocabulary
-projection) and the two attention products (QK^T and AV). Norms, softmax and elementwise work
+Counts are matmul FLOPs (2 per multiply-add): the linear layers and the two attention products
+(QK^T and AV). The vocabulary projection is counted only where logits are computed: the last
+prompt position in prefill (generate keeps one), each decode step, and the G+1 positions that
+scoring and training keep (engines/common.answer_logits). Norms, softmax and elementwise work
 are left out; they are a few percent at these sizes.
 """
 from __future__ import annotations
@@ -38,31 +40,37 @@ def shape_of(model: nn.Module, config) -> Shape:
     return Shape(lin, head, layers, heads * head_dim, kv_heads * head_dim, nbytes)
 
 
-def forward_flops(s: Shape, batch: int, new: int, past: int = 0, head: bool = True) -> int:
-    """A causal forward of `new` tokens per row after `past` cached ones."""
-    lin = s.linear_params - (0 if head else s.head_params)
+def forward_flops(s: Shape, batch: int, new: int, past: int = 0, logits: int | None = None) -> int:
+    """A causal forward of `new` tokens per row after `past` cached ones, with the vocabulary
+    projection at `logits` of those positions (all of them by default; 0: no LM head)."""
+    logits = new if logits is None else logits
+    body = s.linear_params - s.head_params
     ctx_sum = new * past + new * (new + 1) // 2  # sum of context lengths seen by each new token
-    return batch * (2 * lin * new + 4 * s.n_layers * s.attn_width * ctx_sum)
+    return batch * (2 * body * new + 2 * s.head_params * logits
+                    + 4 * s.n_layers * s.attn_width * ctx_sum)
 
 
 def generate_flops(s: Shape, batch: int, prompt: int, gen: int) -> int:
-    """Prefill of the prompt (emits token 1), then gen-1 decode steps of one token."""
-    total = forward_flops(s, batch, prompt)
+    """Prefill of the prompt (logits at its last position: token 1), then gen-1 decode steps."""
+    total = forward_flops(s, batch, prompt, logits=1)
     for t in range(gen - 1):
         total += forward_flops(s, batch, 1, past=prompt + t)
     return total
 
 
 def score_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
-    """Actor and reference log-probs, critic values and reward: four forwards of P+G tokens."""
+    """Actor and reference log-probs (logits at the G+1 answer-emitting positions), critic
+    values and reward: four forwards of P+G tokens."""
     T = prompt + gen
-    return 2 * forward_flops(actor, batch, T) + 2 * forward_flops(critic, batch, T, head=False)
+    return 2 * (forward_flops(actor, batch, T, logits=gen + 1)
+                + forward_flops(critic, batch, T, logits=0))
 
 
 def train_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
     """Forward + backward (~3 forwards) of actor and critic over P+G tokens."""
     T = prompt + gen
-    return 3 * (forward_flops(actor, batch, T) + forward_flops(critic, batch, T, head=False))
+    return 3 * (forward_flops(actor, batch, T, logits=gen + 1)
+                + forward_flops(critic, batch, T, logits=0))
 
 
 def kv_bytes(s: Shape, batch: int, ctx: int, dtype_bytes: int) -> int:
@@ -74,7 +82,7 @@ def decode_roofline_s(s: Shape, batch: int, prompt: int, gen: int, dtype_bytes: 
                       peak_flops: float, mem_bw: float) -> float:
     """Least time the hardware allows for generate: prefill at peak FLOP/s, then every decode
     step bound by max(weight + KV bytes read / bandwidth, FLOPs / peak)."""
-    total = forward_flops(s, batch, prompt) / peak_flops
+    total = forward_flops(s, batch, prompt, logits=1) / peak_flops
     for t in range(gen - 1):
         ctx = prompt + t
         step_bytes = s.weight_bytes + kv_bytes(s, batch, ctx, dtype_bytes)

@@ -359,10 +359,16 @@ def test_flops_hand_count():
     # one token after 5 cached: linear 2000, attention 4*2*8*6 = 384
     assert F.forward_flops(s, batch=1, new=1, past=5) == 2000 + 384
     # without the head: 2*(1000-300)*3 = 4200 + 384
-    assert F.forward_flops(s, batch=1, new=3, head=False) == 4200 + 384
-    # generate: prefill of 2 (2*1000*2 + 4*2*8*3 = 4192) + 1 decode step at past 2
-    # (2000 + 4*2*8*3 = 2192)
-    assert F.generate_flops(s, batch=1, prompt=2, gen=2) == 4192 + 2192
+    assert F.forward_flops(s, batch=1, new=3, logits=0) == 4200 + 384
+    # logits at the last position only: 4200 + 2*300*1 = 4800 + 384
+    assert F.forward_flops(s, batch=1, new=3, logits=1) == 4800 + 384
+    # generate: prefill of 2 with logits at the last (2*700*2 + 2*300 + 4*2*8*3 = 3592)
+    # + 1 decode step at past 2 (2000 + 4*2*8*3 = 2192)
+    assert F.generate_flops(s, batch=1, prompt=2, gen=2) == 3592 + 2192
+    # scoring P=2, G=1: actor twice with logits at G+1 = 2 positions (2*700*3 + 2*300*2
+    # + 4*2*8*6 = 5784) and the critic twice without a head, on the same toy shape (4584)
+    assert F.score_flops(s, s, batch=1, prompt=2, gen=1) == 2 * (5784 + 4584)
+    assert F.train_flops(s, s, batch=1, prompt=2, gen=1) == 3 * (5784 + 4584)
     # KV bytes: 2 (K and V) * 2 layers * batch 3 * ctx 4 * width 8 * 4 bytes
     assert F.kv_bytes(s, batch=3, ctx=4, dtype_bytes=4) == 2 * 2 * 3 * 4 * 8 * 4
 
