@@ -1,4 +1,4 @@
-"""Time one `hybrid` decode step (engines.decoder.forward on one token per row) after a prefill,
+"""Time one `hybrid` decode step (engines.decoder.forward_ on one token per row) after a prefill,
 and print where its ATen time goes. opt-125m shape, batch 8, 192 cached positions, 2 threads.
 
 Run: python bench/decode_step.py [--profile] (numbers in README, Performance notes)."""
@@ -22,10 +22,10 @@ key_mask[:, :P] = prompts.attention_mask.bool()
 pos = position_ids(prompts.attention_mask)
 tok = torch.zeros(B, 1, dtype=torch.long)
 with torch.no_grad():
-    D.forward(w, cache, prompts.input_ids, pos, 0, key_mask)
+    D.forward_(w, cache, prompts.input_ids, pos, 0, key_mask)
 
     def step():
-        return D.forward(w, cache, tok, pos[:, -1:] + 1, P, key_mask)
+        return D.forward_(w, cache, tok, pos[:, -1:] + 1, P, key_mask)
 
     for _ in range(3):
         step()

@@ -143,7 +143,7 @@ def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
     for m in (ref, reward):
         m.requires_grad_(False)
     if lora_dim:
-        actor = apply_lora(actor, cfg, lora_dim, seed=seed)
+        actor = apply_lora_(actor, cfg, lora_dim, seed=seed)
     for m in (actor, ref, critic, reward):
         m.to(device).eval()
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -151,7 +151,7 @@ def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
     return ModelBundle(actor, ref, critic, reward, cfg, int(pad), int(eos))
 
 
-def apply_lora(model: nn.Module, cfg, dim: int, *, seed: int) -> nn.Module:
+def apply_lora_(model: nn.Module, cfg, dim: int, *, seed: int) -> nn.Module:
     """PEFT LoRA on every decoder linear; only the adapters train (alpha = dim, scale 1)."""
     from peft import LoraConfig, get_peft_model
     width = min(hidden_out_size(cfg), cfg.hidden_size)

@@ -1,6 +1,6 @@
 """A decoder forward over the training module's own parameters, with a static KV cache.
 
-`extract` reads references (no copies) to an HF model's weights into NamedTuples; `forward`
+`extract` reads references (no copies) to an HF model's weights into NamedTuples; `forward_`
 runs new tokens through them, writing K/V into the cache. Because the tensors are the live
 parameters, an optimiser step is seen by the next call with nothing to copy or recompile.
 Supported: OPT, Llama, GPT-2 families; anything else raises UnsupportedModel.
@@ -269,7 +269,7 @@ def lora_fused(w: Weights):
                 if not L.w.is_contiguous():
                     raise UnsupportedModel("LoRA fusing needs contiguous base weights")
                 for r0, r1 in _blocks(L):
-                    folded.append((L, r0, r1) + _fold(L, r0, r1, scratch))
+                    folded.append((L, r0, r1) + _fold_(L, r0, r1, scratch))
             yield _strip_lora(w)
         finally:
             for L, r0, r1, bad, orig in reversed(folded):
@@ -279,7 +279,7 @@ def lora_fused(w: Weights):
                     W.view(-1)[bad] = orig
 
 
-def _fold(L: Lin, r0: int, r1: int, scratch: _Scratch) -> tuple:
+def _fold_(L: Lin, r0: int, r1: int, scratch: _Scratch) -> tuple:
     """W[r0:r1] += d in place; returns (flat indices, original values) of the elements where
     W + d - d != W, or (None, None) where there are none."""
     W, d = L.w[r0:r1], _delta(L, r0, r1, scratch)
@@ -304,7 +304,8 @@ def norm(x: Tensor, n: Norm) -> Tensor:
 
 
 _ACT = {"relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu": F.gelu, "silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+        "gelu": F.gelu, "silu": F.silu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -344,7 +345,7 @@ def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:
                      for _ in "kv"))
 
 
-def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor
+def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor
             ) -> Tensor:
     """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V).
 
@@ -368,13 +369,13 @@ def forward(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, ke
     return _run(w, ids, pos, mask, kv)
 
 
-def decode_static(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
+def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
                   key_mask: Tensor) -> Tensor:
     """One token per row (ids (B, 1)) written at cache slot `slot` (a 0-d int64 tensor);
     key_mask (B, T_max) covers the whole cache.
 
     Attention spans the whole cache under a mask, so every shape is fixed from step to step:
-    the form CUDA graphs (torch.compile mode="reduce-overhead") need. Same values as `forward`.
+    the form CUDA graphs (torch.compile mode="reduce-overhead") need. Same values as `forward_`.
     """
     T = cache.k[0].shape[2]
     idx = torch.arange(T, device=ids.device)

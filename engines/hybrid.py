@@ -1,7 +1,7 @@
 """The hybrid engine: one copy of the weights, switched between training and fast generation.
 
 What DeepSpeed-Chat's Hybrid Engine does by patching modules at run time, done here with plain
-functions: generation runs `engines.decoder.forward` over references to the training
+functions: generation runs `engines.decoder.forward_` over references to the training
 parameters (no copy, nothing to sync), with a static KV cache kept between steps, prefill and
 decode as separate functions, LoRA fused into the weights for the generate (and restored bit
 for bit after) when that pays, and under ZeRO-3 every parameter gathered
@@ -42,8 +42,8 @@ class HybridEngine:
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
-        self._prefill = D.forward
-        self._decode = None  # decode_static(w, cache, ids, pos, slot tensor, key_mask) or None
+        self._prefill = D.forward_
+        self._decode = None  # decode_static_(w, cache, ids, pos, slot tensor, key_mask) or None
         self.note = ""       # what a reader of the results must know (kept in the summary)
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
@@ -61,10 +61,10 @@ class HybridEngine:
             # fixed shapes every step (static decode) -> CUDA graphs replay the whole step.
             # Prefill stays eager: one call per generate, of large GEMMs that launch overhead
             # does not dominate, and compiling it would double the cold compile time.
-            self._decode = torch.compile(D.decode_static, mode="reduce-overhead",
+            self._decode = torch.compile(D.decode_static_, mode="reduce-overhead",
                                          fullgraph=True)
         elif self.static:
-            self._decode = D.decode_static
+            self._decode = D.decode_static_
         from .zero import backend_for
         self.backend = backend_for(cfg)
         state, self.opts = self.backend.init_state(models, cfg)
@@ -169,7 +169,7 @@ class HybridEngine:
                 if t == G - 1 or stop:
                     break
                 if self._decode is None:
-                    logits = D.forward(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
+                    logits = D.forward_(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
                 else:
                     logits = self._decode_step(w, cache, tok[:, None], next_pos + t, slots[t],
                                                key_mask)
@@ -179,11 +179,11 @@ class HybridEngine:
         try:
             return self._decode(*args)
         except Exception as e:  # noqa: BLE001 - re-raised below unless eager can take over
-            if self._decode is D.decode_static:
+            if self._decode is D.decode_static_:
                 raise
             # a compile or CUDA-graph capture that fails must not cost the run: decode eagerly
             # from here on (the step rewrites the same cache slot) and say so in the results
-            self._decode = D.decode_static
+            self._decode = D.decode_static_
             first = (str(e).strip().splitlines() or [""])[0][:160]
             self.note = f"compiled decode failed, decode ran eager: {type(e).__name__}: {first}"
             print(f"hybrid: {self.note}", file=sys.stderr)

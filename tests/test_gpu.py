@@ -54,7 +54,7 @@ def test_cuda_graph_decode_equals_eager():
     torch.backends.cuda.matmul.allow_tf32 = False
     b, cfg, graphed, s1, prompts = _setup("hybrid", dtype=torch.float32)
     _, _, eager, s2, _ = _setup("hybrid", dtype=torch.float32, compile=False, static=True)
-    assert graphed._decode is not None and graphed._decode is not D.decode_static
+    assert graphed._decode is not None and graphed._decode is not D.decode_static_
     gen = GenerationConfig(gen_len=32, greedy=True)
     from torch._dynamo.utils import counters
     skips = counters["inductor"]["cudagraph_skips"]
@@ -77,9 +77,9 @@ def test_teacher_forced_cached_logits_bf16():
         w = D.extract(b.actor)
         cache = D.new_cache(w, B, P + G, torch.bfloat16, DEV)
         km, pos = am.bool(), position_ids(am)
-        got = [D.forward(w, cache, prompts.input_ids, pos[:, :P], 0, km)]
+        got = [D.forward_(w, cache, prompts.input_ids, pos[:, :P], 0, km)]
         for t in range(G - 1):
-            got.append(D.forward(w, cache, answer[:, t:t + 1], pos[:, P + t:P + t + 1], P + t, km))
+            got.append(D.forward_(w, cache, answer[:, t:t + 1], pos[:, P + t:P + t + 1], P + t, km))
     diff = (torch.stack(got, 1).float() - full[:, P - 1:-1].float()).abs().max()
     assert diff < 5e-2
 

@@ -109,7 +109,8 @@ def test_cached_decode_logits_equal_full_forward(preset, lora, packed):
     cfg = make_cfg(preset=preset)
     prompts = make_prompts(b, cfg, seed=6)
     B, P, G = cfg.batch, cfg.prompt_len, 24
-    answer = torch.randint(3, b.config.vocab_size, (B, G), generator=torch.Generator().manual_seed(1))
+    answer = torch.randint(3, b.config.vocab_size, (B, G),
+                           generator=torch.Generator().manual_seed(1))
     seq = torch.cat([prompts.input_ids, answer], 1)
     am = torch.cat([prompts.attention_mask, torch.ones_like(answer)], 1)
     with torch.no_grad():
@@ -121,9 +122,9 @@ def test_cached_decode_logits_equal_full_forward(preset, lora, packed):
         cache = D.new_cache(w, B, P + G, torch.float32, "cpu")
         km = am.bool()
         pos = position_ids(am)
-        got = [D.forward(w, cache, prompts.input_ids, pos[:, :P], 0, km)]
+        got = [D.forward_(w, cache, prompts.input_ids, pos[:, :P], 0, km)]
         for t in range(G - 1):
-            got.append(D.forward(w, cache, answer[:, t:t + 1], pos[:, P + t:P + t + 1], P + t, km))
+            got.append(D.forward_(w, cache, answer[:, t:t + 1], pos[:, P + t:P + t + 1], P + t, km))
     got = torch.stack(got, 1)                 # (B, G, V)
     want = full[:, P - 1:-1]
     assert (got - want).abs().max() < 1e-4
@@ -223,7 +224,7 @@ def test_static_decode_compiles_as_one_graph():
     b, cfg, hf, s1, hy, s2 = _pair("tiny-opt", "hybrid")
     st = engines.get("hybrid", static=True)
     s3 = st.init(b, cfg, seed=0)
-    st._decode = torch.compile(D.decode_static, fullgraph=True, dynamic=False)
+    st._decode = torch.compile(D.decode_static_, fullgraph=True, dynamic=False)
     prompts = make_prompts(b, cfg, seed=2)
     gen = GenerationConfig(gen_len=16)
     assert torch.equal(hy.generate(s2, prompts, gen, seed=9).seq,
@@ -316,5 +317,5 @@ def test_failed_compiled_decode_falls_back_to_eager_and_says_so():
     gen = GenerationConfig(gen_len=16)
     assert torch.equal(hy.generate(s2, prompts, gen, seed=4).seq,
                        hf.generate(s1, prompts, gen, seed=4).seq)
-    assert calls == [1] and hy._decode is D.decode_static
+    assert calls == [1] and hy._decode is D.decode_static_
     assert hy.note == "compiled decode failed, decode ran eager: RuntimeError: capture failed"
