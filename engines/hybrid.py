@@ -168,10 +168,13 @@ class HybridEngine:
                 answer[:, t] = tok
                 if t == G - 1 or stop:
                     break
+                # contiguous: a column of a rollout (answer_logprobs) has other strides than
+                # a sampled token, and would make the compiled step compile again
+                step_ids = tok[:, None].contiguous()
                 if self._decode is None:
-                    logits = D.forward_(w, cache, tok[:, None], next_pos + t, P + t, key_mask)
+                    logits = D.forward_(w, cache, step_ids, next_pos + t, P + t, key_mask)
                 else:
-                    logits = self._decode_step(w, cache, tok[:, None], next_pos + t, slots[t],
+                    logits = self._decode_step(w, cache, step_ids, next_pos + t, slots[t],
                                                key_mask)
         return answer
 

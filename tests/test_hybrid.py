@@ -231,6 +231,25 @@ def test_static_decode_compiles_as_one_graph():
                        st.generate(s3, prompts, gen, seed=9).seq)
 
 
+def test_parity_probe_replays_the_compiled_decode_step():
+    """answer_logprobs feeds the decode step columns of a rollout; they must reach it with the
+    strides of generate's tokens, or the compiled step compiles again (on GPU: a second inductor
+    compile and CUDA-graph capture inside the parity probe, and a different graph checked)."""
+    b, cfg = make_bundle("tiny-opt"), make_cfg()
+    hy = engines.get("hybrid", static=True)
+    s = hy.init(b, cfg, seed=0)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+    torch._dynamo.reset()
+    hy._decode = torch.compile(D.decode_static_, backend=backend, fullgraph=True, dynamic=False)
+    rollout = hy.generate(s, make_prompts(b, cfg, seed=2), GenerationConfig(gen_len=8), seed=0)
+    hy.answer_logprobs(s, rollout)
+    assert len(compiles) == 1
+
+
 @pytest.mark.parametrize("block", [D.FOLD_BLOCK, 97])   # whole weights, and many row blocks
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monkeypatch):
