@@ -52,7 +52,7 @@ else
   if compgen -G ".whl/*.whl" > /dev/null; then
     say "installing carried wheels"
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { say "wheel install failed"; exit 1; }
+        --target /tmp/site .whl/*.whl || { say "wheel install failed"; ship; exit 1; }
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
   else
     say "no .whl/ wheels: ds-inference and ds-hybrid will be reported unavailable"
@@ -87,15 +87,16 @@ timeout "$TEST_LIMIT" $PY -m pytest -v --tb=short -m gpu tests/test_gpu.py -p no
 [[ ${PIPESTATUS[0]} == 0 ]] || { status=1; say "GPU tests failed or ran out of time"; }
 ship
 
-# the comparison comes first, within what is left less 20 s to write results: each engine
-# gets an equal share of what is left when it starts (--time-budget), so time one leaves
-# unused goes to the next (hybrid, whose cold compile is the longest, runs last); the sweep
-# runs only if enough is left after
-if [[ $DRY == 1 ]]; then budget=1200; else budget=$(( $(left) - 20 )); (( budget < 180 )) && budget=180; fi
+# the comparison comes first, within what is left less 50 s (start-up, writing results, the
+# 30 s grace after a SIGINT): each engine gets an equal share of what is left when it starts
+# (--time-budget), so time one leaves unused goes to the next (hybrid, whose cold compile is
+# the longest, runs last); the sweep runs only if enough is left after
+if [[ $DRY == 1 ]]; then budget=1200; else budget=$(( $(left) - 50 )); (( budget < 180 )) && budget=180; fi
 say "comparison: hf, ds-inference, ds-hybrid, hybrid (at most ${budget} s together)"
 # the harness's own start and wrap-up are outside --time-budget: past the whole budget, SIGINT
-# stops it cleanly (it ends the running engine and saves what was measured)
-timeout -s INT -k 30 $(( $(left) > 60 ? $(left) : 60 )) \
+# stops it cleanly (it ends the running engine and saves what was measured), 30 s before the
+# end, so that the grace before a SIGKILL also fits in the budget
+timeout -s INT -k 30 $(( $(left) - 30 > 60 ? $(left) - 30 : 60 )) \
   $PY -m bench run --engines hf,ds-inference,ds-hybrid,hybrid "${RUN[@]}" \
     --time-budget $budget --out "$WORK/compare" --overwrite
 rc=$?  # 2: an engine is unavailable here (its row says why); the rest ran
@@ -104,9 +105,9 @@ ship
 
 if (( $(left) >= 150 )); then
   say "generation sweep over batch size"
-  timeout -s INT -k 30 $(( $(left) - 5 )) \
+  timeout -s INT -k 30 $(( $(left) - 35 )) \
     $PY -m bench sweep --engines hf,hybrid "${RUN[@]}" "${SWEEP[@]}" --phases generate --steps 1 \
-      --warmup 0 --time-budget $(( $(left) - 15 )) --out "$WORK/sweep" --overwrite 2>&1 | tail -12
+      --warmup 0 --time-budget $(( $(left) - 45 )) --out "$WORK/sweep" --overwrite 2>&1 | tail -12
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
   $PY -m bench report "$WORK/sweep" > /dev/null 2>&1 || true
 else

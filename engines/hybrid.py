@@ -30,6 +30,8 @@ class HybridEngine:
 
     # fold + restore measured at 30-58 unfused decode steps (bench/lora_cost.py, opt-125m, B 8)
     LORA_FUSE_MIN_TOKENS = 48
+    # prefill chunk, in tokens over the batch: its activations are the peak above the cache
+    PREFILL_TOKENS = 256
 
     def __init__(self, compile: bool = True, pack: bool = False, static: bool = False,
                  lora: str = "auto", **_):
@@ -158,7 +160,12 @@ class HybridEngine:
             key_mask[:, :P] = am.bool()
             pos = position_ids(am)
             next_pos = pos[:, -1:] + 1                                   # (B, 1)
-            logits = self._prefill(w, cache, ids, pos, 0, key_mask)      # (B, V)
+            # prefill in chunks of positions: the whole cache is already allocated, so the
+            # activations of one chunk, not the whole prompt's, are the peak above it
+            step = max(1, self.PREFILL_TOKENS // B)
+            for s0 in range(0, P, step):
+                logits = self._prefill(w, cache, ids[:, s0:s0 + step], pos[:, s0:s0 + step], s0,
+                                       key_mask)                           # (B, V)
             answer = torch.full((B, G), self.models.pad_id, dtype=torch.long, device=ids.device)
             # cache slots as device tensors made once: a host scalar copied per step would
             # stall the host until the GPU drains, every token

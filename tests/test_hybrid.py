@@ -9,6 +9,7 @@ from core.engine import EngineUnavailable
 from core.models import position_ids
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
+from engines.hybrid import HybridEngine
 
 from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
 
@@ -229,6 +230,26 @@ def test_static_decode_compiles_as_one_graph():
     gen = GenerationConfig(gen_len=16)
     assert torch.equal(hy.generate(s2, prompts, gen, seed=9).seq,
                        st.generate(s3, prompts, gen, seed=9).seq)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
+    """Prefill in chunks of 2 positions (left padding fills whole chunks of some rows) gives
+    the tokens and log-probs of one whole-prompt prefill."""
+    b, cfg = make_bundle(preset), make_cfg(preset=preset, batch=4, prompt_len=8)
+    prompts = make_prompts(b, cfg, seed=3)
+    assert not prompts.attention_mask[:, :2].all()  # some row starts with padding
+    runs = []
+    for tokens in (HybridEngine.PREFILL_TOKENS, 2 * cfg.batch):
+        monkeypatch.setattr(HybridEngine, "PREFILL_TOKENS", tokens)
+        hy = engines.get("hybrid")
+        s = hy.init(b, cfg, seed=0)
+        greedy = hy.generate(s, prompts, GenerationConfig(gen_len=12, greedy=True), seed=0)
+        sampled = hy.generate(s, prompts, GenerationConfig(gen_len=12), seed=4)
+        runs.append((greedy.seq, sampled.seq, hy.answer_logprobs(s, greedy)))
+    (g1, s1, lp1), (g2, s2, lp2) = runs
+    assert torch.equal(g1, g2) and torch.equal(s1, s2)
+    assert torch.allclose(lp1, lp2, atol=1e-5)
 
 
 def test_parity_probe_replays_the_compiled_decode_step():
