@@ -103,7 +103,10 @@ rc=$?  # 2: an engine is unavailable here (its row says why); the rest ran
 [[ $rc == 0 || $rc == 2 ]] || status=1
 ship
 
-if (( $(left) >= 150 )); then
+# each sweep point starts fresh workers: hybrid builds opt-1.3b and compiles its decode for the
+# new batch size again (about a minute, estimated), so with less than 240 s its rows would only
+# say "timed out"
+if (( $(left) >= 240 )); then
   say "generation sweep over batch size"
   timeout -s INT -k 30 $(( $(left) - 35 )) \
     $PY -m bench sweep --engines hf,hybrid "${RUN[@]}" "${SWEEP[@]}" --phases generate --steps 1 \
