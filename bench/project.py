@@ -96,18 +96,25 @@ def flops_per_token_forward(s: Shape, ctx: int, lm_head: bool = True) -> float:
     return 2 * matmul_params(s, lm_head) + 4 * s.layers * s.d_model * ctx
 
 
-def sequence_forward_flops(s: Shape, seq: int, lm_head: bool = True) -> float:
-    """Causal forward over `seq` tokens (token t attends to t positions), summed in closed form."""
-    return 2 * matmul_params(s, lm_head) * seq + 4 * s.layers * s.d_model * seq * (seq + 1) / 2
+def sequence_forward_flops(s: Shape, seq: int, lm_head: bool = True,
+                           logits: int | None = None) -> float:
+    """Causal forward over `seq` tokens (token t attends to t positions), summed in closed form,
+    with the LM head at `logits` of the positions (all by default): generation keeps the last
+    prompt position's, scoring and training the G+1 that emit answer tokens, as the harness's
+    bench/flops.py counts them, so that efficiencies measured there mean the same here."""
+    head = s.vocab * s.e if lm_head else 0
+    kept = seq if logits is None else logits
+    return (2 * (matmul_params(s, lm_head) - head) * seq + 2 * head * kept
+            + 4 * s.layers * s.d_model * seq * (seq + 1) / 2)
 
 
 def train_flops(s: Shape, seq: int, lora_dim: int = 0, lora_only: bool = True, ckpt: bool = True,
-                lm_head: bool = True) -> float:
+                lm_head: bool = True, logits: int | None = None) -> float:
     """Forward + backward for one sequence. Backward = activation grads + weight grads = 2x the
     forward (the 6N per token rule); LoRA-only training skips the frozen weights' grads (4N);
     checkpointing recomputes the forward (+2N). Adapters run unfused: 2 per adapter weight per
     token forward, 6 with backward."""
-    fwd = sequence_forward_flops(s, seq, lm_head)
+    fwd = sequence_forward_flops(s, seq, lm_head, logits)
     base = fwd * (2 if lora_dim and lora_only else 3) + (fwd if ckpt else 0)
     return base + (6 + 2 * ckpt) * lora_param_count(s, lora_dim) * seq
 
@@ -289,7 +296,8 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
         return t, comm
 
     # prefill reads the weights once for P tokens per prompt; it yields answer token 1
-    work, comm = step(bg * sequence_forward_flops(a, P), matmul_params(a) * BF16, bg * P)
+    work, comm = step(bg * sequence_forward_flops(a, P, logits=1), matmul_params(a) * BF16,
+                      bg * P)
     for j in range(1, cfg.gen_len):   # decode step j feeds answer token j, P + j - 1 cached
         t, c = step(bg * flops_per_token_forward(a, P + j),
                     decode_bytes_per_step(a, bg, P + j - 1), bg)
@@ -320,7 +328,8 @@ def score_time(cfg: Config, b: float) -> tuple[float, float]:
     exceeds the compute is exposed."""
     a, c, gpu, e = model_shape(cfg.model), model_shape(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
     seq = cfg.prompt_len + cfg.gen_len
-    flops = b * (2 * sequence_forward_flops(a, seq) + 2 * sequence_forward_flops(c, seq, False)
+    flops = b * (2 * sequence_forward_flops(a, seq, logits=cfg.gen_len + 1)
+                 + 2 * sequence_forward_flops(c, seq, False)
                  + 2 * lora_param_count(a, cfg.lora_dim) * seq)
     work = flops / (gpu.bf16_flops * e.score)
     nbytes = score_comm_bytes(cfg)
@@ -335,7 +344,8 @@ def train_time(cfg: Config, b: float) -> tuple[float, float]:
     a, c, gpu, e = model_shape(cfg.model), model_shape(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
     n = cfg.gpus
     seq = cfg.prompt_len + cfg.gen_len
-    flops = b * (train_flops(a, seq, cfg.lora_dim, cfg.lora_only, cfg.grad_ckpt)
+    flops = b * (train_flops(a, seq, cfg.lora_dim, cfg.lora_only, cfg.grad_ckpt,
+                             logits=cfg.gen_len + 1)
                  + train_flops(c, seq, ckpt=cfg.grad_ckpt, lm_head=False))
     per_rank = trainable_params(cfg) / (n if cfg.zero_stage >= 1 else 1)
     if cfg.offload:

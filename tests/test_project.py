@@ -64,6 +64,9 @@ def test_flop_and_byte_counts_by_hand():
     assert P.sequence_forward_flops(TOY, 3) == 10368
     assert P.sequence_forward_flops(TOY, 3) == sum(P.flops_per_token_forward(TOY, t)
                                                    for t in (1, 2, 3))
+    # the LM head (16*8) kept at 1 of the 3 positions: 10368 - 2 * 128 * 2 = 9856
+    assert P.sequence_forward_flops(TOY, 3, logits=1) == 9856
+    assert P.train_flops(TOY, 3, logits=1) == 4 * 9856
     # train, full + checkpointing: fwd + 2 fwd backward + fwd recompute = 4 * 10368
     assert P.train_flops(TOY, 3) == 41472
     # LoRA r=2, adapters only, no checkpointing: 2 * 10368 + 6 * 576 adapter params * 3 tokens,
