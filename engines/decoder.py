@@ -345,9 +345,10 @@ def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:
                      for _ in "kv"))
 
 
-def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor
-            ) -> Tensor:
-    """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V).
+def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor,
+             logits: bool = True) -> Tensor | None:
+    """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V),
+    or None with logits=False (a prefill chunk that only fills the cache).
 
     pos: (B, S) position ids (padding skipped). key_mask: (B, >= start+S) bool, True on real
     keys. Attention reads only the filled part of the cache (shapes change every step).
@@ -366,11 +367,11 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
         cache.v[i][:, :, start:end] = v
         return cache.k[i][:, :, :end], cache.v[i][:, :, :end]
 
-    return _run(w, ids, pos, mask, kv)
+    return _run(w, ids, pos, mask, kv, logits)
 
 
 def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
-                  key_mask: Tensor) -> Tensor:
+                   key_mask: Tensor) -> Tensor:
     """One token per row (ids (B, 1)) written at cache slot `slot` (a 0-d int64 tensor);
     key_mask (B, T_max) covers the whole cache.
 
@@ -390,7 +391,8 @@ def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: T
     return _run(w, ids, pos, mask, kv)
 
 
-def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv) -> Tensor:
+def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = True
+         ) -> Tensor | None:
     """The decoder stack; `kv(layer, k, v)` stores the new keys/values and returns the keys and
     values to attend over."""
     B, S = ids.shape
@@ -427,6 +429,8 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv) -> Tensor:
         h = act(lin(h, L.gate)) * up if L.gate is not None else act(up)
         h = lin(h, L.down)
         x = x + h if w.pre_norm else norm(x + h, L.ln2)
+    if not logits:
+        return None
     x = x[:, -1]
     if w.final is not None:
         x = norm(x, w.final)

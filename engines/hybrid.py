@@ -61,8 +61,9 @@ class HybridEngine:
         self.weight_copies = 2 if self.pack else 1
         if cfg.device.startswith("cuda") and self.compile:
             # fixed shapes every step (static decode) -> CUDA graphs replay the whole step.
-            # Prefill stays eager: one call per generate, of large GEMMs that launch overhead
-            # does not dominate, and compiling it would double the cold compile time.
+            # Prefill stays eager: a few calls per generate (chunks of PREFILL_TOKENS), of
+            # GEMMs of hundreds of rows that launch overhead does not dominate, and compiling
+            # it would double the cold compile time.
             self._decode = torch.compile(D.decode_static_, mode="reduce-overhead",
                                          fullgraph=True)
         elif self.static:
@@ -161,11 +162,12 @@ class HybridEngine:
             pos = position_ids(am)
             next_pos = pos[:, -1:] + 1                                   # (B, 1)
             # prefill in chunks of positions: the whole cache is already allocated, so the
-            # activations of one chunk, not the whole prompt's, are the peak above it
+            # activations of one chunk, not the whole prompt's, are the peak above it; only the
+            # last chunk computes logits (B, V)
             step = max(1, self.PREFILL_TOKENS // B)
             for s0 in range(0, P, step):
                 logits = self._prefill(w, cache, ids[:, s0:s0 + step], pos[:, s0:s0 + step], s0,
-                                       key_mask)                           # (B, V)
+                                       key_mask, s0 + step >= P)
             answer = torch.full((B, G), self.models.pad_id, dtype=torch.long, device=ids.device)
             # cache slots as device tensors made once: a host scalar copied per step would
             # stall the host until the GPU drains, every token

@@ -239,14 +239,18 @@ def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
     b, cfg = make_bundle(preset), make_cfg(preset=preset, batch=4, prompt_len=8)
     prompts = make_prompts(b, cfg, seed=3)
     assert not prompts.attention_mask[:, :2].all()  # some row starts with padding
-    runs = []
+    runs, chunks = [], []
     for tokens in (HybridEngine.PREFILL_TOKENS, 2 * cfg.batch):
         monkeypatch.setattr(HybridEngine, "PREFILL_TOKENS", tokens)
         hy = engines.get("hybrid")
         s = hy.init(b, cfg, seed=0)
+        calls, prefill = [], hy._prefill
+        hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
         greedy = hy.generate(s, prompts, GenerationConfig(gen_len=12, greedy=True), seed=0)
+        chunks.append(list(calls))
         sampled = hy.generate(s, prompts, GenerationConfig(gen_len=12), seed=4)
         runs.append((greedy.seq, sampled.seq, hy.answer_logprobs(s, greedy)))
+    assert chunks == [[8], [2, 2, 2, 2]]  # one whole prefill, then 2 positions x 4 rows each
     (g1, s1, lp1), (g2, s2, lp2) = runs
     assert torch.equal(g1, g2) and torch.equal(s1, s2)
     assert torch.allclose(lp1, lp2, atol=1e-5)
