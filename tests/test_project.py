@@ -258,6 +258,7 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
     (dict(prompt_len="2000"), "positions"),
     (dict(gpus="two"), "integers"),
     (dict(model="opt-1.3b", lora_dim="2049"), "larger than opt-1.3b's layer width 2048"),
+    (dict(model="opt-350m", lora_dim="600"), "larger than opt-350m's layer width 512"),
 ])
 def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
     with pytest.raises(ValueError, match=match) as err:
