@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 
 VERSION = 1
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 ROW_KEYS = ("engine", "step", "phase", "metric", "value", "unit")
 
 
@@ -24,6 +22,20 @@ class ResultsError(ValueError):
 def row(engine: str, step: int, phase: str, metric: str, value: float, unit: str = "") -> dict:
     return dict(engine=engine, step=int(step), phase=phase, metric=metric, value=float(value),
                 unit=unit)
+
+
+def _mode_for(path: Path) -> int:
+    """An existing file's permissions, else what a plain open() would give under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    try:  # Linux reports the umask without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path | str, write) -> None:
@@ -37,7 +49,7 @@ def atomic_write(path: Path | str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's is 0600: give what a plain open() gives
+        os.chmod(tmp, _mode_for(path))  # mkstemp's is 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

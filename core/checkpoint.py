@@ -108,7 +108,7 @@ def _read_meta(path_dir: str) -> dict:
     return meta
 
 
-def load(path_dir: str, models: ModelBundle) -> tuple[TrainState, dict]:
+def load_(path_dir: str, models: ModelBundle) -> tuple[TrainState, dict]:
     """Read a checkpoint into `models` and return (state, meta).
 
     The trainable parameters are copied in place into the modules' own tensors, so the state's

@@ -76,7 +76,7 @@ def test_resume_is_bit_exact(tmp_path, name):
     del b3, e3, s3
 
     br, er, _ = fresh(name)  # fresh models and engine; the checkpoint overwrites the init
-    sr, meta = ckpt.load(str(tmp_path), br)
+    sr, meta = ckpt.load_(str(tmp_path), br)
     assert meta["step"] == 3 and meta["seed"] == BASE and meta["config"]["batch"] == CFG.batch
     own = dict(br.actor.named_parameters())
     assert all(sr.actor_params[k] is own[k] for k in sr.actor_params)  # still one copy
@@ -103,7 +103,7 @@ def test_restarting_the_seed_stream_is_detected(tmp_path):
     s3, _, _ = run(e3, b3, s3, range(3))
     save(tmp_path, s3, b3, step=3)
     br, er, _ = fresh("hf")
-    sr, _ = ckpt.load(str(tmp_path), br)
+    sr, _ = ckpt.load_(str(tmp_path), br)
     _, _, tok = run(er, br, sr, range(3, 6), seed_of=lambda s: fold_in(BASE, s - 3))
     assert not torch.equal(tok[0][:, CFG.prompt_len:], tok6[3][:, CFG.prompt_len:])
     assert not torch.equal(br.actor.lm_head.weight, b6.actor.lm_head.weight)
@@ -120,7 +120,7 @@ def saved(tmp_path):
 
 def test_overwrite_keeps_one_tensors_file_and_crash_keeps_old(saved, monkeypatch):
     path, bundle = saved
-    state, _ = ckpt.load(str(path), bundle)
+    state, _ = ckpt.load_(str(path), bundle)
     save(path, state, bundle, step=1)
     kept = json.loads((path / "meta.json").read_text())["tensors"]
     assert sorted(os.listdir(path)) == ["meta.json", kept]  # the old tensors file is gone
@@ -138,7 +138,7 @@ def test_overwrite_keeps_one_tensors_file_and_crash_keeps_old(saved, monkeypatch
         save(path, state, bundle, step=2)
     monkeypatch.undo()
     assert not [n for n in os.listdir(path) if ".tmp-" in n]  # no temporary files left
-    assert ckpt.load(str(path), make_bundle("tiny-opt", seed=0))[1]["step"] == 1
+    assert ckpt.load_(str(path), make_bundle("tiny-opt", seed=0))[1]["step"] == 1
     save(path, state, bundle, step=3)
     assert len(os.listdir(path)) == 2
 
@@ -150,7 +150,7 @@ def _one_line(e):
 def test_missing_or_malformed_checkpoints_raise_one_line(saved, tmp_path_factory):
     path, bundle = saved
     with pytest.raises(CheckpointError, match="not a checkpoint") as e:
-        ckpt.load(str(tmp_path_factory.mktemp("empty")), bundle)
+        ckpt.load_(str(tmp_path_factory.mktemp("empty")), bundle)
     _one_line(e)
     meta_path = path / "meta.json"
     good = meta_path.read_text()
@@ -162,19 +162,19 @@ def test_missing_or_malformed_checkpoints_raise_one_line(saved, tmp_path_factory
                         (good.replace('"tensors": "', '"tensors": "../'), "malformed")]:
         meta_path.write_text(text)
         with pytest.raises(CheckpointError, match=match) as e:
-            ckpt.load(str(path), bundle)
+            ckpt.load_(str(path), bundle)
         _one_line(e)
     meta_path.write_text(good)
 
     blob = tensors.read_bytes()
     tensors.write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.raises(CheckpointError, match="unreadable tensors") as e:
-        ckpt.load(str(path), bundle)
+        ckpt.load_(str(path), bundle)
     _one_line(e)
     # a pickle where the tensors should be is rejected by the safetensors header, never run
     torch.save({"x": torch.zeros(2)}, tensors)
     with pytest.raises(CheckpointError, match="unreadable tensors"):
-        ckpt.load(str(path), bundle)
+        ckpt.load_(str(path), bundle)
 
 
 def test_checkpoint_of_other_models_is_refused_untouched(saved):
@@ -182,6 +182,6 @@ def test_checkpoint_of_other_models_is_refused_untouched(saved):
     other = make_bundle("tiny-llama", seed=0)
     before = {k: p.clone() for k, p in other.actor.named_parameters()}
     with pytest.raises(CheckpointError, match="do not match the models") as e:
-        ckpt.load(str(path), other)
+        ckpt.load_(str(path), other)
     _one_line(e)
     assert all(torch.equal(p, before[k]) for k, p in other.actor.named_parameters())

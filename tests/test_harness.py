@@ -474,3 +474,6 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_umask_permissions(
     with pytest.raises(RuntimeError):
         atomic_write(target, half_then_crash)
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    target.chmod(0o600)  # a file the user restricted stays restricted when rewritten
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o600
