@@ -30,8 +30,11 @@ class HybridEngine:
 
     # fold + restore measured at 30-58 unfused decode steps (bench/lora_cost.py, opt-125m, B 8)
     LORA_FUSE_MIN_TOKENS = 48
-    # prefill chunk, in tokens over the batch: its activations are the peak above the cache
+    # prefill chunk: 256 tokens over the batch (its activations are the peak above the cache),
+    # and at least 16 positions, so that a large batch is not prefilled in as many eager calls
+    # as it has prompt tokens
     PREFILL_TOKENS = 256
+    PREFILL_MIN_POSITIONS = 16
 
     def __init__(self, compile: bool = True, pack: bool = False, static: bool = False,
                  lora: str = "auto", **_):
@@ -164,7 +167,7 @@ class HybridEngine:
             # prefill in chunks of positions: the whole cache is already allocated, so the
             # activations of one chunk, not the whole prompt's, are the peak above it; only the
             # last chunk computes logits (B, V)
-            step = max(1, self.PREFILL_TOKENS // B)
+            step = max(self.PREFILL_MIN_POSITIONS, self.PREFILL_TOKENS // B)
             for s0 in range(0, P, step):
                 logits = self._prefill(w, cache, ids[:, s0:s0 + step], pos[:, s0:s0 + step], s0,
                                        key_mask, s0 + step >= P)

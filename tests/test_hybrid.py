@@ -240,6 +240,7 @@ def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
     prompts = make_prompts(b, cfg, seed=3)
     assert not prompts.attention_mask[:, :2].all()  # some row starts with padding
     runs, chunks = [], []
+    monkeypatch.setattr(HybridEngine, "PREFILL_MIN_POSITIONS", 1)
     for tokens in (HybridEngine.PREFILL_TOKENS, 2 * cfg.batch):
         monkeypatch.setattr(HybridEngine, "PREFILL_TOKENS", tokens)
         hy = engines.get("hybrid")
@@ -254,6 +255,18 @@ def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
     (g1, s1, lp1), (g2, s2, lp2) = runs
     assert torch.equal(g1, g2) and torch.equal(s1, s2)
     assert torch.allclose(lp1, lp2, atol=1e-5)
+
+
+def test_prefill_chunks_hold_256_tokens_and_16_positions():
+    b, cfg = make_bundle("tiny-opt"), make_cfg(batch=32, prompt_len=40)
+    hy = engines.get("hybrid")
+    s = hy.init(b, cfg, seed=0)
+    calls, prefill = [], hy._prefill
+    hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
+    for batch in (32, 4):  # 256 // 32 = 8 positions: raised to 16; 256 // 4 = 64 covers 40
+        p = make_prompts(b, make_cfg(batch=batch, prompt_len=40), seed=0)
+        hy.generate(s, p, GenerationConfig(gen_len=2), seed=0)
+    assert calls == [16, 16, 8, 40]
 
 
 def test_parity_probe_replays_the_compiled_decode_step():
