@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from core.files import atomic_write
 
 VERSION = 1
 ROW_KEYS = ("engine", "step", "phase", "metric", "value", "unit")
@@ -22,38 +23,6 @@ class ResultsError(ValueError):
 def row(engine: str, step: int, phase: str, metric: str, value: float, unit: str = "") -> dict:
     return dict(engine=engine, step=int(step), phase=phase, metric=metric, value=float(value),
                 unit=unit)
-
-
-def _mode_for(path: Path) -> int:
-    """An existing file's permissions, else what a plain open() would give under the umask."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        pass
-    try:  # Linux reports the umask without changing it
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = 0o022
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path | str, write) -> None:
-    """Call write(tmp) on a temporary file in the target's folder, then rename it into place:
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))  # mkstemp's is 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

@@ -20,6 +20,7 @@ import uuid
 
 import torch
 
+from .files import atomic_write
 from .models import ModelBundle, trainable
 from .optim import AdamState
 from .types import TrainState
@@ -30,18 +31,6 @@ META = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not fit the models; one-line message."""
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save(path_dir: str, state: TrainState, models: ModelBundle, *, seed: int, step: int,
@@ -72,12 +61,12 @@ def save(path_dir: str, state: TrainState, models: ModelBundle, *, seed: int, st
                 tensors=f"tensors-{uuid.uuid4().hex}.safetensors")
     text = json.dumps(meta, indent=1, sort_keys=True)  # fails here, before any write
     os.makedirs(path_dir, exist_ok=True)
-    _write_atomic(os.path.join(path_dir, meta["tensors"]), lambda p: save_file(tensors, p))
+    atomic_write(os.path.join(path_dir, meta["tensors"]), lambda p: save_file(tensors, p))
 
     def write_meta(p):
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
-    _write_atomic(os.path.join(path_dir, META), write_meta)
+    atomic_write(os.path.join(path_dir, META), write_meta)
     for name in os.listdir(path_dir):  # older tensors files, leftovers of killed saves
         if (name.startswith("tensors-") and name != meta["tensors"]) or ".tmp-" in name:
             os.remove(os.path.join(path_dir, name))
