@@ -17,7 +17,7 @@ def _ints(text: str, default: int) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()] if text else [default]
     except ValueError:
-        raise ConfigError(f"expected comma-separated integers, got {text!r}")
+        vals = []  # not integers: the same error as none at all
     if not vals:
         raise ConfigError(f"expected comma-separated integers, got {text!r}")
     if any(v < 1 for v in vals):
