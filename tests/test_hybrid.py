@@ -232,6 +232,13 @@ def test_static_decode_compiles_as_one_graph():
                        st.generate(s3, prompts, gen, seed=9).seq)
 
 
+def _count_prefill_positions(hy) -> list:
+    """Wrap the engine's prefill; the list collects the positions each call feeds."""
+    calls, prefill = [], hy._prefill
+    hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
+    return calls
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
     """Prefill in chunks of 2 positions (left padding fills whole chunks of some rows) gives
@@ -245,8 +252,7 @@ def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
         monkeypatch.setattr(HybridEngine, "PREFILL_TOKENS", tokens)
         hy = engines.get("hybrid")
         s = hy.init(b, cfg, seed=0)
-        calls, prefill = [], hy._prefill
-        hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
+        calls = _count_prefill_positions(hy)
         greedy = hy.generate(s, prompts, GenerationConfig(gen_len=12, greedy=True), seed=0)
         chunks.append(list(calls))
         sampled = hy.generate(s, prompts, GenerationConfig(gen_len=12), seed=4)
@@ -261,8 +267,7 @@ def test_prefill_chunks_hold_256_tokens_and_16_positions():
     b, cfg = make_bundle("tiny-opt"), make_cfg(batch=32, prompt_len=40)
     hy = engines.get("hybrid")
     s = hy.init(b, cfg, seed=0)
-    calls, prefill = [], hy._prefill
-    hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
+    calls = _count_prefill_positions(hy)
     for batch in (32, 4):  # 256 // 32 = 8 positions: raised to 16; 256 // 4 = 64 covers 40
         p = make_prompts(b, make_cfg(batch=batch, prompt_len=40), seed=0)
         hy.generate(s, p, GenerationConfig(gen_len=2), seed=0)
