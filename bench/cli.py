@@ -55,7 +55,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
       help=f"prompt batches generated per step (default {D.generation_batches})")
     a("--prompts-file", help="JSONL of {\"prompt\": text} rows (needs --tokenizer)")
     a("--tokenizer", help="local tokenizer path for --prompts-file")
-    a("--parity-tol", type=float, help="max |logprob diff| vs hf (default by dtype)")
+    a("--parity-tol", type=float,
+      help="max |logprob diff| vs hf (default: by dtype and the size of hf's logits)")
     a("--no-compile", dest="compile", action="store_false", default=None,
       help="hybrid: run decode eagerly (no CUDA graphs)")
     a("--out", help="run directory (default results/latest)")

@@ -42,7 +42,7 @@ class BenchOptions:
     generation_batches: int = 1
     prompts_file: str = ""         # JSONL of {"prompt": text}; needs tokenizer
     tokenizer: str = ""
-    parity_tol: float = 0.0        # 0: by dtype (fp32 1e-3, bf16/fp16 5e-2)
+    parity_tol: float = 0.0        # 0: by dtype and logit size (report.parity_tolerance)
     compile: bool = True           # hybrid: CUDA-graph decode (torch.compile) on GPUs
     lora_mode: str = "auto"        # hybrid: fold LoRA into the weights for generate (fused),
                                    # run it unfused, or fold for answers of >= 48 tokens (auto)

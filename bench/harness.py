@@ -18,10 +18,9 @@ from pathlib import Path
 from . import distributed
 from . import limits as L
 from .config import BenchOptions, ConfigError
-from .report import format_table, plot_phases, summarize
+from .report import format_table, parity_tolerance, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
 
-DEFAULT_PARITY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 # A greedy answer may leave hf's only at a near-tie: the two tokens within this many times the
 # log-prob tolerance (each path's logits may be off by the tolerance, in opposite directions).
 TIE_FACTOR = 2.0
@@ -342,13 +341,17 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
                          timeout=timeout)
     progress.done()
     df = summarize(r.data)
-    tol = o.parity_tol or DEFAULT_PARITY_TOL[o.dtype]
     for i, d in df.iterrows():
-        why = parity_failure(d, tol) if d.status == "ok" else ""
+        why = parity_failure(d, d.parity_tol) if d.status == "ok" else ""
         if why:
             df.loc[i, "status"] = why
             r.data["engines"][d.engine]["status"] = why
-    r.data["parity_tolerance"] = dict(max_abs_diff=tol, max_divergence_margin=TIE_FACTOR * tol)
+    # every engine reads the same reference, so one scale (hf's largest |top logit|) and one
+    # tolerance serve the run
+    scale = df.parity_logit_scale.max() if df.parity_logit_scale.notna().any() else float("nan")
+    tol = parity_tolerance(o.dtype, scale, o.parity_tol)
+    r.data["parity_tolerance"] = dict(max_abs_diff=tol, max_divergence_margin=TIE_FACTOR * tol,
+                                      logit_scale=scale if scale == scale else None)
     r.save()
     atomic_write_csv(out / "summary.csv", df)
     try:

@@ -1,6 +1,7 @@
 """Tidy rows -> the summary table (one row per engine), printing and PNG plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +15,31 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "weight_copies",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
-                   "parity_token_agreement", "parity_divergence_margin", "compile_s", "reward",
+                   "parity_token_agreement", "parity_divergence_margin", "parity_tol",
+                   "parity_logit_scale", "compile_s", "reward",
                    "kl", "actor_loss", "critic_loss", "note"]
+DEFAULT_PARITY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+# Two correct paths (cached decode against a full-sequence forward, or another kernel) round
+# the logits, made in the run's dtype, differently: a log-prob moves by a few spacings of that
+# dtype at the size of the largest logits (measured on CPU, opt-1.3b bf16, top logits in [4, 8),
+# spacing 2^-5: hf's own cached generate against its own scoring differed by up to 1.5
+# spacings, hybrid's decode against hf's generate by 2). The tolerance is at least 4 of them.
+LOGIT_SPACINGS = 4
+DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+
+
+def parity_tolerance(dtype: str, logit_scale: float, override: float = 0.0) -> float:
+    """Max |log-prob difference| from hf: --parity-tol when given, else the dtype's default or
+    LOGIT_SPACINGS spacings of the dtype at the reference's largest |top logit|, whichever is
+    larger (a scale not measured, as in runs before it was, leaves the default)."""
+    if override:
+        return float(override)
+    base = DEFAULT_PARITY_TOL[dtype]
+    if not 0 < logit_scale < math.inf:  # NaN fails too
+        return base
+    return max(base, LOGIT_SPACINGS * DTYPE_EPS[dtype] * 2.0 ** math.floor(math.log2(logit_scale)))
+
+
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
              "step": "step_s"}
 
@@ -65,6 +89,9 @@ def summarize(data: dict) -> pd.DataFrame:
         d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))
         d["parity_divergence_margin"] = setup.get(("parity", "divergence_margin"),
                                                   float("nan"))
+        d["parity_logit_scale"] = setup.get(("parity", "logit_scale"), float("nan"))
+        d["parity_tol"] = parity_tolerance(o.get("dtype", "float32"), d["parity_logit_scale"],
+                                           o.get("parity_tol", 0.0))
         d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
                                                                           0.0)
         for k in ("reward", "kl", "actor_loss", "critic_loss"):

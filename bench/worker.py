@@ -20,7 +20,7 @@ import torch
 import engines
 from core.data import jsonl_prompts, synthetic_prompts
 from core.engine import EngineUnavailable
-from core.models import build_bundle, weight_bytes
+from core.models import build_bundle, position_ids, weight_bytes
 from core.rng import fold_in
 from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
@@ -123,16 +123,21 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     rollout = engine.generate(state, prompts, gen, seed=fold_in(o.seed, 999))
     if reference:
         exp = engine.score(state, rollout)
+        scale = top_logit_scale(bundle.actor, rollout)
         tensors = {"seq": rollout.seq.cpu().contiguous(),
                    "attention_mask": rollout.attention_mask.cpu().contiguous(),
                    "answer_mask": rollout.answer_mask.cpu().contiguous(),
-                   "logprobs": exp.logprobs.float().cpu().contiguous()}
+                   "logprobs": exp.logprobs.float().cpu().contiguous(),
+                   "logit_scale": torch.tensor(scale)}
         atomic_write(ref_path, lambda tmp: save_file(tensors, tmp))
+        rec.emit("parity", "logit_scale", scale, "", step=-1)
         rec.emit("parity", "max_abs_diff", 0.0, "nat", step=-1)
         rec.emit("parity", "token_agreement", 1.0, "", step=-1)
         rec.emit("parity", "divergence_margin", 0.0, "nat", step=-1)
         return
     ref = load_file(ref_path)
+    if "logit_scale" in ref:  # the tolerance the harness applies grows with it
+        rec.emit("parity", "logit_scale", float(ref["logit_scale"]), "", step=-1)
     ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
                                 ref["answer_mask"].to(o.device), o.prompt_len)
 
@@ -149,6 +154,19 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
         rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
                  "nat", step=-1)
+
+
+@torch.no_grad()
+def top_logit_scale(model, rollout) -> float:
+    """The largest |top logit| over the rollout's answer positions, from the reference's own
+    forward: log-probs of two correct paths disagree by a few spacings of the dtype at that
+    size (report.parity_tolerance). Only the answer positions' logits are made, as scoring
+    makes them, so the probe's peak memory stays scoring's."""
+    seq, am, P = rollout.seq, rollout.attention_mask, rollout.prompt_len
+    logits = model(input_ids=seq, attention_mask=am, position_ids=position_ids(am),
+                   use_cache=False, logits_to_keep=seq.shape[1] - P + 1).logits[:, :-1]
+    top = logits.amax(-1).float().abs()
+    return _worst(torch.where(rollout.answer_mask.bool(), top, 0.0))
 
 
 def _worst(x: torch.Tensor) -> float:

@@ -33,20 +33,24 @@ def _setup(engine, preset="tiny-opt", dtype=torch.bfloat16, batch=4, prompt=16, 
 @pytest.mark.parametrize("engine", ["hybrid", "ds-inference", "ds-hybrid"])
 def test_bf16_parity_with_hf(engine):
     """bf16: scoring log-probs of hf's rollout within 2e-2 nats, hybrid's generation path
-    (its compiled CUDA-graph decode) within 5e-2 (the harness's bf16 tolerance), and greedy
-    answers leave hf's only at near-ties (margin within 1e-1, the harness's bound): bf16
-    rounding flips near-tied argmaxes, after which the rest of a row differs."""
-    from bench.worker import divergence_margin
+    (its compiled CUDA-graph decode) within the harness's bf16 tolerance (5e-2, or more where
+    the logits are large), and greedy answers leave hf's only at near-ties (margin within the
+    harness's bound, twice that): bf16 rounding flips near-tied argmaxes, after which the rest
+    of a row differs."""
+    from bench.harness import TIE_FACTOR
+    from bench.report import parity_tolerance
+    from bench.worker import divergence_margin, top_logit_scale
     b, cfg, hf, s1, prompts = _setup("hf")
     _, _, other, s2, _ = _setup(engine)
     gen = GenerationConfig(gen_len=32, greedy=True)
     r1, r2 = hf.generate(s1, prompts, gen, seed=0), other.generate(s2, prompts, gen, seed=0)
+    tol = parity_tolerance("bfloat16", top_logit_scale(b.actor, r1))
     lp1, lp2 = hf.score(s1, r1).logprobs, other.score(s2, r1).logprobs
     same = r1.seq[:, cfg.prompt_len:] == r2.seq[:, cfg.prompt_len:]
-    assert divergence_margin(same, lp2, other.score(s2, r2).logprobs) < 1e-1
+    assert divergence_margin(same, lp2, other.score(s2, r2).logprobs) < TIE_FACTOR * tol
     assert (lp1 - lp2).abs().max() < 2e-2
     if hasattr(other, "answer_logprobs"):
-        assert (lp1 - other.answer_logprobs(s2, r1)).abs().max() < 5e-2
+        assert (lp1 - other.answer_logprobs(s2, r1)).abs().max() < tol
 
 
 def test_cuda_graph_decode_equals_eager():

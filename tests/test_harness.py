@@ -83,6 +83,11 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert summary.notna()[REQUIRED].all().all()
     assert summary.set_index("engine").loc["hybrid", "parity_max_abs_diff"] < 1e-4
     assert (summary.parity_divergence_margin < 2e-3).all()  # measured for both, within ties
+    # hf's largest top logit, read by both from the reference; fp32's spacing there is far
+    # below the default, which therefore stands
+    assert (summary.parity_logit_scale > 0).all() and summary.parity_logit_scale.nunique() == 1
+    assert (summary.parity_tol == 1e-3).all() and data["parity_tolerance"]["max_abs_diff"] == 1e-3
+    assert data["parity_tolerance"]["logit_scale"] == pytest.approx(summary.parity_logit_scale[0])
     assert "gen_tokens_per_s" in p.stdout and "hybrid" in p.stdout  # the printed table
     assert (out / "phases.png").stat().st_size > 1000
     # stderr is a pipe here, as in CI logs: one progress line per step, and each engine's end
@@ -240,6 +245,43 @@ def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
     assert p.returncode == 1 and status["hf"]["status"] == "ok"
     assert status["hybrid"]["status"].startswith("failed: parity with hf"), status
     assert "scoring 0, generation " in status["hybrid"]["status"]
+
+
+def test_top_logit_scale_is_the_largest_top_logit_over_answer_positions():
+    from bench.worker import top_logit_scale
+    from core.data import synthetic_prompts
+    from core.models import build_bundle
+    from core.types import Rollout
+    b = build_bundle("tiny-opt", seed=0)
+    p = synthetic_prompts(2, 6, b.config.vocab_size, b.pad_id, seed=0)
+    answer = torch.randint(3, b.config.vocab_size, (2, 4))
+    seq = torch.cat([p.input_ids, answer], 1)
+    am = torch.cat([p.attention_mask, torch.ones_like(answer)], 1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        logits = b.actor(input_ids=seq, attention_mask=am,
+                         position_ids=am.long().cumsum(-1).sub(1).clamp(min=0)).logits
+    top = logits[:, 5:9].amax(-1).abs()  # positions P-1..T-2 emit the answer
+    got = top_logit_scale(b.actor, Rollout(seq, am, mask, 6))
+    assert got == pytest.approx(float(top[mask].max()), rel=1e-5)
+    full = top_logit_scale(b.actor, Rollout(seq, am, torch.ones_like(mask), 6))
+    assert full == pytest.approx(float(top.max()), rel=1e-5)
+
+
+def test_parity_tolerance_grows_with_the_dtype_spacing_at_the_largest_logit():
+    from bench.report import parity_tolerance
+    nan = float("nan")
+    # bf16 spacing in [4, 8) is 2^-5: 4 spacings = 0.125 > 5e-2; in [1, 2) 2^-7: the default
+    assert parity_tolerance("bfloat16", 6.9) == 0.125
+    assert parity_tolerance("bfloat16", 1.5) == 5e-2
+    # a trained model's top logits, ~20: bf16 spacing 2^-3 there, fp16 2^-6
+    assert parity_tolerance("bfloat16", 20.0) == 0.5
+    assert parity_tolerance("float16", 20.0) == 0.0625
+    assert parity_tolerance("float16", 6.9) == 5e-2
+    assert parity_tolerance("float32", 30.0) == 1e-3
+    for scale in (nan, 0.0, float("inf")):  # not measured (an older run) or broken
+        assert parity_tolerance("bfloat16", scale) == 5e-2
+    assert parity_tolerance("bfloat16", 6.9, override=1e-2) == 1e-2  # --parity-tol wins
 
 
 def test_divergence_margin_tells_a_near_tie_from_a_wrong_token():
