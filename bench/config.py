@@ -62,7 +62,12 @@ class BenchOptions:
                          reward=self.reward, lora_dim=self.lora_dim, zero_stage=self.zero_stage,
                          offload=self.offload, grad_ckpt=self.grad_ckpt,
                          inference_tp=self.inference_tp, dtype=self.dtype,
-                         device=self.device)
+                         device=self.device, train=not self.generation_only)
+
+    @property
+    def generation_only(self) -> bool:
+        """Steps that only sync and generate: no scoring, no training."""
+        return set(self.phases) <= {"sync", "generate"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -254,7 +254,7 @@ def run(spec: dict) -> int:
     if spec.get("probe_only"):
         rec.event(kind="status", status="ok")
         return 0
-    gen_only = set(o.phases) <= {"sync", "generate"}
+    gen_only = o.generation_only
     for step in range(o.warmup + o.steps):
         rec.step = step
         rec.event(kind="progress", step=step, phase="step",

@@ -62,7 +62,8 @@ class TrainState(NamedTuple):
     actor_params / critic_params: name -> trainable tensor. For the torch backend these are the
       modules' own parameters (one copy of the weights); an engine whose training runs elsewhere
       (DeepSpeed) keeps the live weights there and may hold handles here.
-    actor_opt / critic_opt: optimiser states (core.optim.AdamState or backend-owned).
+    actor_opt / critic_opt: optimiser states (core.optim.AdamState or backend-owned); None
+      under the torch backend when RunConfig.train is False.
     step: 0-d int64 tensor, optimiser steps done (one per train_step).
     """
     actor_params: dict
@@ -131,6 +132,8 @@ class RunConfig:
     inference_tp: int = 1          # ds-inference: tensor-parallel ranks that generate together
     dtype: str = "float32"
     device: str = "cpu"
+    train: bool = True             # False: nothing trains (a generation-only run), so engines
+                                   # that train with torch allocate no optimiser state
 
     def replace(self, **kw) -> "RunConfig":
         return replace(self, **kw)

@@ -63,13 +63,16 @@ def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
 
 
 def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
-    """TrainState over the modules' own trainable tensors, and the two optimisers."""
+    """TrainState over the modules' own trainable tensors, and the two optimisers (their
+    states None with cfg.train False)."""
     ppo = cfg.ppo
     a_opt = adamw(ppo.actor_lr, ppo.betas, ppo.eps, ppo.weight_decay)
     c_opt = adamw(ppo.critic_lr, ppo.betas, ppo.eps, ppo.weight_decay)
     a_params, c_params = trainable(models.actor), trainable(models.critic)
-    state = TrainState(a_params, c_params, a_opt.init(a_params), c_opt.init(c_params),
-                       torch.zeros((), dtype=torch.int64))
+    # a run that never trains holds no optimiser state: Adam's moments (and bf16's fp32
+    # masters) are 8-12 bytes per parameter
+    a_state, c_state = (a_opt.init(a_params), c_opt.init(c_params)) if cfg.train else (None, None)
+    state = TrainState(a_params, c_params, a_state, c_state, torch.zeros((), dtype=torch.int64))
     return state, (a_opt, c_opt)
 
 
@@ -108,6 +111,9 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     does not read the actor's weights, so taking it first changes nothing.)
     """
     a_opt, c_opt = opts
+    if state.actor_opt is None:
+        raise ValueError("train_step: this state has no optimiser state (the engine was "
+                         "initialised with RunConfig(train=False))")
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)
     c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,

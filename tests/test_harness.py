@@ -443,6 +443,28 @@ def test_phases_subset_measures_only_generation(tmp_path):
     assert not (rows.metric == "actor_loss").any()
 
 
+@pytest.mark.parametrize("engine", ["hf", "hybrid", "ds-inference"])
+def test_generation_only_runs_hold_no_optimiser_state(engine):
+    """--phases generate trains nothing, so the engines that train with torch skip Adam's
+    moments (8-12 bytes a parameter: opt-1.3b's bundle then fits where it did not)."""
+    import engines
+    from bench.config import BenchOptions
+    from core.models import build_bundle
+    from core.types import Experience
+    gen_only = BenchOptions(phases=("generate",)).run_config()
+    assert not gen_only.train and BenchOptions(phases=("generate", "train")).run_config().train
+    b = build_bundle("tiny-opt", seed=0)
+    e = engines.get(engine)
+    state = e.init(b, gen_only, seed=0)
+    assert state.actor_opt is None and state.critic_opt is None
+    exp = Experience(*(None,) * len(Experience._fields))
+    with pytest.raises(ValueError, match="no optimiser state"):
+        e.train_step(state, exp, gen_only.ppo, seed=0)
+    e.release()
+    full = engines.get(engine).init(b, gen_only.replace(train=True), seed=0)
+    assert full.actor_opt is not None and full.critic_opt is not None
+
+
 def test_config_file_gives_the_same_keys(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('engines = "hybrid"\npreset = "tiny-llama"\nbatch = 2\nprompt_len = 8\n'
