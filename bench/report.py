@@ -131,6 +131,10 @@ def format_table(df: pd.DataFrame) -> str:
                            "display.float_format", lambda v: f"{v:.4g}"):
         table = show.to_string(index=False)
     notes = [f"note: {e}: {n}" for e, n in zip(df.engine, df.get("note", [])) if n == n and n]
+    tol, scale = df.parity_tol.max(), df.parity_logit_scale.max()
+    if tol == tol:
+        notes.append(f"parity tolerance: {tol:.3g} nats from hf's log-probs"
+                     + (f" (hf's largest top logit {scale:.3g})" if scale == scale else ""))
     return "\n".join([table, *notes])
 
 

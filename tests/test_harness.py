@@ -89,6 +89,7 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert (summary.parity_tol == 1e-3).all() and data["parity_tolerance"]["max_abs_diff"] == 1e-3
     assert data["parity_tolerance"]["logit_scale"] == pytest.approx(summary.parity_logit_scale[0])
     assert "gen_tokens_per_s" in p.stdout and "hybrid" in p.stdout  # the printed table
+    assert "parity tolerance: 0.001 nats from hf's log-probs (hf's largest top logit" in p.stdout
     assert (out / "phases.png").stat().st_size > 1000
     # stderr is a pipe here, as in CI logs: one progress line per step, and each engine's end
     for name in ("hf", "hybrid"):
