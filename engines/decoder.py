@@ -161,7 +161,8 @@ def lin(x: Tensor, L: Lin) -> Tensor:
             y = y + _lora(x, L)
         return y
     if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and K.available()):
+            and L.w.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and K.available()):
         # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py)
         y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w, L.b).reshape(*x.shape[:-1], -1)
     else:

@@ -41,3 +41,22 @@ def test_too_many_rows_or_other_dtypes_use_the_twin():
     assert torch.equal(K.skinny_linear(x, w), F.linear(x, w))
     xd, wd = x[:4].double(), w.double()
     assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))
+
+
+def test_low_precision_decode_linears_stream_the_weight_not_the_kernel(monkeypatch):
+    """The kernel is fp32 only: a bf16 decode linear on the CPU takes W @ x.T (oneDNN reads W
+    at ~31 GB/s here), not the kernel's F.linear fallback (~6-10 GB/s at these shapes)."""
+    from engines import decoder as D
+
+    def refuse(*a, **k):
+        raise AssertionError("bf16 reached the fp32 kernel")
+    monkeypatch.setattr(K, "skinny_linear", refuse)
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    L = D.Lin(w, torch.randn(48, dtype=torch.bfloat16))
+    x = torch.randn(2, 1, 32, dtype=torch.bfloat16)
+    got = D.lin(x, L)
+    assert got.shape == (2, 1, 48) and got.dtype == torch.bfloat16
+    assert (got.float() - F.linear(x, w, L.b).float()).abs().max() < 0.1
+    if K.available():  # and fp32 still takes the kernel
+        with pytest.raises(AssertionError, match="fp32 kernel"):
+            D.lin(x.float(), D.Lin(w.float(), L.b.float()))
