@@ -128,18 +128,14 @@ def validate(o: BenchOptions) -> BenchOptions:
     for k in ("batch", "prompt_len", "gen_len", "steps", "ppo_epochs", "generation_batches"):
         if getattr(o, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(o, k)}")
-    for k in ("engine_timeout", "time_budget", "parity_tol"):
-        if not math.isfinite(getattr(o, k)):
-            raise ConfigError(f"--{k.replace('_', '-')} must be a finite number, got "
-                              f"{getattr(o, k)}")
-    if o.parity_tol < 0:
-        raise ConfigError(f"--parity-tol must be 0 (by dtype) or positive, got {o.parity_tol}")
+    for k, zero in (("engine_timeout", "none"), ("time_budget", "none"),
+                    ("parity_tol", "by dtype and logit size")):
+        v = getattr(o, k)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"--{k.replace('_', '-')} must be 0 ({zero}) or a positive finite "
+                              f"number, got {v}")
     if not 0 <= o.threads <= 1024:
         raise ConfigError(f"--threads must be 0 (torch's default) to 1024, got {o.threads}")
-    if o.engine_timeout < 0:
-        raise ConfigError(f"--engine-timeout must be 0 (none) or positive, got {o.engine_timeout}")
-    if o.time_budget < 0:
-        raise ConfigError(f"--time-budget must be 0 (none) or positive, got {o.time_budget}")
     if o.warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more, got {o.warmup}")
     if o.zero_stage not in (-1, 0, 1, 2, 3):
