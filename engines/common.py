@@ -62,6 +62,10 @@ def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
     return Experience(seq, am, rollout.answer_mask, P_, logprobs, ref_logprobs, values, scores)
 
 
+NO_OPTIMISER = ("train_step: this state has no optimiser state (the engine was initialised "
+                "with RunConfig(train=False))")
+
+
 def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
     """TrainState over the modules' own trainable tensors, and the two optimisers (their
     states None with cfg.train False)."""
@@ -112,8 +116,7 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     """
     a_opt, c_opt = opts
     if state.actor_opt is None:
-        raise ValueError("train_step: this state has no optimiser state (the engine was "
-                         "initialised with RunConfig(train=False))")
+        raise ValueError(NO_OPTIMISER)
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)
     c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,

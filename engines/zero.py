@@ -117,14 +117,22 @@ def _optimizer(params: list, lr: float, cfg: RunConfig):
     return torch.optim.AdamW(params, **kw)
 
 
+def _needs_optimizer(cfg: RunConfig) -> bool:
+    """A run that trains; else only ZeRO-1 and 2, which partition optimiser state and so
+    require one (without, ZeRO-3 still partitions the parameters)."""
+    return cfg.train or cfg.zero_stage in (1, 2)
+
+
 def initialize(module: torch.nn.Module, lr: float, cfg: RunConfig, extra: dict | None = None):
-    """One `deepspeed.initialize` engine around `module` (trained in place)."""
+    """One `deepspeed.initialize` engine around `module` (trained in place), without an
+    optimiser where none is needed."""
     import deepspeed
     init_dist()
     rows = cfg.batch * cfg.ppo.generation_batches // cfg.ppo.minibatches  # per train_step
     micro = max(1, rows // cfg.ppo.grad_accum)
     params = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=module, optimizer=_optimizer(params, lr, cfg),
+    opt = _optimizer(params, lr, cfg) if _needs_optimizer(cfg) else None
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt,
                                       config=ds_config(cfg, micro, extra))
     return engine
 
@@ -138,8 +146,10 @@ def init_state(models: ModelBundle, cfg: RunConfig, *, actor_extra: dict | None 
             _checkpoint_layers(m)
     actor = initialize(models.actor, cfg.ppo.actor_lr, cfg, actor_extra)
     critic = initialize(models.critic, cfg.ppo.critic_lr, cfg)
-    state = TrainState(trainable(actor.module), trainable(critic.module), actor.optimizer,
-                       critic.optimizer, torch.zeros((), dtype=torch.int64))
+    # ZeRO-3 without an optimiser still has a parameter manager in `.optimizer`: no state
+    a_opt, c_opt = (actor.optimizer, critic.optimizer) if _needs_optimizer(cfg) else (None, None)
+    state = TrainState(trainable(actor.module), trainable(critic.module), a_opt, c_opt,
+                       torch.zeros((), dtype=torch.int64))
     return state, (actor, critic)
 
 
@@ -200,6 +210,8 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     """Actor PPO-clip step then critic clipped-value step; one optimiser step each. (Unlike the
     torch backend's, the actor has stepped before the critic's loss is checked.)"""
     actor, critic = opts
+    if state.actor_opt is None:
+        raise ValueError(common.NO_OPTIMISER)
     a_loss, a_norm = _optimise(actor, _actor_loss, exp, ppo.cliprange, "actor")
     c_loss, c_norm = _optimise(critic, _critic_loss, exp, ppo.cliprange_value, "critic")
     stats = experience_stats(exp)

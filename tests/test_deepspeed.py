@@ -140,6 +140,29 @@ def test_zero3_gathered_holds_full_weights_and_generates_like_hf():
     assert all(p.numel() == 0 or p.ds_persist for p in engine.module.parameters())  # released
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_zero_generation_only_builds_no_optimiser_where_deepspeed_allows(stage):
+    """train=False (--phases generate): ZeRO-0 and 3 engines get no optimiser, and ZeRO-3
+    still partitions the parameters, so hybrid's gather-once generates what hf does; ZeRO-1
+    and 2 partition optimiser state, so DeepSpeed requires one and they keep it."""
+    from core.types import Experience
+    b, ref = make_bundle(), make_bundle()
+    cfg = make_cfg(zero_stage=stage).replace(train=False)
+    e = engines.get("hybrid")
+    state = e.init(b, cfg, seed=0)
+    if stage == 2:
+        assert state.actor_opt is not None and state.critic_opt is not None
+        return
+    assert state.actor_opt is None and state.critic_opt is None
+    with pytest.raises(ValueError, match="no optimiser state"):
+        e.train_step(state, Experience(*(None,) * len(Experience._fields)), cfg.ppo, seed=0)
+    if stage == 3:
+        assert all(p.numel() == 0 or p.ds_persist for p in b.actor.parameters())  # partitioned
+    prompts = make_prompts(b, cfg, 3)
+    want = hf_generate(ref.actor, prompts, PROBE, seed=0, pad_id=b.pad_id, eos_id=b.eos_id).seq
+    assert torch.equal(e.generate(state, prompts, PROBE, seed=0).seq, want)
+
+
 @pytest.mark.slow  # JIT-builds DeepSpeed's CPU Adam (~100 s) on a fresh machine
 def test_zero_offload_cpu_adam_matches_torch_backend(torch_run):
     _assert_same_training(_train(2, offload=True), torch_run)
