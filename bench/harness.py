@@ -348,7 +348,7 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
             r.data["engines"][d.engine]["status"] = why
     # every engine reads the same reference, so one scale (hf's largest |top logit|) and one
     # tolerance serve the run
-    scale = df.parity_logit_scale.max() if df.parity_logit_scale.notna().any() else float("nan")
+    scale = df.parity_logit_scale.max()  # NaN where none was recorded
     tol = parity_tolerance(o.dtype, scale, o.parity_tol)
     r.data["parity_tolerance"] = dict(max_abs_diff=tol, max_divergence_margin=TIE_FACTOR * tol,
                                       logit_scale=scale if scale == scale else None)

@@ -11,14 +11,13 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench.report import parity_tolerance
+from bench.report import dtype_spacing, parity_tolerance
 from core import ppo as P
 from core.data import synthetic_prompts
 from core.models import build_config, position_ids
 from core.types import torch_dtype
 from engines import decoder as D
 from engines.common import answer_logits
-
 
 
 def main(preset="opt-125m", B="4", Pl="32", G="32", dtype="bfloat16"):
@@ -54,7 +53,7 @@ def main(preset="opt-125m", B="4", Pl="32", G="32", dtype="bfloat16"):
                 lg = D.forward_(w, cache, ans[:, t:t + 1].contiguous(), pos[:, -1:] + 1 + t,
                                 Pl + t, key_mask)
         hy = torch.stack(hy, 1)
-    spacing = torch.finfo(dt).eps * 2.0 ** int(torch.tensor(scale).log2().floor())
+    spacing = dtype_spacing(dtype, scale)
     print(f"{preset} {dtype} batch {B}, {Pl}+{G} tokens ({time.perf_counter() - t0:.0f} s): "
           f"largest |top logit| {scale:.2f}, {dtype} spacing there {spacing:.4g}, "
           f"harness tolerance {parity_tolerance(dtype, scale):.4g}")

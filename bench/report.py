@@ -28,6 +28,11 @@ LOGIT_SPACINGS = 4
 DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
 
 
+def dtype_spacing(dtype: str, x: float) -> float:
+    """The gap between neighbouring values of `dtype` at magnitude x (x finite, above 0)."""
+    return DTYPE_EPS[dtype] * 2.0 ** math.floor(math.log2(x))
+
+
 def parity_tolerance(dtype: str, logit_scale: float, override: float = 0.0) -> float:
     """Max |log-prob difference| from hf: --parity-tol when given, else the dtype's default or
     LOGIT_SPACINGS spacings of the dtype at the reference's largest |top logit|, whichever is
@@ -37,7 +42,7 @@ def parity_tolerance(dtype: str, logit_scale: float, override: float = 0.0) -> f
     base = DEFAULT_PARITY_TOL[dtype]
     if not 0 < logit_scale < math.inf:  # NaN fails too
         return base
-    return max(base, LOGIT_SPACINGS * DTYPE_EPS[dtype] * 2.0 ** math.floor(math.log2(logit_scale)))
+    return max(base, LOGIT_SPACINGS * dtype_spacing(dtype, logit_scale))
 
 
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",

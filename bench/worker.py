@@ -20,10 +20,11 @@ import torch
 import engines
 from core.data import jsonl_prompts, synthetic_prompts
 from core.engine import EngineUnavailable
-from core.models import build_bundle, position_ids, weight_bytes
+from core.models import build_bundle, weight_bytes
 from core.rng import fold_in
 from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
+from engines.common import answer_logits
 
 from . import distributed
 from . import flops as F
@@ -160,11 +161,9 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
 def top_logit_scale(model, rollout) -> float:
     """The largest |top logit| over the rollout's answer positions, from the reference's own
     forward: log-probs of two correct paths disagree by a few spacings of the dtype at that
-    size (report.parity_tolerance). Only the answer positions' logits are made, as scoring
-    makes them, so the probe's peak memory stays scoring's."""
-    seq, am, P = rollout.seq, rollout.attention_mask, rollout.prompt_len
-    logits = model(input_ids=seq, attention_mask=am, position_ids=position_ids(am),
-                   use_cache=False, logits_to_keep=seq.shape[1] - P + 1).logits[:, :-1]
+    size (report.parity_tolerance). The logits are scoring's own (answer positions only), so
+    the probe's peak memory stays scoring's."""
+    logits = answer_logits(model, rollout.seq, rollout.attention_mask, rollout.prompt_len)
     top = logits.amax(-1).float().abs()
     return _worst(torch.where(rollout.answer_mask.bool(), top, 0.0))
 
