@@ -63,7 +63,7 @@ class TrainState(NamedTuple):
       modules' own parameters (one copy of the weights); an engine whose training runs elsewhere
       (DeepSpeed) keeps the live weights there and may hold handles here.
     actor_opt / critic_opt: optimiser states (core.optim.AdamState or backend-owned); None
-      under the torch backend when RunConfig.train is False.
+      when RunConfig.train is False (torch backend, and DeepSpeed at ZeRO-0 and 3).
     step: 0-d int64 tensor, optimiser steps done (one per train_step).
     """
     actor_params: dict
@@ -132,8 +132,8 @@ class RunConfig:
     inference_tp: int = 1          # ds-inference: tensor-parallel ranks that generate together
     dtype: str = "float32"
     device: str = "cpu"
-    train: bool = True             # False: nothing trains (a generation-only run), so engines
-                                   # that train with torch allocate no optimiser state
+    train: bool = True             # False: nothing trains (a generation-only run), so no
+                                   # optimiser state (ZeRO-1 and 2 still need DeepSpeed's)
 
     def replace(self, **kw) -> "RunConfig":
         return replace(self, **kw)
