@@ -32,11 +32,15 @@ perf: $(STAMP)
 clean:
 	rm -rf $(VENV) .cache results .benchmarks
 
-# Wheels the GPU machine lacks (DeepSpeed and its pure-Python needs), for bench/gpu_check.sh.
+# Wheels the GPU machine lacks (DeepSpeed and its pure-Python needs), for bench/gpu_check.sh,
+# at the versions .venv runs (the set the tests pass with): unpinned, pydantic and pydantic-core
+# would each come at their newest, and pydantic refuses a core other than the one it pins.
+GPU_DEPS := hjson|ninja|py-cpuinfo|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|msgpack|einops
 gpu-wheels: $(STAMP)
 	rm -rf .whl && mkdir -p .whl
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	pins=$$($(PY) -m pip freeze --disable-pip-version-check | grep -iE '^($(GPU_DEPS))==') && \
+	test $$(echo "$$pins" | wc -l) = 10 || { echo "gpu-wheels: .venv lacks one of: $(GPU_DEPS)"; exit 1; }; \
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d .whl hjson ninja py-cpuinfo pydantic pydantic-core \
-	  annotated-types typing-inspection typing-extensions msgpack einops
+	  --platform manylinux2014_x86_64 -d .whl $$pins
