@@ -24,7 +24,7 @@ from core.models import build_bundle, weight_bytes
 from core.rng import fold_in
 from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
-from engines.common import answer_logits
+from engines.common import actor_logprobs, answer_logits
 
 from . import distributed
 from . import flops as F
@@ -101,11 +101,12 @@ def make_prompts(o, bundle, step: int, i: int):
 
 def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
     a = F.shape_of(bundle.actor, bundle.config)
-    c = F.shape_of(bundle.critic, bundle.config)
     B, P, G = o.batch * o.generation_batches, o.prompt_len, o.gen_len
     rec.emit("generate", "flops", F.generate_flops(a, B, P, G), "FLOP", step=-1)
-    rec.emit("score", "flops", F.score_flops(a, c, B, P, G), "FLOP", step=-1)
-    rec.emit("train", "flops", o.ppo_epochs * F.train_flops(a, c, B, P, G), "FLOP", step=-1)
+    if bundle.critic is not None:  # else a generation-only run: it neither scores nor trains
+        c = F.shape_of(bundle.critic, bundle.config)
+        rec.emit("score", "flops", F.score_flops(a, c, B, P, G), "FLOP", step=-1)
+        rec.emit("train", "flops", o.ppo_epochs * F.train_flops(a, c, B, P, G), "FLOP", step=-1)
     dbytes = torch.finfo(torch_dtype(o.dtype)).bits // 8
     rec.emit("setup", "actor_weight_bytes", weight_bytes(bundle.actor), "B", step=-1)
     rec.emit("setup", "weight_copies", engine.weight_copies, "", step=-1)
@@ -122,13 +123,19 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     prompts = make_prompts(o, bundle, step=-1, i=0)
     gen = GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos)
     rollout = engine.generate(state, prompts, gen, seed=fold_in(o.seed, 999))
+
+    def scored(r):  # the engine's scoring; a generation-only bundle has the actor's part only
+        if bundle.ref is None:
+            return actor_logprobs(bundle, r)
+        return engine.score(state, r).logprobs
+
     if reference:
-        exp = engine.score(state, rollout)
+        logprobs = scored(rollout)
         scale = top_logit_scale(bundle.actor, rollout)
         tensors = {"seq": rollout.seq.cpu().contiguous(),
                    "attention_mask": rollout.attention_mask.cpu().contiguous(),
                    "answer_mask": rollout.answer_mask.cpu().contiguous(),
-                   "logprobs": exp.logprobs.float().cpu().contiguous(),
+                   "logprobs": logprobs.float().cpu().contiguous(),
                    "logit_scale": torch.tensor(scale)}
         atomic_write(ref_path, lambda tmp: save_file(tensors, tmp))
         rec.emit("parity", "logit_scale", scale, "", step=-1)
@@ -145,12 +152,12 @@ def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, referen
     def gap(logprobs):
         return max_gap(logprobs, ref["logprobs"], ref["answer_mask"])
 
-    on_ref = engine.score(state, ref_rollout).logprobs
+    on_ref = scored(ref_rollout)
     same = rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]
     rec.emit("parity", "max_abs_diff", gap(on_ref), "nat", step=-1)
     rec.emit("parity", "token_agreement", float(same.float().mean()), "", step=-1)
     rec.emit("parity", "divergence_margin",
-             divergence_margin(same, on_ref, engine.score(state, rollout).logprobs), "nat",
+             divergence_margin(same, on_ref, scored(rollout)), "nat",
              step=-1)
     if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
         rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
@@ -236,8 +243,11 @@ def run(spec: dict) -> int:
     try:
         engine = engines.get(name, compile=o.compile, lora=o.lora_mode)
         cfg = o.run_config() if dist is None else dist.run_config(o)
+        # a generation-only run builds the actor alone: reference, critic and reward would
+        # each add the actor's size again to the peak and never be used
         bundle = build_bundle(o.preset, seed=o.seed, dtype=torch_dtype(o.dtype),
-                              lora_dim=o.lora_dim, device=o.device)
+                              lora_dim=o.lora_dim, device=o.device,
+                              actor_only=o.generation_only)
         t0 = time.perf_counter()
         state = engine.init(bundle, cfg, seed=o.seed)
         rec.emit("setup", "init_s", time.perf_counter() - t0, "s", step=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -102,10 +102,12 @@ class ValueModel(nn.Module):
 
 
 class ModelBundle(NamedTuple):
-    actor: nn.Module      # trained; a PEFT model when LoRA is on
-    ref: nn.Module        # frozen copy of the initial actor
-    critic: ValueModel    # trained, starts as a copy of the reward model
-    reward: ValueModel    # frozen
+    """The four PPO models. A generation-only bundle (build_bundle(actor_only=True)) has the
+    actor alone: ref, critic and reward are None."""
+    actor: nn.Module                # trained; a PEFT model when LoRA is on
+    ref: Optional[nn.Module]        # frozen copy of the initial actor
+    critic: Optional[ValueModel]    # trained, starts as a copy of the reward model
+    reward: Optional[ValueModel]    # frozen
     config: object        # the actor's transformers config
     pad_id: int
     eos_id: int
@@ -117,35 +119,40 @@ def _seeded(seed: int):
 
 
 def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
-                 lora_dim: int = 0, device: str = "cpu") -> ModelBundle:
-    """Actor, reference, critic and reward, all seeded: the same seed gives the same weights."""
+                 lora_dim: int = 0, device: str = "cpu", actor_only: bool = False) -> ModelBundle:
+    """Actor, reference, critic and reward, all seeded: the same seed gives the same weights.
+    actor_only: the actor alone (the same weights), for runs that only generate: the other
+    three are as large again each and would only sit in memory."""
     from transformers import AutoModel, AutoModelForCausalLM
     cfg = build_config(name)
     local = name not in PRESETS
+
+    def make(auto):  # a local folder's weights, or the preset's random init
+        if local:
+            return auto.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
+        return auto.from_config(cfg, dtype=dtype)
+
     # build straight on a GPU (random init of a 1.3B model on the CPU costs tens of seconds)
     where = torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()
     with _seeded(seed), where:
         torch.manual_seed(fold_in(seed, 1))
-        if local:
-            actor = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=dtype,
-                                                         local_files_only=True)
-        else:
-            actor = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        torch.manual_seed(fold_in(seed, 2))
-        if local:
-            base = AutoModel.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
-        else:
-            base = AutoModel.from_config(cfg, dtype=dtype)
-        reward = ValueModel(base, hidden_out_size(cfg)).to(dtype)
-        torch.nn.init.normal_(reward.v_head.weight, std=1.0 / hidden_out_size(cfg) ** 0.5)
-    ref = copy.deepcopy(actor)
-    critic = copy.deepcopy(reward)
-    for m in (ref, reward):
-        m.requires_grad_(False)
+        actor = make(AutoModelForCausalLM)
+        reward = None
+        if not actor_only:
+            torch.manual_seed(fold_in(seed, 2))
+            reward = ValueModel(make(AutoModel), hidden_out_size(cfg)).to(dtype)
+            torch.nn.init.normal_(reward.v_head.weight, std=1.0 / hidden_out_size(cfg) ** 0.5)
+    ref = critic = None
+    if reward is not None:
+        ref = copy.deepcopy(actor)
+        critic = copy.deepcopy(reward)
+        for m in (ref, reward):
+            m.requires_grad_(False)
     if lora_dim:
         actor = apply_lora_(actor, cfg, lora_dim, seed=seed)
     for m in (actor, ref, critic, reward):
-        m.to(device).eval()
+        if m is not None:
+            m.to(device).eval()
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else (cfg.eos_token_id or [pad])[0]
     return ModelBundle(actor, ref, critic, reward, cfg, int(pad), int(eos))

@@ -48,11 +48,25 @@ def finish_rollout(prompts, answer: torch.Tensor, pad_id: int, eos_id: int,
     return Rollout(seq, attn, amask, prompts.input_ids.shape[1])
 
 
+GENERATION_ONLY = ("score: this bundle has the actor alone (a generation-only run): no "
+                   "reference, critic or reward model to score with")
+
+
+@torch.no_grad()
+def actor_logprobs(models: ModelBundle, rollout: Rollout) -> torch.Tensor:
+    """(B, G) log-probs of the rollout's answer tokens under the actor: scoring's first part,
+    and all of it that a generation-only bundle can compute."""
+    seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len
+    return P.logprobs_from_logits(answer_logits(models.actor, seq, am, P_), seq[:, P_:])
+
+
 @torch.no_grad()
 def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
+    if models.ref is None:
+        raise ValueError(GENERATION_ONLY)
     seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len
     answer = seq[:, P_:]
-    logprobs = P.logprobs_from_logits(answer_logits(models.actor, seq, am, P_), answer)
+    logprobs = actor_logprobs(models, rollout)
     ref_logprobs = P.logprobs_from_logits(answer_logits(models.ref, seq, am, P_), answer)
     values = answer_values(models.critic, seq, am, P_)
     if reward == "rule":
@@ -68,11 +82,12 @@ NO_OPTIMISER = ("train_step: this state has no optimiser state (the engine was i
 
 def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
     """TrainState over the modules' own trainable tensors, and the two optimisers (their
-    states None with cfg.train False)."""
+    states None with cfg.train False; no critic tensors in a generation-only bundle)."""
     ppo = cfg.ppo
     a_opt = adamw(ppo.actor_lr, ppo.betas, ppo.eps, ppo.weight_decay)
     c_opt = adamw(ppo.critic_lr, ppo.betas, ppo.eps, ppo.weight_decay)
-    a_params, c_params = trainable(models.actor), trainable(models.critic)
+    a_params = trainable(models.actor)
+    c_params = trainable(models.critic) if models.critic is not None else {}
     # a run that never trains holds no optimiser state: Adam's moments (and bf16's fp32
     # masters) are 8-12 bytes per parameter
     a_state, c_state = (a_opt.init(a_params), c_opt.init(c_params)) if cfg.train else (None, None)

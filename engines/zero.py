@@ -139,17 +139,21 @@ def initialize(module: torch.nn.Module, lr: float, cfg: RunConfig, extra: dict |
 
 def init_state(models: ModelBundle, cfg: RunConfig, *, actor_extra: dict | None = None
                ) -> tuple[TrainState, tuple]:
-    """DeepSpeed engines for actor and critic; `actor_extra` adds keys to the actor's config
-    (ds-hybrid passes its `hybrid_engine` section)."""
+    """DeepSpeed engines for actor and critic (the actor's alone for a generation-only bundle,
+    which has no critic); `actor_extra` adds keys to the actor's config (ds-hybrid passes its
+    `hybrid_engine` section)."""
+    has_critic = models.critic is not None
     if cfg.grad_ckpt:
-        for m in (models.actor, models.critic.base):
-            _checkpoint_layers(m)
+        _checkpoint_layers(models.actor)
+        if has_critic:
+            _checkpoint_layers(models.critic.base)
     actor = initialize(models.actor, cfg.ppo.actor_lr, cfg, actor_extra)
-    critic = initialize(models.critic, cfg.ppo.critic_lr, cfg)
-    # ZeRO-3 without an optimiser still has a parameter manager in `.optimizer`: no state
-    a_opt, c_opt = (actor.optimizer, critic.optimizer) if _needs_optimizer(cfg) else (None, None)
-    state = TrainState(trainable(actor.module), trainable(critic.module), a_opt, c_opt,
-                       torch.zeros((), dtype=torch.int64))
+    critic = initialize(models.critic, cfg.ppo.critic_lr, cfg) if has_critic else None
+    a_opt = c_opt = None
+    if _needs_optimizer(cfg):  # else None: ZeRO-3's `.optimizer` is then a parameter manager
+        a_opt, c_opt = actor.optimizer, critic.optimizer if has_critic else None
+    state = TrainState(trainable(actor.module), trainable(critic.module) if has_critic else {},
+                       a_opt, c_opt, torch.zeros((), dtype=torch.int64))
     return state, (actor, critic)
 
 

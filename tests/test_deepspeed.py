@@ -142,16 +142,18 @@ def test_zero3_gathered_holds_full_weights_and_generates_like_hf():
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_generation_only_builds_no_optimiser_where_deepspeed_allows(stage):
-    """train=False (--phases generate): ZeRO-0 and 3 engines get no optimiser, and ZeRO-3
-    still partitions the parameters, so hybrid's gather-once generates what hf does; ZeRO-1
-    and 2 partition optimiser state, so DeepSpeed requires one and they keep it."""
+    """train=False (--phases generate), on the actor-only bundle such a run builds: ZeRO-0 and
+    3 engines get no optimiser, and ZeRO-3 still partitions the parameters, so hybrid's
+    gather-once generates what hf does; ZeRO-1 and 2 partition optimiser state, so DeepSpeed
+    requires one and the actor keeps it (there is no critic)."""
     from core.types import Experience
-    b, ref = make_bundle(), make_bundle()
+    b, ref = make_bundle(actor_only=True), make_bundle()
     cfg = make_cfg(zero_stage=stage).replace(train=False)
     e = engines.get("hybrid")
     state = e.init(b, cfg, seed=0)
+    assert e.opts[1] is None and state.critic_params == {}
     if stage == 2:
-        assert state.actor_opt is not None and state.critic_opt is not None
+        assert state.actor_opt is not None and state.critic_opt is None
         return
     assert state.actor_opt is None and state.critic_opt is None
     with pytest.raises(ValueError, match="no optimiser state"):

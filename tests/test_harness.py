@@ -442,6 +442,8 @@ def test_phases_subset_measures_only_generation(tmp_path):
     measured = set(rows[(rows.step >= 0) & (rows.metric == "seconds")].phase)
     assert measured == {"generate", "step"}
     assert not (rows.metric == "actor_loss").any()
+    # the bundle was the actor alone: no critic, so no scoring or training FLOPs to count
+    assert set(rows[rows.metric == "flops"].phase) == {"generate"}
 
 
 @pytest.mark.parametrize("engine", ["hf", "hybrid", "ds-inference"])
@@ -464,6 +466,36 @@ def test_generation_only_runs_hold_no_optimiser_state(engine):
     e.release()
     full = engines.get(engine).init(b, gen_only.replace(train=True), seed=0)
     assert full.actor_opt is not None and full.critic_opt is not None
+
+
+@pytest.mark.parametrize("engine", ["hf", "hybrid", "ds-inference"])
+def test_generation_only_bundle_is_the_actor_alone(engine):
+    """A generation-only run builds the actor alone, with the full bundle's weights: every
+    engine generates from it as from the full bundle, and scoring (which needs reference,
+    critic and reward) says in one line why it cannot."""
+    import engines
+    from bench.config import BenchOptions
+    from core.data import synthetic_prompts
+    from core.models import build_bundle
+    from engines.common import actor_logprobs
+    gen_only = BenchOptions(preset="tiny-opt", batch=2, prompt_len=6, gen_len=5,
+                            phases=("generate",)).run_config()
+    full, alone = (build_bundle("tiny-opt", seed=0, actor_only=a) for a in (False, True))
+    assert alone.ref is None and alone.critic is None and alone.reward is None
+    a_sd, f_sd = alone.actor.state_dict(), full.actor.state_dict()
+    assert a_sd.keys() == f_sd.keys() and all(torch.equal(a_sd[k], f_sd[k]) for k in a_sd)
+    e = engines.get(engine)
+    state = e.init(alone, gen_only, seed=0)
+    assert state.critic_params == {}
+    p = synthetic_prompts(2, 6, alone.config.vocab_size, alone.pad_id, seed=0)
+    r = e.generate(state, p, gen_only.gen, seed=3)
+    twin = engines.get(engine)
+    assert torch.equal(r.seq, twin.generate(twin.init(full, gen_only, seed=0), p, gen_only.gen,
+                                            seed=3).seq)
+    with pytest.raises(ValueError, match="has the actor alone") as err:
+        e.score(state, r)
+    assert "\n" not in str(err.value)
+    assert torch.equal(actor_logprobs(alone, r), actor_logprobs(full, r))
 
 
 def test_config_file_gives_the_same_keys(tmp_path):
