@@ -1,7 +1,9 @@
 """Time one `hybrid` decode step (engines.decoder.forward_ on one token per row) after a prefill,
 and print where its ATen time goes. opt-125m shape, batch 8, 192 cached positions, 2 threads.
+Each step attends over one more key than the last, as in generation: a step repeated at one
+length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python bench/decode_step.py [--profile] (numbers in README, Performance notes)."""
+Run: python bench/decode_step.py [--profile] [--bf16] (numbers in README, Performance notes)."""
 import sys
 import time
 
@@ -12,36 +14,41 @@ from core.models import build_bundle, position_ids
 from engines import decoder as D
 
 torch.set_num_threads(2)
-B, P = 8, 192
-b = build_bundle("opt-125m", seed=0)
+B, P, WARM, TIMED, PROFILED = 8, 192, 3, 20, 10
+dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
+b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
 w = D.extract(b.actor)
 prompts = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
-cache = D.new_cache(w, B, P + 1, torch.float32, "cpu")
-key_mask = torch.ones(B, P + 1, dtype=torch.bool)
+T = P + WARM + TIMED + PROFILED
+cache = D.new_cache(w, B, T, dtype, "cpu")
+key_mask = torch.ones(B, T, dtype=torch.bool)
 key_mask[:, :P] = prompts.attention_mask.bool()
 pos = position_ids(prompts.attention_mask)
 tok = torch.zeros(B, 1, dtype=torch.long)
 with torch.no_grad():
     D.forward_(w, cache, prompts.input_ids, pos, 0, key_mask)
+    steps = iter(range(WARM + TIMED + PROFILED))
 
     def step():
-        return D.forward_(w, cache, tok, pos[:, -1:] + 1, P, key_mask)
+        i = next(steps)
+        return D.forward_(w, cache, tok, pos[:, -1:] + 1 + i, P + i, key_mask)
 
-    for _ in range(3):
+    for _ in range(WARM):
         step()
     times = []
-    for _ in range(20):
+    for _ in range(TIMED):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     times.sort()
-    print(f"decode step at {P} cached positions: min {times[0] * 1e3:.1f} ms, "
-          f"median {times[10] * 1e3:.1f} ms")
+    print(f"{str(dtype)[6:]} decode step at {P + WARM}-{P + WARM + TIMED - 1} cached positions: "
+          f"min {times[0] * 1e3:.1f} ms, median {times[TIMED // 2] * 1e3:.1f} ms")
     if "--profile" in sys.argv:
         from torch.profiler import profile
         with profile(record_shapes=True) as prof:
-            for _ in range(10):
+            for _ in range(PROFILED):
                 step()
-        print("ATen ops over 10 steps (the linears' kernel is not an ATen op, so not listed):")
+        print(f"ATen ops over {PROFILED} steps (the linears' kernel is not an ATen op, so not "
+              "listed):")
         print(prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=15))

@@ -169,9 +169,11 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         if L.t:
             y = x @ L.w
         elif x.shape[:-1].numel() <= SMALL_M:
-            # decode: stream W once as the left operand, (N, K) @ (K, M); values as F.linear
+            # decode: stream W once as the left operand, (N, K) @ (K, M); values and layout as
+            # F.linear's (a transposed result, q among others, sent bf16 decode attention to
+            # SDPA's math fallback on the CPU: generate measured 1.2x slower)
             x2 = x.reshape(-1, x.shape[-1])
-            y = (L.w @ x2.t()).t().reshape(*x.shape[:-1], L.w.shape[0])
+            y = (L.w @ x2.t()).t().contiguous().reshape(*x.shape[:-1], L.w.shape[0])
         else:
             y = F.linear(x, L.w)
         if L.b is not None:
@@ -320,11 +322,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
     B, H, S, D = q.shape
     KV = k.shape[1]
-    if S > 1:
+    if S > 1 or (q.device.type == "cpu" and q.dtype != torch.float32):
+        # bf16/fp16 decode on CPU too: there the matmuls below run through oneDNN, which builds
+        # a primitive for every new key length and keeps it with a K-sized scratchpad (+659 MB
+        # over one 128-token generate at opt-125m, batch 8); SDPA reads the views as they are
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(D),
                                               enable_gqa=KV != H)
-    # decode: two batched matmuls straight on the strided cache views (SDPA's CPU fallback
-    # for this shape copies K while scaling it, which measured ~2 ms per layer at OPT-125m)
+    # fp32 decode: two batched matmuls straight on the strided cache views (SDPA's CPU fallback
+    # for this shape copied K while scaling it, which measured ~2 ms per layer at OPT-125m)
     qg = q.reshape(B, KV, H // KV, D) * (1.0 / math.sqrt(D))        # (B, KV, H/KV, D)
     s = torch.matmul(qg, k.transpose(-1, -2))                       # (B, KV, H/KV, end)
     s = s.masked_fill(~mask, float("-inf")).softmax(-1)
