@@ -322,14 +322,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
     B, H, S, D = q.shape
     KV = k.shape[1]
-    if S > 1 or (q.device.type == "cpu" and q.dtype != torch.float32):
-        # bf16/fp16 decode on CPU too: there the matmuls below run through oneDNN, which builds
-        # a primitive for every new key length and keeps it with a K-sized scratchpad (+659 MB
-        # over one 128-token generate at opt-125m, batch 8); SDPA reads the views as they are
+    if S > 1 or q.device.type == "cpu":
+        # decode on the CPU too: SDPA's flash kernel reads the strided cache views as they are.
+        # The matmuls below ran 6-8% slower there in fp32, and in bf16 they went through
+        # oneDNN, which kept a primitive with a K-sized scratchpad for every new key length
+        # (+659 MB over one 128-token generate at opt-125m, batch 8)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(D),
                                               enable_gqa=KV != H)
-    # fp32 decode: two batched matmuls straight on the strided cache views (SDPA's CPU fallback
-    # for this shape copied K while scaling it, which measured ~2 ms per layer at OPT-125m)
+    # decode on a GPU, where it is compiled into one CUDA graph: two batched matmuls on the
+    # cache views
     qg = q.reshape(B, KV, H // KV, D) * (1.0 / math.sqrt(D))        # (B, KV, H/KV, D)
     s = torch.matmul(qg, k.transpose(-1, -2))                       # (B, KV, H/KV, end)
     s = s.masked_fill(~mask, float("-inf")).softmax(-1)

@@ -95,20 +95,21 @@ def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
     assert (out.float() - s.softmax(-1) @ vf).abs().max() < 1e-2
 
 
-def test_low_precision_decode_step_runs_sdpa_flash_kernel():
-    """A bf16 decode step on the CPU reaches SDPA's flash kernel, not its math fallback, which
-    copies K and V every layer: it took the fallback while the decode linears returned a
-    transposed layout (q's last dimension strided), and generate ran 1.2x slower."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_step_runs_sdpa_flash_kernel(dtype):
+    """A decode step on the CPU reaches SDPA's flash kernel, not its math fallback, which
+    copies K and V every layer: in bf16 it took the fallback while the decode linears returned
+    a transposed layout (q's last dimension strided), and generate ran 1.2x slower."""
     from torch.profiler import profile
 
     from core.data import synthetic_prompts
     from core.models import build_bundle, position_ids
     from engines import decoder as D
-    b = build_bundle("tiny-opt", seed=0, dtype=torch.bfloat16, actor_only=True)
+    b = build_bundle("tiny-opt", seed=0, dtype=dtype, actor_only=True)
     w = D.extract(b.actor)
     B, P = 2, 6
     p = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
-    cache = D.new_cache(w, B, P + 1, torch.bfloat16, "cpu")
+    cache = D.new_cache(w, B, P + 1, dtype, "cpu")
     key_mask = torch.ones(B, P + 1, dtype=torch.bool)
     key_mask[:, :P] = p.attention_mask.bool()
     pos = position_ids(p.attention_mask)
