@@ -12,7 +12,8 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
                    "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
-                   "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "weight_copies",
+                   "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "gen_peak_mem_mb",
+                   "weight_copies",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
                    "parity_token_agreement", "parity_divergence_margin", "parity_tol",
@@ -86,6 +87,12 @@ def summarize(data: dict) -> pd.DataFrame:
         if len(gpu_peak):
             d["peak_mem_mb"] = gpu_peak.max()
         d["peak_reserved_mb"] = measured[measured.metric == "peak_reserved_mb"].value.max()
+        # generation's own peak (GPU: allocated; CPU: RSS above the baseline, where the worker
+        # could reset the process's peak at each phase), which training's hides in peak_mem_mb
+        gen = measured[measured.phase == "generate"]
+        gen_peak = gen[gen.metric == "peak_mem_mb"].value
+        d["gen_peak_mem_mb"] = (gen_peak if len(gen_peak) else
+                                gen[gen.metric == "peak_rss_mb"].value).max()
         d["weight_copies"] = setup.get(("setup", "weight_copies"), float("nan"))
         d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
         d["weights_held_mb"] = d["actor_weight_mb"] * d["weight_copies"]
@@ -128,8 +135,8 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
 def format_table(df: pd.DataFrame) -> str:
     cols = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
             "gen_tokens_per_s", "gen_speedup_vs_hf", "step_speedup_vs_hf",
-            "decode_roofline_frac", "peak_mem_mb", "weight_copies", "parity_max_abs_diff",
-            "gen_parity_max_abs_diff"]
+            "decode_roofline_frac", "peak_mem_mb", "gen_peak_mem_mb", "weight_copies",
+            "parity_max_abs_diff", "gen_parity_max_abs_diff"]
     show = df[cols].copy()
     show["status"] = show.status.str.slice(0, 48)
     with pd.option_context("display.width", 200, "display.max_columns", 30,

@@ -40,8 +40,41 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+_PEAK_BEFORE_RESET = 0.0  # MB: the process's peak RSS as it stood at the last _new_peak()
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """The process's peak RSS so far (resetting VmHWM also resets ru_maxrss: kept here)."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+               _PEAK_BEFORE_RESET)
+
+
+def _hwm_mb() -> float | None:
+    """Peak RSS since the last _new_peak() (Linux's VmHWM), or None where unreadable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _new_peak() -> bool:
+    """Start a new peak-RSS window (Linux: '5' into /proc/self/clear_refs sets VmHWM to the
+    current RSS), keeping the old peak for _peak_rss_mb. False where that is not possible."""
+    global _PEAK_BEFORE_RESET
+    before = _peak_rss_mb()
+    if _hwm_mb() is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    _PEAK_BEFORE_RESET = before
+    return True
 
 
 class Recorder:
@@ -52,6 +85,7 @@ class Recorder:
         self.step = -1
         self.held = None  # multi-rank: a list keeping step rows for bench.distributed.end_step
         self.note = ""    # the engine's note last passed on
+        self.base_rss = None  # MB: the baseline CPU peaks count from, once taken
 
     def emit(self, phase, metric, value, unit="", step=None):
         r = row(self.engine, self.step if step is None else step, phase, metric, value, unit)
@@ -75,6 +109,8 @@ class Recorder:
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        # the CPU's peak per phase, as the GPU's: RSS above the run's baseline
+        cpu_peak = not cuda and self.base_rss is not None and _new_peak()
         self._sync()
         t0 = time.perf_counter()
         yield
@@ -87,6 +123,8 @@ class Recorder:
                 # reserved also holds CUDA-graph pools, whose reuse allocated() does not see
                 self.emit(name, "peak_reserved_mb", torch.cuda.max_memory_reserved() / 2 ** 20,
                           "MB")
+            elif cpu_peak and (hwm := _hwm_mb()) is not None:
+                self.emit(name, "peak_rss_mb", hwm - self.base_rss, "MB")
 
 
 def make_prompts(o, bundle, step: int, i: int):
@@ -238,7 +276,7 @@ def run(spec: dict) -> int:
     if o.threads:
         torch.set_num_threads(o.threads)
     _import_libraries(o, name)
-    base_rss = _rss_mb()  # peak memory is counted above this: the run's own, not library code
+    base_rss = rec.base_rss = _rss_mb()  # peaks count above this: the run's, not library code
     rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
     try:
         engine = engines.get(name, compile=o.compile, lora=o.lora_mode)

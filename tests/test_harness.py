@@ -376,6 +376,30 @@ def test_summary_takes_gpu_memory_rows():
                     ["engine", "step", "phase", "metric", "value", "unit"], r)) for r in rows])
     d = summarize(data).iloc[0]
     assert d.peak_mem_mb == 900 and d.peak_reserved_mb == 1500 and d.note == ""
+    assert d.gen_peak_mem_mb == 900
+
+
+def test_cpu_phases_record_their_own_peak_rss(tmp_path):
+    """On Linux the worker resets the process's peak RSS at each phase, so each phase's row
+    is its own peak above the baseline (a later, smaller phase is not hidden under an earlier
+    one), while the process's peak, which the reset also clears, is kept."""
+    import json as js
+
+    from bench import worker as W
+    if W._hwm_mb() is None:
+        pytest.skip("no /proc/self/status VmHWM on this OS: phases record no RSS peak")
+    rec = W.Recorder(str(tmp_path / "rows.jsonl"), "hf", "cpu", {"generate", "train"})
+    rec.base_rss, rec.step = W._rss_mb(), 0
+    with rec.phase("train"):
+        big = torch.ones(300 * 2 ** 20 // 4)  # 300 MB, touched
+        del big
+    with rec.phase("generate"):
+        small = torch.ones(20 * 2 ** 20 // 4)
+        del small
+    rows = [js.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    peak = {r["phase"]: r["value"] for r in rows if r.get("metric") == "peak_rss_mb"}
+    assert peak["train"] > 250 and 10 < peak["generate"] < 150, peak
+    assert W._peak_rss_mb() - rec.base_rss > 250  # the process's peak survives the resets
 
 
 @pytest.mark.parametrize("step_peak, expected", [(90.0, 100.0), (150.0, 150.0)])
@@ -433,6 +457,8 @@ def test_roofline_fraction_is_never_above_one(two_engine_run):
     # for timer noise, no more
     assert (summary.decode_roofline_frac <= 1.05).all()
     assert (summary.decode_roofline_frac > 0).all()
+    # generation's own peak, measured per phase, lies under the process's (training's) peak
+    assert ((summary.gen_peak_mem_mb > 0) & (summary.gen_peak_mem_mb < summary.peak_mem_mb)).all()
 
 
 def test_phases_subset_measures_only_generation(tmp_path):
