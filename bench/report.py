@@ -174,14 +174,19 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(11, 4))
     for (engine, preset, gl), g in df[df.status == "ok"].groupby(["engine", "preset", "gen_len"]):
         g = g.sort_values("batch")
         ax.plot(g.batch, g.gen_tokens_per_s, marker="o", label=f"{engine} {preset} G={gl}")
+        if "gen_peak_mem_mb" in g:  # results from before the column have none
+            mem.plot(g.batch, g.gen_peak_mem_mb, marker="o", label=f"{engine} {preset} G={gl}")
     ax.set_xlabel("batch size")
     ax.set_ylabel("generated tokens / s")
     ax.set_title("Generation throughput vs batch")
     ax.legend(fontsize=7)
+    mem.set_xlabel("batch size")
+    mem.set_ylabel("MB above the run's baseline")
+    mem.set_title("Generation's peak memory vs batch")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -600,3 +600,29 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_umask_permissions(
     target.chmod(0o600)  # a file the user restricted stays restricted when rewritten
     atomic_write_text(target, "new\n")
     assert target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("with_memory", [True, False])
+def test_sweep_plot_draws_memory_where_recorded(tmp_path, monkeypatch, with_memory):
+    """sweep.png: throughput, and generation's own peak where the results have it (sweeps from
+    before gen_peak_mem_mb plot throughput alone rather than fail)."""
+    import matplotlib.pyplot as plt
+
+    from bench.report import plot_sweep
+    df = pd.DataFrame(dict(engine=["hf", "hf"], preset=["tiny-opt"] * 2, gen_len=[8, 8],
+                           batch=[2, 4], status=["ok", "ok"], gen_tokens_per_s=[10.0, 18.0]))
+    if with_memory:
+        df["gen_peak_mem_mb"] = [30.0, 41.0]
+    drawn = []
+    real = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        drawn.append(axes)
+        return fig, axes
+    monkeypatch.setattr(plt, "subplots", spy)
+    plot_sweep(df, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    mem = drawn[0][1]
+    assert [list(line.get_ydata()) for line in mem.get_lines()] == (
+        [[30.0, 41.0]] if with_memory else [])
