@@ -2,32 +2,30 @@
 `generate` and `hybrid`'s cached decode, each against hf's full-sequence scoring of the same
 greedy tokens. The floor the harness's parity tolerance must clear (report.parity_tolerance).
 
-Only the actor is built (no optimiser, no reference, critic or reward), so opt-1.3b fits here.
+Only the actor is built (build_bundle(actor_only=True), no optimiser state), so opt-1.3b fits
+here.
 Run: python bench/logit_floor.py [PRESET B P G [DTYPE]] (default opt-125m 4 32 32 bfloat16;
 numbers in README, "What the summary means")."""
 import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from bench.report import dtype_spacing, parity_tolerance
 from core import ppo as P
 from core.data import synthetic_prompts
-from core.models import build_config, position_ids
-from core.types import torch_dtype
-from engines import decoder as D
+from core.models import build_bundle
+from core.types import GenerationConfig, Rollout, RunConfig, torch_dtype
 from engines.common import answer_logits
+from engines.hybrid import HybridEngine
 
 
 def main(preset="opt-125m", B="4", Pl="32", G="32", dtype="bfloat16"):
     B, Pl, G, dt = int(B), int(Pl), int(G), torch_dtype(dtype)
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    cfg = build_config(preset)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
-    pad = cfg.pad_token_id or 0
-    pr = synthetic_prompts(B, Pl, cfg.vocab_size, pad, seed=0)
+    bundle = build_bundle(preset, seed=0, dtype=dt, actor_only=True)
+    model, pad = bundle.actor, bundle.pad_id
+    pr = synthetic_prompts(B, Pl, bundle.config.vocab_size, pad, seed=0)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=pr.input_ids, attention_mask=pr.attention_mask,
@@ -41,18 +39,13 @@ def main(preset="opt-125m", B="4", Pl="32", G="32", dtype="bfloat16"):
         score = P.logprobs_from_logits(logits, ans)
         scale = float(logits.amax(-1).float().abs().max())
         del logits
-        w = D.extract(model)
-        cache = D.new_cache(w, B, Pl + G, dt, "cpu")
-        key_mask = torch.ones(B, Pl + G, dtype=torch.bool)
-        key_mask[:, :Pl] = pr.attention_mask.bool()
-        pos = position_ids(pr.attention_mask)
-        lg, hy = D.forward_(w, cache, pr.input_ids, pos, 0, key_mask), []
-        for t in range(G):
-            hy.append(lg.float().log_softmax(-1).gather(-1, ans[:, t:t + 1])[:, 0])
-            if t < G - 1:
-                lg = D.forward_(w, cache, ans[:, t:t + 1].contiguous(), pos[:, -1:] + 1 + t,
-                                Pl + t, key_mask)
-        hy = torch.stack(hy, 1)
+    # hybrid's own generation path fed these tokens, as the harness's parity probe runs it
+    cfg = RunConfig(preset=preset, batch=B, prompt_len=Pl, gen=GenerationConfig(gen_len=G),
+                    dtype=dtype, train=False)
+    hybrid = HybridEngine()
+    hy = hybrid.answer_logprobs(hybrid.init(bundle, cfg, seed=0),
+                                Rollout(out.sequences, am, torch.ones_like(ans, dtype=torch.bool),
+                                        Pl))
     spacing = dtype_spacing(dtype, scale)
     print(f"{preset} {dtype} batch {B}, {Pl}+{G} tokens ({time.perf_counter() - t0:.0f} s): "
           f"largest |top logit| {scale:.2f}, {dtype} spacing there {spacing:.4g}, "
