@@ -118,6 +118,18 @@ def _seeded(seed: int):
     return torch.random.fork_rng(devices=devices)  # leave global RNG state as it was
 
 
+def _vary_constants_(model: nn.Module) -> nn.Module:
+    """HF initialises every bias at 0 and every norm weight at 1, so on a preset an engine
+    that dropped a bias or a norm's scale would still agree with hf, in the tests and in the
+    parity probe. Move them by noise at the weights' own scale (std 0.02), as trained models'
+    are. Draws from the caller's seeded RNG."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p), alpha=0.02)
+    return model
+
+
 def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
                  lora_dim: int = 0, device: str = "cpu", actor_only: bool = False) -> ModelBundle:
     """Actor, reference, critic and reward, all seeded: the same seed gives the same weights.
@@ -130,7 +142,7 @@ def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
     def make(auto):  # a local folder's weights, or the preset's random init
         if local:
             return auto.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
-        return auto.from_config(cfg, dtype=dtype)
+        return _vary_constants_(auto.from_config(cfg, dtype=dtype))
 
     # build straight on a GPU (random init of a 1.3B model on the CPU costs tens of seconds)
     where = torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()

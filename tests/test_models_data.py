@@ -57,6 +57,16 @@ def test_bundle_seeding(preset, tiny_bundle):
                            a.reward.base.get_input_embeddings().weight)
 
 
+@pytest.mark.parametrize("preset", TINY)
+def test_presets_give_biases_and_norm_scales_real_values(preset, tiny_bundle):
+    """HF initialises biases at 0 and norm weights at 1: left so, an engine that dropped one
+    would agree with hf. Every 1-D tensor of the actor and the reward model varies."""
+    b = tiny_bundle(preset, seed=0)
+    for m in (b.actor, b.reward):
+        vecs = {n: p for n, p in m.named_parameters() if p.dim() == 1}
+        assert vecs and all(float(p.std()) > 0.01 for p in vecs.values()), preset
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ModelError) as e:
         build_bundle("tiny-nope", seed=0)
