@@ -11,12 +11,15 @@ from torch import nn
 
 from .rng import fold_in
 
-# name -> (model_type, config kwargs). Tiny ones are for tests; opt-* have the real shapes.
+# name -> (model_type, config kwargs). Tiny ones are for tests; the others have real models' shapes.
 _TINY = dict(vocab_size=512, max_position_embeddings=256)
 PRESETS: dict[str, tuple[str, dict]] = {
     "tiny-opt": ("opt", dict(_TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              ffn_dim=256, word_embed_proj_dim=64)),
     "tiny-llama": ("llama", dict(_TINY, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=176)),
+    "tiny-qwen2": ("qwen2", dict(_TINY, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2,
                                  intermediate_size=176)),
     "tiny-gpt2": ("gpt2", dict(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4)),
@@ -32,19 +35,30 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "opt-1.3b": ("opt", dict(vocab_size=50272, max_position_embeddings=2048, hidden_size=2048,
                              num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                              word_embed_proj_dim=2048)),
+    # a current RLHF actor's shape: GQA (14 query heads, 2 KV), q/k/v biases, tied embeddings,
+    # and a 152k vocabulary whose head is a quarter of the weights
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, max_position_embeddings=32768,
+                                   hidden_size=896, intermediate_size=4864,
+                                   num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, rms_norm_eps=1e-6,
+                                   rope_theta=1e6, tie_word_embeddings=True)),
 }
 
 # Special ids: OPT's real ones for OPT presets; small fixed ids for the tiny vocabularies.
 _IDS = {"opt": dict(pad_token_id=1, bos_token_id=2, eos_token_id=2),
         "llama": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "qwen2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
         "gpt2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)}
 # RLHF actors train without dropout (DeepSpeed-Chat disables it); it would also break parity.
 _NO_DROPOUT = {"opt": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
                "llama": dict(attention_dropout=0.0),
+               "qwen2": dict(attention_dropout=0.0),
                "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 # LoRA targets per family (every linear of every decoder layer, as DeepSpeed-Chat does).
 LORA_TARGETS = {"opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"],
+                "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj"],
                 "gpt2": ["c_attn", "c_proj", "c_fc"]}
 

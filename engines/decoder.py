@@ -3,7 +3,8 @@
 `extract` reads references (no copies) to an HF model's weights into NamedTuples; `forward_`
 runs new tokens through them, writing K/V into the cache. Because the tensors are the live
 parameters, an optimiser step is seen by the next call with nothing to copy or recompile.
-Supported: OPT, Llama, GPT-2 families; anything else raises UnsupportedModel.
+Supported: OPT, Llama, Qwen2 (Llama with q/k/v biases), GPT-2 families; anything else raises
+UnsupportedModel.
 """
 from __future__ import annotations
 
@@ -114,12 +115,14 @@ def extract(model: nn.Module) -> Weights:
                        _lin(d.project_out) if d.project_out is not None else None,
                        _lin(m.lm_head), H, H, cfg.hidden_size // H, cfg.do_layer_norm_before,
                        cfg.activation_function, None, 1.0)
-    if kind == "llama":
+    if kind in ("llama", "qwen2"):  # Qwen2's q/k/v biases are the Lins' own biases
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         if rope.get("rope_type", "default") != "default":
-            raise UnsupportedModel(f"Llama rope type {rope.get('rope_type')!r} is not supported")
+            raise UnsupportedModel(f"{kind} rope type {rope.get('rope_type')!r} is not supported")
         if cfg.hidden_act != "silu":
-            raise UnsupportedModel(f"Llama activation {cfg.hidden_act!r} is not supported")
+            raise UnsupportedModel(f"{kind} activation {cfg.hidden_act!r} is not supported")
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+            raise UnsupportedModel(f"{kind} with sliding-window attention is not supported")
         b = m.model
         layers = tuple(Layer(_norm(l.input_layernorm, True),
                              (_lin(l.self_attn.q_proj), _lin(l.self_attn.k_proj),
@@ -130,7 +133,7 @@ def extract(model: nn.Module) -> Weights:
         H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
         rot = b.rotary_emb
-        return Weights("llama", b.embed_tokens.weight, None, 0, None, layers,
+        return Weights(kind, b.embed_tokens.weight, None, 0, None, layers,
                        _norm(b.norm, True), None, _lin(m.lm_head), H, KV, hd, True, "silu",
                        rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)))
     if kind == "gpt2":
@@ -146,7 +149,7 @@ def extract(model: nn.Module) -> Weights:
                        None, _lin(m.lm_head), H, H, cfg.n_embd // H, True,
                        cfg.activation_function, None, 1.0)
     raise UnsupportedModel(f"the hybrid engine has no decoder for model type {kind!r} "
-                           f"(supported: opt, llama, gpt2)")
+                           f"(supported: opt, llama, qwen2, gpt2)")
 
 
 SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: PERF notes in README)

@@ -13,7 +13,7 @@ from engines.hybrid import HybridEngine
 
 from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
 
-FAMILIES = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
+FAMILIES = ["tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 HYBRIDS = ["hybrid", "hybrid-packed"]
 # (lora rank, engine, hybrid's LoRA mode): with adapters, hybrid both folds them into the weights
 # for generation and runs them unfused; packed decode always runs them unfused
@@ -204,6 +204,18 @@ def test_unsupported_model_is_a_clear_error():
     b = b._replace(actor=model)
     with pytest.raises(EngineUnavailable, match="no decoder for model type 'gpt_neox'"):
         engines.get("hybrid").init(b, make_cfg(), seed=0)
+
+
+def test_qwen2_sliding_window_is_refused_not_ignored():
+    """A full-attention decoder on a sliding-window model would attend to keys hf masks out."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, use_sliding_window=True,
+                      sliding_window=16, max_window_layers=1)
+    with pytest.raises(D.UnsupportedModel, match="qwen2 with sliding-window attention"):
+        D.extract(Qwen2ForCausalLM(cfg))
+    cfg.layer_types = ["full_attention"] * 2
+    assert D.extract(Qwen2ForCausalLM(cfg)).n_kv == 2
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -10,7 +10,7 @@ from core.data import jsonl_prompts, synthetic_prompts
 from core.models import PRESETS, ModelError, build_bundle
 from core.rewards import model_score, rule_score
 
-TINY = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
+TINY = ["tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
 
 def _n_params(module):
@@ -65,6 +65,20 @@ def test_presets_give_biases_and_norm_scales_real_values(preset, tiny_bundle):
     for m in (b.actor, b.reward):
         vecs = {n: p for n, p in m.named_parameters() if p.dim() == 1}
         assert vecs and all(float(p.std()) > 0.01 for p in vecs.values()), preset
+
+
+@pytest.mark.parametrize("preset,count", [("opt-125m", 125_239_296), ("opt-350m", 331_196_416),
+                                          ("opt-1.3b", 1_315_758_080),
+                                          ("qwen2.5-0.5b", 494_032_768)])
+def test_real_shape_presets_have_the_published_models_parameter_counts(preset, count):
+    """A real-shape preset is the model it is named after, tensor for tensor: its parameter
+    count (tied heads once) is the published checkpoint's. Built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from core.models import build_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(build_config(preset))
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_unknown_preset_lists_valid_ones():
