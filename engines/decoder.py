@@ -71,6 +71,12 @@ class Weights(NamedTuple):
     rope_scale: float
 
 
+# RoPE types whose frequencies HF fixes when it builds the model (Llama 3's and YaRN's scaling
+# included): the decoder reads them, and YaRN's attention scale, from the rotary module. Types
+# that recompute them from the sequence length in every forward (dynamic, longrope) are refused.
+FIXED_ROPE = ("default", "linear", "llama3", "yarn")
+
+
 def _lin(m: nn.Module, t: bool = False) -> Lin:
     """A Linear (or GPT-2 Conv1D), unwrapping a PEFT LoRA layer into base + adapters."""
     if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
@@ -117,8 +123,9 @@ def extract(model: nn.Module) -> Weights:
                        cfg.activation_function, None, 1.0)
     if kind in ("llama", "qwen2"):  # Qwen2's q/k/v biases are the Lins' own biases
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise UnsupportedModel(f"{kind} rope type {rope.get('rope_type')!r} is not supported")
+        if rope.get("rope_type", "default") not in FIXED_ROPE:
+            raise UnsupportedModel(f"{kind} rope type {rope.get('rope_type')!r} is not supported "
+                                   f"(supported: {', '.join(FIXED_ROPE)})")
         if cfg.hidden_act != "silu":
             raise UnsupportedModel(f"{kind} activation {cfg.hidden_act!r} is not supported")
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):

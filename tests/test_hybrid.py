@@ -206,6 +206,45 @@ def test_unsupported_model_is_a_clear_error():
         engines.get("hybrid").init(b, make_cfg(), seed=0)
 
 
+@pytest.mark.parametrize("preset,rope", [
+    ("tiny-llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    ("tiny-llama", {"rope_type": "linear", "factor": 2.0}),
+    ("tiny-qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})])
+def test_scaled_rope_generates_as_hf(preset, rope, tmp_path):
+    """Llama 3's, linear and YaRN RoPE scaling (a local model's config) change the frequencies,
+    and YaRN the attention scale too: hybrid's tokens and log-probs still equal hf's."""
+    from transformers import AutoModelForCausalLM
+
+    from core.models import build_config
+    cfg = build_config(preset)
+    plain = AutoModelForCausalLM.from_config(cfg).model.rotary_emb
+    cfg.rope_parameters = {**cfg.rope_parameters, **rope}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    b = make_bundle(str(tmp_path), seed=0)
+    rot = b.actor.model.rotary_emb
+    assert not torch.allclose(rot.inv_freq, plain.inv_freq)  # the scaling is really there
+    run = make_cfg(preset=str(tmp_path))
+    hf, hy = engines.get("hf"), engines.get("hybrid")
+    s1, s2 = hf.init(b, run, seed=0), hy.init(b, run, seed=0)
+    prompts = make_prompts(b, run, seed=3)
+    gen = GenerationConfig(gen_len=40, greedy=True)
+    r1, r2 = hf.generate(s1, prompts, gen, seed=1), hy.generate(s2, prompts, gen, seed=1)
+    assert torch.equal(r1.seq, r2.seq)
+    assert (hy.answer_logprobs(s2, r1) - hf.score(s1, r1).logprobs).abs().max() < 1e-4
+
+
+def test_rope_recomputed_per_length_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    from core.models import build_config
+    cfg = build_config("tiny-llama")
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(D.UnsupportedModel, match="rope type 'dynamic' is not supported"):
+        D.extract(AutoModelForCausalLM.from_config(cfg))
+
+
 def test_qwen2_sliding_window_is_refused_not_ignored():
     """A full-attention decoder on a sliding-window model would attend to keys hf masks out."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
