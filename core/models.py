@@ -53,13 +53,12 @@ _IDS = {"opt": dict(pad_token_id=1, bos_token_id=2, eos_token_id=2),
 _NO_DROPOUT = {"opt": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
                "llama": dict(attention_dropout=0.0),
                "qwen2": dict(attention_dropout=0.0),
+               "mistral": dict(attention_dropout=0.0),
                "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 # LoRA targets per family (every linear of every decoder layer, as DeepSpeed-Chat does).
+_LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_TARGETS = {"opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                          "down_proj"],
-                "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                          "down_proj"],
+                "llama": _LLAMA_LINEARS, "qwen2": _LLAMA_LINEARS, "mistral": _LLAMA_LINEARS,
                 "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 

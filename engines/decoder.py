@@ -3,8 +3,8 @@
 `extract` reads references (no copies) to an HF model's weights into NamedTuples; `forward_`
 runs new tokens through them, writing K/V into the cache. Because the tensors are the live
 parameters, an optimiser step is seen by the next call with nothing to copy or recompile.
-Supported: OPT, Llama, Qwen2 (Llama with q/k/v biases), GPT-2 families; anything else raises
-UnsupportedModel.
+Supported: OPT, Llama, Qwen2 (Llama with q/k/v biases), Mistral, GPT-2 families; anything else
+raises UnsupportedModel.
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ class Weights(NamedTuple):
     act: str
     inv_freq: Optional[Tensor]
     rope_scale: float
+    # sliding-window attention's span (HF lets a query see keys fewer than `window` slots
+    # back): this decoder attends to every key, so it serves only sequences that fit in it
+    window: Optional[int] = None
 
 
 # RoPE types whose frequencies HF fixes when it builds the model (Llama 3's and YaRN's scaling
@@ -121,15 +124,16 @@ def extract(model: nn.Module) -> Weights:
                        _lin(d.project_out) if d.project_out is not None else None,
                        _lin(m.lm_head), H, H, cfg.hidden_size // H, cfg.do_layer_norm_before,
                        cfg.activation_function, None, 1.0)
-    if kind in ("llama", "qwen2"):  # Qwen2's q/k/v biases are the Lins' own biases
+    if kind in ("llama", "qwen2", "mistral"):  # Qwen2's q/k/v biases are the Lins' own
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         if rope.get("rope_type", "default") not in FIXED_ROPE:
             raise UnsupportedModel(f"{kind} rope type {rope.get('rope_type')!r} is not supported "
                                    f"(supported: {', '.join(FIXED_ROPE)})")
         if cfg.hidden_act != "silu":
             raise UnsupportedModel(f"{kind} activation {cfg.hidden_act!r} is not supported")
-        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-            raise UnsupportedModel(f"{kind} with sliding-window attention is not supported")
+        window = getattr(cfg, "sliding_window", None) if kind == "mistral" else None
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):  # Qwen2's layers
+            window = cfg.sliding_window
         b = m.model
         layers = tuple(Layer(_norm(l.input_layernorm, True),
                              (_lin(l.self_attn.q_proj), _lin(l.self_attn.k_proj),
@@ -142,7 +146,7 @@ def extract(model: nn.Module) -> Weights:
         rot = b.rotary_emb
         return Weights(kind, b.embed_tokens.weight, None, 0, None, layers,
                        _norm(b.norm, True), None, _lin(m.lm_head), H, KV, hd, True, "silu",
-                       rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)))
+                       rot.inv_freq, float(getattr(rot, "attention_scaling", 1.0)), window)
     if kind == "gpt2":
         if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
             raise UnsupportedModel("GPT-2 with scale_attn_by_inverse_layer_idx or "
@@ -156,7 +160,7 @@ def extract(model: nn.Module) -> Weights:
                        None, _lin(m.lm_head), H, H, cfg.n_embd // H, True,
                        cfg.activation_function, None, 1.0)
     raise UnsupportedModel(f"the hybrid engine has no decoder for model type {kind!r} "
-                           f"(supported: opt, llama, qwen2, gpt2)")
+                           f"(supported: opt, llama, qwen2, mistral, gpt2)")
 
 
 SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: PERF notes in README)
@@ -354,6 +358,15 @@ class KVCache(NamedTuple):
     four 12 MB layers on CPU), while a write into a whole input stays in place."""
     k: tuple
     v: tuple
+
+
+def check_window(w: Weights, length: int) -> None:
+    """Refuse a sequence longer than the model's sliding window: hf would mask keys there that
+    this decoder attends to. Up to the window the two are the same computation."""
+    if w.window is not None and length > w.window:
+        raise UnsupportedModel(f"{w.family}'s sliding window is {w.window} tokens and these "
+                               f"sequences are {length}: the hybrid decoder attends to every "
+                               f"key, so it serves sequences up to the window only")
 
 
 def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:

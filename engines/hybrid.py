@@ -54,6 +54,7 @@ class HybridEngine:
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         try:
             w = D.extract(models.actor)
+            D.check_window(w, cfg.prompt_len + cfg.gen.gen_len)
         except D.UnsupportedModel as e:
             raise EngineUnavailable(str(e))
         self.models, self.cfg = models, cfg
@@ -158,6 +159,7 @@ class HybridEngine:
             if self.pack and B == self.cfg.batch:
                 self.sync(state)  # a no-op unless weights changed since the last sync
                 w = self.packed
+            D.check_window(w, P + G)
             cache = self._cache_for(w, B, P + G, w.embed.dtype, ids.device)
             # over the whole cache, which a longer earlier generate may have left longer
             key_mask = torch.ones(B, cache.k[0].shape[2], dtype=torch.bool, device=ids.device)

@@ -245,16 +245,32 @@ def test_rope_recomputed_per_length_is_refused():
         D.extract(AutoModelForCausalLM.from_config(cfg))
 
 
-def test_qwen2_sliding_window_is_refused_not_ignored():
-    """A full-attention decoder on a sliding-window model would attend to keys hf masks out."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, use_sliding_window=True,
-                      sliding_window=16, max_window_layers=1)
-    with pytest.raises(D.UnsupportedModel, match="qwen2 with sliding-window attention"):
-        D.extract(Qwen2ForCausalLM(cfg))
-    cfg.layer_types = ["full_attention"] * 2
-    assert D.extract(Qwen2ForCausalLM(cfg)).n_kv == 2
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_sliding_window_models_equal_hf_up_to_the_window(kind, tmp_path):
+    """Up to its window a sliding-window model is full attention, and hybrid equals hf there.
+    Beyond it hf masks keys this decoder would read: hybrid refuses, at init and in generate."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    kw = dict(vocab_size=512, max_position_embeddings=256, hidden_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, intermediate_size=176,
+              sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "qwen2":  # the window on the layers from max_window_layers on
+        kw.update(use_sliding_window=True, max_window_layers=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(CONFIG_MAPPING[kind](**kw)).save_pretrained(tmp_path)
+    b = make_bundle(str(tmp_path), seed=0)
+    run = make_cfg(preset=str(tmp_path), prompt_len=8, gen={"gen_len": 8})  # 16: the window
+    hf, hy = engines.get("hf"), engines.get("hybrid")
+    s1, s2 = hf.init(b, run, seed=0), hy.init(b, run, seed=0)
+    prompts = make_prompts(b, run, seed=3)
+    for greedy in (True, False):
+        gen = GenerationConfig(gen_len=8, greedy=greedy)
+        assert torch.equal(hf.generate(s1, prompts, gen, seed=1).seq,
+                           hy.generate(s2, prompts, gen, seed=1).seq)
+    with pytest.raises(D.UnsupportedModel, match="window is 16 tokens and these sequences are 17"):
+        hy.generate(s2, prompts, GenerationConfig(gen_len=9), seed=1)
+    longer = make_cfg(preset=str(tmp_path), prompt_len=8, gen={"gen_len": 9})
+    with pytest.raises(EngineUnavailable, match="sliding window is 16 tokens"):
+        engines.get("hybrid").init(b, longer, seed=0)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
