@@ -70,11 +70,25 @@ def _run_args(p: argparse.ArgumentParser) -> None:
       help="continue the run in --out: keep finished engines, run the others")
 
 
-def options_from(args) -> "object":
-    from .config import from_dict, load_toml, validate
+SWEEP_AXES = ("batches", "gen_lens", "presets")
+
+
+def options_from(args, axes: dict | None = None) -> "object":
+    """The run's options: the --config TOML's keys, overridden by the flags given. A sweep
+    passes `axes`, which takes the TOML's sweep keys (batches, gen_lens, presets) as strings."""
+    from .config import ConfigError, from_dict, load_toml, validate
     d = load_toml(args.config) if getattr(args, "config", None) else {}
+    if axes is not None:
+        for k in SWEEP_AXES:
+            v = d.pop(k, "")
+            if isinstance(v, list):  # batches = [1, 4, 16] as well as "1,4,16"
+                v = ",".join(map(str, v))
+            if not isinstance(v, str):
+                raise ConfigError(f"config key {k!r}: expected a comma-separated string or a "
+                                  f"list, got {v!r}")
+            axes[k] = getattr(args, k) or v  # a flag overrides the file
     for k, v in vars(args).items():
-        if k in ("cmd", "config", "func", "batches", "gen_lens", "presets") or v is None:
+        if k in ("cmd", "config", "func") + SWEEP_AXES or v is None:
             continue
         d[k] = v
     return validate(from_dict(d))
@@ -87,8 +101,9 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .sweep import sweep
-    return sweep(options_from(args), batches=args.batches, gen_lens=args.gen_lens,
-                 presets=args.presets)
+    axes: dict = {}
+    o = options_from(args, axes)
+    return sweep(o, **axes)
 
 
 def cmd_report(args) -> int:

@@ -535,6 +535,32 @@ def test_config_file_gives_the_same_keys(tmp_path):
     assert data["engines"]["hybrid"]["status"] == "ok"
 
 
+def test_sweep_config_file_takes_the_sweep_axes(tmp_path, monkeypatch):
+    """A sweep's TOML holds its grid too (strings or lists); flags override it."""
+    import bench.sweep
+    from bench import cli as bench_cli
+    from bench.config import ConfigError
+    seen = {}
+    monkeypatch.setattr(bench.sweep, "sweep", lambda o, **axes: seen.update(o=o, **axes) or 0)
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('engines = "hf,hybrid"\nbatches = [1, 4]\ngen_lens = "8,16"\n'
+                   'presets = "tiny-opt,tiny-llama"\nsteps = 1\n')
+    args = bench_cli.parser().parse_args(["sweep", "--config", str(cfg), "--gen-lens", "32"])
+    assert args.func(args) == 0
+    assert (seen["batches"], seen["gen_lens"], seen["presets"]) == ("1,4", "32",
+                                                                    "tiny-opt,tiny-llama")
+    assert seen["o"].engines == ("hf", "hybrid") and seen["o"].steps == 1
+    def call(*argv):
+        a = bench_cli.parser().parse_args(list(argv))
+        return a.func(a)
+    cfg.write_text("batches = 4\n")
+    with pytest.raises(ConfigError, match="config key 'batches': expected a comma-separated"):
+        call("sweep", "--config", str(cfg))
+    cfg.write_text('batches = "1,4"\n')  # and `run` still refuses what only a sweep takes
+    with pytest.raises(ConfigError, match="unknown config key"):
+        call("run", "--config", str(cfg))
+
+
 def test_harness_killed_by_sigkill_loses_no_finished_step(tmp_path):
     out = tmp_path / "kill9"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
