@@ -147,10 +147,12 @@ def _malformed(where):
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, parse_percent
+    from .compare import compare, parse_percent, workload_differences
     from .results import load_results
     base, new = load_results(args.base), load_results(args.new)
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
+    if differ := workload_differences(base, new):
+        print(f"note: the runs measured different work: {', '.join(differ)}", file=sys.stderr)
     without = [p for p, d in ((args.base, base), (args.new, new))
                if "hf" not in d["options"].get("engines_run", [])]
     if without and not args.absolute:
@@ -194,8 +196,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="judge NEW against BASE; exit 1 on a regression")
     c.add_argument("base")
     c.add_argument("new")
-    c.add_argument("--max-slowdown", default="10%")
-    c.add_argument("--max-mem-growth", default="10%")
+    c.add_argument("--max-slowdown", default="10%",
+                   help="largest allowed growth of a phase's time (vs hf's in the same run, "
+                        "unless --absolute): 10%% or 0.1 (default 10%%)")
+    c.add_argument("--max-mem-growth", default="10%",
+                   help="largest allowed growth of peak memory, as --max-slowdown "
+                        "(default 10%%)")
     c.add_argument("--absolute", action="store_true",
                    help="compare raw seconds instead of ratios to hf (same machine only)")
     c.set_defaults(func=cmd_compare)

@@ -26,7 +26,8 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
     lines, problems = [], []
     for engine in b.index:
         if engine not in n.index:
-            problems.append(f"{engine}: in the base run but not in the new one")
+            if str(b.loc[engine].status) == "ok":  # one that never ran cannot regress
+                problems.append(f"{engine}: in the base run but not in the new one")
             continue
         bs, ns = b.loc[engine], n.loc[engine]
         if str(bs.status) == "ok" and str(ns.status) != "ok":
@@ -62,7 +63,22 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
     return pd.DataFrame(lines), problems
 
 
+# options that change the work measured; steps, warm-up and seed only change how it is sampled
+WORKLOAD = ("preset", "batch", "prompt_len", "gen_len", "generation_batches", "ppo_epochs",
+            "phases", "dtype", "device", "threads", "greedy", "stop_at_eos", "reward",
+            "lora_dim", "lora_mode", "zero_stage", "offload", "grad_ckpt", "inference_tp",
+            "prompts_file", "compile")
+
+
+def workload_differences(base: dict, new: dict) -> list[str]:
+    """'name (base -> new)' for each workload option the two runs differ in."""
+    bo, no = base.get("options", {}), new.get("options", {})
+    return [f"{k} ({bo.get(k)} -> {no.get(k)})" for k in WORKLOAD if bo.get(k) != no.get(k)]
+
+
 def parse_percent(text: str) -> float:
+    """'10%' or a fraction below 1 ('0.1'). A bare 10 would read as 1000%, a gate that never
+    fires for someone who meant 10%: it is refused."""
     t = str(text).strip()
     try:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
@@ -70,4 +86,7 @@ def parse_percent(text: str) -> float:
         v = float("nan")
     if not (math.isfinite(v) and v >= 0):
         raise ValueError(f"not a percentage: {text!r} (write e.g. 10% or 0.1; at least 0)")
+    if not t.endswith("%") and v >= 1:
+        raise ValueError(f"{text!r} is ambiguous: write a percentage ({t}%) or a fraction "
+                         f"below 1 (0.1 for 10%)")
     return v

@@ -229,6 +229,14 @@ def test_bad_compare_threshold(value, saved_run, capsys):
                 f"not a percentage: '{value}'", capsys)
 
 
+@pytest.mark.parametrize("value", ["10", "1"])
+def test_bare_compare_threshold_of_one_or_more_is_refused(value, saved_run, capsys):
+    # read as a fraction, 10 would be a 1000% gate: never firing for someone who meant 10%
+    _expect_bad(["compare", saved_run, saved_run, f"--max-slowdown={value}"],
+                f"'{value}' is ambiguous: write a percentage ({value}%) or a fraction below 1",
+                capsys)
+
+
 def test_resume_with_other_options_is_refused(saved_run, capsys):
     data = json.loads((saved_run / "results.json").read_text())
     data["options"].update(preset="tiny-opt", batch=2)

@@ -137,6 +137,26 @@ def test_compare_without_hf_says_it_compares_raw_seconds(two_engine_run, tmp_pat
     assert "hf: in the base run but not in the new one" in p.stdout
 
 
+def test_compare_ignores_an_engine_that_never_ran_and_notes_other_work(two_engine_run,
+                                                                       tmp_path):
+    """An engine unavailable in the base and absent from the new run never ran, so it cannot
+    regress. Runs of different work are still judged, with a note naming the differences."""
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    data["options"]["engines_run"] = [*data["options"]["engines_run"], "ds-hybrid"]
+    data["engines"]["ds-hybrid"] = {"status": "unavailable: needs CUDA", "exit_code": 3}
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "results.json").write_text(json.dumps(data))
+    p = cli("compare", base, out, check=0)
+    assert "ds-hybrid" not in p.stdout and "note:" not in p.stderr
+    data["options"].update(batch=data["options"]["batch"] + 1, dtype="bfloat16")
+    (base / "results.json").write_text(json.dumps(data))
+    p = cli("compare", base, out, check=0)
+    assert (f"note: the runs measured different work: batch ({data['options']['batch']} -> "
+            f"{data['options']['batch'] - 1}), dtype (bfloat16 -> float32)") in p.stderr
+
+
 def test_compare_reads_two_separate_runs(two_engine_run, tmp_path):
     """Plumbing only: two runs' timings differ by machine noise (tiny-opt phases last
     milliseconds; a 3x margin once failed under load), so no verdict on them is asserted; the
