@@ -161,6 +161,22 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+# what a resumed run must share with the saved one, so that kept rows and new ones compare
+_SAME_SETUP = ("git_commit", "python", "torch", "transformers", "deepspeed", "cpu", "gpu",
+               "threads")
+
+
+def check_same_setup(saved: dict, now: dict) -> None:
+    """--resume: refuse to add rows measured by other code or on another machine to a run
+    (a key missing on either side, as in older results, is not compared)."""
+    diff = [f"{k} {str(saved[k])[:12]} -> {str(now[k])[:12]}" for k in _SAME_SETUP
+            if saved.get(k) is not None and now.get(k) is not None and saved[k] != now[k]]
+    if diff:
+        raise ConfigError(f"--resume: the saved run was measured with other code or another "
+                          f"machine ({', '.join(diff)}); its rows and new ones would not "
+                          f"compare: use --overwrite or another --out")
+
+
 class Run:
     def __init__(self, o: BenchOptions, out: Path):
         self.o, self.out = o, out
@@ -281,8 +297,14 @@ def run(o: BenchOptions) -> int:
         torch.set_num_threads(o.threads)
     r.data["env"] = dict(environment(), **distributed.launch_info())
     from core.types import torch_dtype
-    r.data["limits"] = L.measure(o.device, dtype=torch_dtype(o.dtype),
-                                 quick=o.preset.startswith("tiny"))
+    if previous is not None:
+        check_same_setup(previous.get("env") or {}, r.data["env"])
+    if previous is not None and previous.get("limits"):
+        # the kept engines' fractions of the machine's limits were taken against these
+        r.data["limits"] = previous["limits"]
+    else:
+        r.data["limits"] = L.measure(o.device, dtype=torch_dtype(o.dtype),
+                                     quick=o.preset.startswith("tiny"))
     r.save()
     progress = Progress()
 

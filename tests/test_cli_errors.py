@@ -237,6 +237,17 @@ def test_bare_compare_threshold_of_one_or_more_is_refused(value, saved_run, caps
                 capsys)
 
 
+def test_resume_with_other_code_is_refused(saved_run, capsys):
+    data = json.loads((saved_run / "results.json").read_text())
+    data["env"] = dict(git_commit="0123456789abcdef0123456789abcdef01234567")
+    (saved_run / "results.json").write_text(json.dumps(data))
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--out", saved_run, "--resume"],
+                "--resume: the saved run was measured with other code or another machine "
+                "(git_commit 0123456789ab -> ", capsys)
+    assert _digest(saved_run) == before
+
+
 def test_resume_with_other_options_is_refused(saved_run, capsys):
     data = json.loads((saved_run / "results.json").read_text())
     data["options"].update(preset="tiny-opt", batch=2)

@@ -618,12 +618,16 @@ def test_resume_keeps_finished_engines_and_runs_the_rest(two_engine_run, tmp_pat
     # as if the run had been interrupted during hybrid: its rows partial, its status failed
     data["engines"]["hybrid"]["status"] = "failed: interrupted (SIGINT)"
     data["rows"] = [r for r in data["rows"] if not (r["engine"] == "hybrid" and r["step"] >= 1)]
+    data["limits"] = {k: v * 1.5 if isinstance(v, float) else v  # marked: kept or not?
+                      for k, v in data["limits"].items()}
     (out / "results.json").write_text(json.dumps(data))
     hf_rows = [r for r in data["rows"] if r["engine"] == "hf"]
     p = cli("run", "--engines", "hf,hybrid", *RUN, "--out", out, "--resume", check=0)
     assert "resume: hf already finished" in p.stderr
     after = json.loads((out / "results.json").read_text())
     assert [r for r in after["rows"] if r["engine"] == "hf"] == hf_rows  # kept, not re-measured
+    # hf's fractions of the machine's limits were taken against the saved limits: kept too
+    assert after["limits"] == data["limits"]
     assert after["engines"]["hybrid"]["status"] == "ok"
     steps = {r["step"] for r in after["rows"] if r["engine"] == "hybrid" and r["phase"] == "step"}
     assert steps == {0, 1, 2}
