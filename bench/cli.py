@@ -24,8 +24,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--config", help="TOML file whose keys are these options with _ for - (compile = false "
       "for --no-compile); flags override it")
     a("--engines", help="comma-separated engine names, or 'available' (default hf)")
-    a("--preset", help="model preset or local model path (default tiny-opt)")
+    from core.models import PRESETS
+
     from .config import BenchOptions as D  # the defaults, read where they are defined
+    a("--preset", help=f"model preset ({', '.join(PRESETS)}) or local Hugging Face model "
+      f"folder (default {D.preset})")
     a("--batch", type=int, help=f"prompts per generation batch (default {D.batch})")
     a("--prompt-len", type=int, help=f"prompt tokens (default {D.prompt_len})")
     a("--gen-len", type=int, help=f"answer tokens (default {D.gen_len})")
@@ -36,8 +39,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     a("--greedy", action="store_true", default=None, help="greedy decoding (default: sampled)")
     a("--stop-at-eos", action="store_true", default=None,
       help="let answers end at EOS (default: fixed-length answers, equal work per engine)")
-    a("--reward", choices=["model", "rule"])
-    a("--lora-dim", type=int)
+    a("--reward", choices=["model", "rule"],
+      help=f"reward from a reward model or a rule on the answer's tokens (default {D.reward})")
+    a("--lora-dim", type=int,
+      help="LoRA rank on every linear of the actor's layers; only the adapters train "
+           "(default 0: full fine-tuning)")
     a("--lora-mode", help="hybrid with --lora-dim: fused (fold adapters into the weights for "
       "generate), unfused, or auto (default: fold for answers of 48+ tokens)")
     a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")

@@ -64,6 +64,8 @@ def check_model(o: BenchOptions) -> None:
             prompt_texts(o.prompts_file)
         except ValueError as e:
             raise ConfigError(f"--prompts-file: {e}")
+        if not os.path.exists(o.tokenizer):
+            raise ConfigError(f"--tokenizer {o.tokenizer!r} does not exist")
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(o.tokenizer, local_files_only=True)

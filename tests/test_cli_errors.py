@@ -140,6 +140,18 @@ def test_sweep_checks_every_point_before_running_any(extra, fragment, tmp_path, 
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("where, fragment", [("missing", "does not exist"),
+                                             (".", "holds no tokenizer")])
+def test_bad_tokenizer_path(where, fragment, tmp_path, saved_run, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2"}\n')
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--prompts-file", prompts, "--tokenizer", tmp_path / where,
+                 "--out", saved_run, "--overwrite"], f"--tokenizer '{tmp_path / where}' {fragment}",
+                capsys)
+    assert _digest(saved_run) == before
+
+
 def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -268,3 +280,15 @@ def test_unavailable_engine_is_reported_and_the_others_run(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["engines"]["hf"]["status"] == "ok"
     assert data["engines"]["ds-hybrid"]["status"].startswith("unavailable: ")
+
+
+def test_help_names_every_preset_and_the_compare_defaults():
+    from bench.cli import parser
+    from core.models import PRESETS
+    sub = parser()._subparsers._group_actions[0].choices
+    run_help = " ".join(sub["run"].format_help().split())  # argparse wraps anywhere
+    assert all(name in run_help.replace("- ", "-") for name in PRESETS), run_help
+    for flag in ("--reward", "--lora-dim"):
+        assert f"{flag} " in run_help and "(default" in run_help.split(flag, 2)[-1][:200]
+    compare_help = " ".join(sub["compare"].format_help().split())
+    assert compare_help.count("(default 10%)") == 2
