@@ -284,3 +284,28 @@ def test_stand_alone_entry_exits_2_on_bad_input(capsys):
     with pytest.raises(SystemExit) as exit_:
         P.main(["--model", "opt-7b"])
     assert exit_.value.code == 2 and "unknown model" in capsys.readouterr().err
+
+
+def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
+    """The README's table is regenerated from the command printed above it: a change to the
+    model that moves a number must move the README too (it once lagged by 1-3%)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from bench.cli import parser
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cmd = re.search(r"```\n(rlhf-bench project --model opt-1\.3b,.*?)\n```", text, re.S).group(1)
+    argv = shlex.split(cmd.replace("\\\n", " "))[1:] + ["--out", str(tmp_path / "p.csv")]
+    args = parser().parse_args(argv)
+    assert args.func(args) == 0
+    capsys.readouterr()
+    df = pd.read_csv(tmp_path / "p.csv")
+    want = []
+    for (model, gpus), g in df.groupby(["model", "gpus"], sort=False):
+        cells = ["does not fit" if not r.fits else f"{r.total_hours:.3g} h ({r.dominant_phase})"
+                 for r in (g[g.engine == e].iloc[0] for e in ("hf", "ds-hybrid", "hybrid"))]
+        want.append(f"| {model} | {gpus} | " + " | ".join(cells) + " |")
+    table = text.split(cmd, 1)[1]
+    got = [ln for ln in table.split("\n\n", 2)[1].splitlines() if ln.startswith("| opt-")]
+    assert got == want
