@@ -86,7 +86,7 @@ def options_from(args, axes: dict | None = None) -> "object":
     d = load_toml(args.config) if getattr(args, "config", None) else {}
     if axes is not None:
         for k in SWEEP_AXES:
-            v = d.pop(k, "")
+            v = d.pop(k, d.pop(k.replace("_", "-"), ""))  # gen_lens or gen-lens, as other keys
             if isinstance(v, list):  # batches = [1, 4, 16] as well as "1,4,16"
                 v = ",".join(map(str, v))
             if not isinstance(v, str):

@@ -63,17 +63,16 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
     return pd.DataFrame(lines), problems
 
 
-# options that change the work measured; steps, warm-up and seed only change how it is sampled
-WORKLOAD = ("preset", "batch", "prompt_len", "gen_len", "generation_batches", "ppo_epochs",
-            "phases", "dtype", "device", "threads", "greedy", "stop_at_eos", "reward",
-            "lora_dim", "lora_mode", "zero_stage", "offload", "grad_ckpt", "inference_tp",
-            "prompts_file", "compile")
-
-
 def workload_differences(base: dict, new: dict) -> list[str]:
-    """'name (base -> new)' for each workload option the two runs differ in."""
+    """'name (base -> new)' for each option of the work the two runs differ in (one missing
+    from either, as in results older than the option, is not compared)."""
+    from .config import WORK_OPTIONS
     bo, no = base.get("options", {}), new.get("options", {})
-    return [f"{k} ({bo.get(k)} -> {no.get(k)})" for k in WORKLOAD if bo.get(k) != no.get(k)]
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    return [f"{k} ({bo[k]} -> {no[k]})" for k in WORK_OPTIONS
+            if k in bo and k in no and norm(bo[k]) != norm(no[k])]
 
 
 def parse_percent(text: str) -> float:

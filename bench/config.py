@@ -12,6 +12,14 @@ from core.types import LORA_MODES, GenerationConfig, PPOConfig, RunConfig
 PHASES = ("sync", "generate", "score", "train")
 
 
+# options that change the work measured (resume and compare check them); steps, warm-up and
+# seed change how it is sampled, threads are the machine's and recorded with it
+WORK_OPTIONS = ("preset", "batch", "prompt_len", "gen_len", "generation_batches", "ppo_epochs",
+                "phases", "dtype", "device", "greedy", "stop_at_eos", "reward", "lora_dim",
+                "lora_mode", "zero_stage", "offload", "grad_ckpt", "inference_tp",
+                "prompts_file", "compile")
+
+
 class ConfigError(ValueError):
     """A bad option: the message names it and says what is allowed."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from . import limits as L
-from .config import BenchOptions, ConfigError
+from .config import WORK_OPTIONS, BenchOptions, ConfigError
 from .report import format_table, parity_tolerance, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
 
@@ -64,12 +64,12 @@ def check_model(o: BenchOptions) -> None:
             prompt_texts(o.prompts_file)
         except ValueError as e:
             raise ConfigError(f"--prompts-file: {e}")
-        if not os.path.exists(o.tokenizer):
-            raise ConfigError(f"--tokenizer {o.tokenizer!r} does not exist")
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(o.tokenizer, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any load failure is a bad tokenizer path
+            if not os.path.exists(o.tokenizer):  # (a name in the local cache loads above)
+                raise ConfigError(f"--tokenizer {o.tokenizer!r} does not exist")
             raise ConfigError(f"--tokenizer {o.tokenizer!r} holds no tokenizer "
                               f"({type(e).__name__})")
         if len(tok) > cfg.vocab_size:
@@ -140,10 +140,8 @@ class Progress:
             sys.stderr.flush()
 
 
-# options that change what is measured: a resumed run must agree with the saved one on these
-_SAME_WORK = ("preset", "batch", "prompt_len", "gen_len", "steps", "warmup", "seed", "greedy",
-              "stop_at_eos", "reward", "lora_dim", "zero_stage", "dtype", "device", "phases",
-              "ppo_epochs", "generation_batches", "prompts_file", "lora_mode")
+# a resumed run must agree with the saved one on the work, and on how it is sampled
+_SAME_WORK = WORK_OPTIONS + ("steps", "warmup", "seed")
 
 
 def resumable(out: Path, o: BenchOptions) -> dict:
@@ -165,13 +163,15 @@ def _norm(v):
 
 # what a resumed run must share with the saved one, so that kept rows and new ones compare
 _SAME_SETUP = ("git_commit", "python", "torch", "transformers", "deepspeed", "cpu", "gpu",
-               "threads")
+               "threads", "world_size")
 
 
 def check_same_setup(saved: dict, now: dict) -> None:
     """--resume: refuse to add rows measured by other code or on another machine to a run
     (a key missing on either side, as in older results, is not compared)."""
-    diff = [f"{k} {str(saved[k])[:12]} -> {str(now[k])[:12]}" for k in _SAME_SETUP
+    def show(k, v):  # commits shortened; CPU and GPU names differ late in the string
+        return str(v)[:12] if k == "git_commit" else str(v)
+    diff = [f"{k} {show(k, saved[k])} -> {show(k, now[k])}" for k in _SAME_SETUP
             if saved.get(k) is not None and now.get(k) is not None and saved[k] != now[k]]
     if diff:
         raise ConfigError(f"--resume: the saved run was measured with other code or another "

@@ -157,6 +157,35 @@ def test_compare_ignores_an_engine_that_never_ran_and_notes_other_work(two_engin
             f"{data['options']['batch'] - 1}), dtype (bfloat16 -> float32)") in p.stderr
 
 
+def test_workload_differences_skip_options_older_results_lack():
+    from bench.compare import workload_differences
+    from bench.config import BenchOptions
+    now = BenchOptions().to_dict()
+    old = {k: v for k, v in now.items() if k not in ("lora_mode", "inference_tp")}
+    assert workload_differences({"options": old}, {"options": now}) == []
+    listed = dict(now, phases=list(now["phases"]))  # as read back from JSON
+    assert workload_differences({"options": listed}, {"options": now}) == []
+    assert workload_differences({"options": dict(now, offload=True)}, {"options": now}) == [
+        "offload (True -> False)"]
+
+
+def test_resume_refusals_name_whole_machine_strings_and_every_work_option(tmp_path):
+    from bench.config import BenchOptions, ConfigError
+    from bench.harness import check_same_setup, resumable
+    with pytest.raises(ConfigError, match=r"cpu Intel\(R\) Xeon\(R\) Gold 6148 -> Intel\(R\) "
+                                          r"Xeon\(R\) Gold 6248"):
+        check_same_setup({"cpu": "Intel(R) Xeon(R) Gold 6148"}, {"cpu": "Intel(R) Xeon(R) Gold 6248"})
+    with pytest.raises(ConfigError, match="world_size 2 -> 1"):
+        check_same_setup({"world_size": 2}, {"world_size": 1})
+    check_same_setup({"cpu": "x", "gpu": None}, {"cpu": "x", "gpu": "H100"})  # unknown: not judged
+    o = BenchOptions(zero_stage=2)
+    (tmp_path / "results.json").write_text(json.dumps(dict(
+        version=1, options=dict(o.to_dict(), offload=True, engines_run=["hf"]), engines={},
+        rows=[])))
+    with pytest.raises(ConfigError, match=r"options differ from the saved run \(offload\)"):
+        resumable(tmp_path, o)
+
+
 def test_compare_reads_two_separate_runs(two_engine_run, tmp_path):
     """Plumbing only: two runs' timings differ by machine noise (tiny-opt phases last
     milliseconds; a 3x margin once failed under load), so no verdict on them is asserted; the
@@ -573,6 +602,8 @@ def test_sweep_config_file_takes_the_sweep_axes(tmp_path, monkeypatch):
     def call(*argv):
         a = bench_cli.parser().parse_args(list(argv))
         return a.func(a)
+    cfg.write_text('gen-lens = "8,16"\n')  # dashed, as every other key may be
+    assert call("sweep", "--config", str(cfg)) == 0 and seen["gen_lens"] == "8,16"
     cfg.write_text("batches = 4\n")
     with pytest.raises(ConfigError, match="config key 'batches': expected a comma-separated"):
         call("sweep", "--config", str(cfg))

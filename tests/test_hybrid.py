@@ -6,7 +6,7 @@ import torch
 
 import engines
 from core.engine import EngineUnavailable
-from core.models import position_ids
+from core.models import _vary_constants_, position_ids
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
 from engines.hybrid import HybridEngine
@@ -221,7 +221,8 @@ def test_scaled_rope_generates_as_hf(preset, rope, tmp_path):
     plain = AutoModelForCausalLM.from_config(cfg).model.rotary_emb
     cfg.rope_parameters = {**cfg.rope_parameters, **rope}
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    # biases and norm scales off HF's 0 and 1, as the presets', so that none can be dropped
+    _vary_constants_(AutoModelForCausalLM.from_config(cfg)).save_pretrained(tmp_path)
     b = make_bundle(str(tmp_path), seed=0)
     rot = b.actor.model.rotary_emb
     assert not torch.allclose(rot.inv_freq, plain.inv_freq)  # the scaling is really there
@@ -256,7 +257,8 @@ def test_sliding_window_models_equal_hf_up_to_the_window(kind, tmp_path):
     if kind == "qwen2":  # the window on the layers from max_window_layers on
         kw.update(use_sliding_window=True, max_window_layers=1)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(CONFIG_MAPPING[kind](**kw)).save_pretrained(tmp_path)
+    _vary_constants_(AutoModelForCausalLM.from_config(CONFIG_MAPPING[kind](**kw))).save_pretrained(
+        tmp_path)
     b = make_bundle(str(tmp_path), seed=0)
     run = make_cfg(preset=str(tmp_path), prompt_len=8, gen={"gen_len": 8})  # 16: the window
     hf, hy = engines.get("hf"), engines.get("hybrid")
