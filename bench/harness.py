@@ -252,6 +252,9 @@ class Run:
             tail = (self.out / "engines" / f"{name}.log").read_text(errors="replace")
             last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:] or [""]
             why = f"exit {code}" + (f" (killed by signal {-code})" if code and code < 0 else "")
+            if code == -signal.SIGKILL:  # not the harness's own: a timeout says so above
+                why += (" - most often the kernel's out-of-memory killer: try a smaller --batch, "
+                        "--dtype bfloat16, --lora-dim or --phases generate")
             status = f"failed: {why}: {last[0][:200]}"
         self.data["engines"][name] = dict(status=status, exit_code=code,
                                           **({"note": note} if note else {}))

@@ -219,6 +219,7 @@ def test_killed_engine_is_failed_and_the_other_keeps_its_rows(tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     data = json.loads((out / "results.json").read_text())
     assert data["engines"]["hf"]["status"].startswith("failed: exit -9 (killed by signal 9)")
+    assert "out-of-memory killer" in data["engines"]["hf"]["status"]  # the usual sender
     assert len(_steps(data, "hf")) >= 2  # what hf measured before dying is kept
     hy_rows = [r for r in data["rows"] if r["engine"] == "hybrid"]
     assert any(r["phase"] == "step" for r in hy_rows)  # the other engine ran and was saved
