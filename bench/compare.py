@@ -10,6 +10,7 @@ import math
 
 import pandas as pd
 
+from .config import WORK_OPTIONS, differing
 from .report import summarize
 
 TIME_COLS = ("gen_s", "score_s", "train_s", "step_s")
@@ -66,13 +67,8 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
 def workload_differences(base: dict, new: dict) -> list[str]:
     """'name (base -> new)' for each option of the work the two runs differ in (one missing
     from either, as in results older than the option, is not compared)."""
-    from .config import WORK_OPTIONS
     bo, no = base.get("options", {}), new.get("options", {})
-
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-    return [f"{k} ({bo[k]} -> {no[k]})" for k in WORK_OPTIONS
-            if k in bo and k in no and norm(bo[k]) != norm(no[k])]
+    return [f"{k} ({bo[k]} -> {no[k]})" for k in differing(bo, no, WORK_OPTIONS)]
 
 
 def parse_percent(text: str) -> float:

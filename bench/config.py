@@ -20,6 +20,16 @@ WORK_OPTIONS = ("preset", "batch", "prompt_len", "gen_len", "generation_batches"
                 "prompts_file", "compile")
 
 
+def differing(saved: dict, now: dict, keys) -> list[str]:
+    """The keys whose values differ between two records of a run (options or environment).
+    A key missing or None on either side, as in results older than it, is not compared; a
+    list read back from JSON equals the tuple it was saved from."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    return [k for k in keys if saved.get(k) is not None and now.get(k) is not None
+            and norm(saved[k]) != norm(now[k])]
+
+
 class ConfigError(ValueError):
     """A bad option: the message names it and says what is allowed."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from . import limits as L
-from .config import WORK_OPTIONS, BenchOptions, ConfigError
+from .config import WORK_OPTIONS, BenchOptions, ConfigError, differing
 from .report import format_table, parity_tolerance, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
 
@@ -150,15 +150,11 @@ def resumable(out: Path, o: BenchOptions) -> dict:
         raise ConfigError(f"--resume: {out} holds no run to resume")
     prev = load_results(out)
     saved = prev.get("options", {})
-    diff = [k for k in _SAME_WORK if k in saved and _norm(saved[k]) != _norm(getattr(o, k))]
+    diff = differing(saved, o.to_dict(), _SAME_WORK)
     if diff:
         raise ConfigError(f"--resume: options differ from the saved run ({', '.join(diff)}); "
                           f"use the same options or another --out")
     return prev
-
-
-def _norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 # what a resumed run must share with the saved one, so that kept rows and new ones compare
@@ -171,8 +167,8 @@ def check_same_setup(saved: dict, now: dict) -> None:
     (a key missing on either side, as in older results, is not compared)."""
     def show(k, v):  # commits shortened; CPU and GPU names differ late in the string
         return str(v)[:12] if k == "git_commit" else str(v)
-    diff = [f"{k} {show(k, saved[k])} -> {show(k, now[k])}" for k in _SAME_SETUP
-            if saved.get(k) is not None and now.get(k) is not None and saved[k] != now[k]]
+    diff = [f"{k} {show(k, saved[k])} -> {show(k, now[k])}"
+            for k in differing(saved, now, _SAME_SETUP)]
     if diff:
         raise ConfigError(f"--resume: the saved run was measured with other code or another "
                           f"machine ({', '.join(diff)}); its rows and new ones would not "
