@@ -206,6 +206,15 @@ def test_unsupported_model_is_a_clear_error():
         engines.get("hybrid").init(b, make_cfg(), seed=0)
 
 
+def _saved_model(cfg, tmp_path) -> str:
+    """A local model folder built from `cfg`, its biases and norm scales off HF's 0 and 1 as
+    the presets' are (so that a dropped one shows)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    _vary_constants_(AutoModelForCausalLM.from_config(cfg)).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("preset,rope", [
     ("tiny-llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
@@ -220,15 +229,9 @@ def test_scaled_rope_generates_as_hf(preset, rope, tmp_path):
     cfg = build_config(preset)
     plain = AutoModelForCausalLM.from_config(cfg).model.rotary_emb
     cfg.rope_parameters = {**cfg.rope_parameters, **rope}
-    torch.manual_seed(0)
-    # biases and norm scales off HF's 0 and 1, as the presets', so that none can be dropped
-    _vary_constants_(AutoModelForCausalLM.from_config(cfg)).save_pretrained(tmp_path)
-    b = make_bundle(str(tmp_path), seed=0)
+    b, run, hf, s1, hy, s2 = _pair(_saved_model(cfg, tmp_path), "hybrid")
     rot = b.actor.model.rotary_emb
     assert not torch.allclose(rot.inv_freq, plain.inv_freq)  # the scaling is really there
-    run = make_cfg(preset=str(tmp_path))
-    hf, hy = engines.get("hf"), engines.get("hybrid")
-    s1, s2 = hf.init(b, run, seed=0), hy.init(b, run, seed=0)
     prompts = make_prompts(b, run, seed=3)
     gen = GenerationConfig(gen_len=40, greedy=True)
     r1, r2 = hf.generate(s1, prompts, gen, seed=1), hy.generate(s2, prompts, gen, seed=1)
@@ -250,19 +253,14 @@ def test_rope_recomputed_per_length_is_refused():
 def test_sliding_window_models_equal_hf_up_to_the_window(kind, tmp_path):
     """Up to its window a sliding-window model is full attention, and hybrid equals hf there.
     Beyond it hf masks keys this decoder would read: hybrid refuses, at init and in generate."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING
     kw = dict(vocab_size=512, max_position_embeddings=256, hidden_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, intermediate_size=176,
               sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "qwen2":  # the window on the layers from max_window_layers on
         kw.update(use_sliding_window=True, max_window_layers=1)
-    torch.manual_seed(0)
-    _vary_constants_(AutoModelForCausalLM.from_config(CONFIG_MAPPING[kind](**kw))).save_pretrained(
-        tmp_path)
-    b = make_bundle(str(tmp_path), seed=0)
-    run = make_cfg(preset=str(tmp_path), prompt_len=8, gen={"gen_len": 8})  # 16: the window
-    hf, hy = engines.get("hf"), engines.get("hybrid")
-    s1, s2 = hf.init(b, run, seed=0), hy.init(b, run, seed=0)
+    path = _saved_model(CONFIG_MAPPING[kind](**kw), tmp_path)
+    b, run, hf, s1, hy, s2 = _pair(path, "hybrid", prompt_len=8, gen={"gen_len": 8})  # the window
     prompts = make_prompts(b, run, seed=3)
     for greedy in (True, False):
         gen = GenerationConfig(gen_len=8, greedy=greedy)
@@ -270,7 +268,7 @@ def test_sliding_window_models_equal_hf_up_to_the_window(kind, tmp_path):
                            hy.generate(s2, prompts, gen, seed=1).seq)
     with pytest.raises(D.UnsupportedModel, match="window is 16 tokens and these sequences are 17"):
         hy.generate(s2, prompts, GenerationConfig(gen_len=9), seed=1)
-    longer = make_cfg(preset=str(tmp_path), prompt_len=8, gen={"gen_len": 9})
+    longer = make_cfg(preset=path, prompt_len=8, gen={"gen_len": 9})
     with pytest.raises(EngineUnavailable, match="sliding window is 16 tokens"):
         engines.get("hybrid").init(b, longer, seed=0)
 
