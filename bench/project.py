@@ -47,9 +47,13 @@ class Config:
     batch: int | None = None
     grad_ckpt: bool = True      # activation checkpointing of actor and critic
     offload: bool = False       # ZeRO-Offload: grads and Adam states in host memory, CPU Adam
-    critic: str = CRITIC_MODEL  # critic and reward model
+    critic: str | None = None   # critic and reward model; None: default_critic(model)
     eff: Efficiency | None = None  # None: the engine's documented defaults
     eff_source: str = "defaults"
+
+    def __post_init__(self):
+        if self.critic is None:
+            object.__setattr__(self, "critic", default_critic(self.model))
 
     @property
     def efficiency(self) -> Efficiency:
@@ -58,18 +62,37 @@ class Config:
 
 # ------------------------------------------------------------------ counts (hand-checkable)
 
+def default_critic(actor: str) -> str:
+    """DeepSpeed-Chat pairs every OPT actor with an OPT-350m critic and reward model; its Llama-2
+    scripts, like most recipes for other families, start them from the actor's own shape (a
+    critic reads the actor's tokens, so it shares its tokenizer)."""
+    shape = MODELS.get(actor)
+    return CRITIC_MODEL if shape is None or shape.family == "opt" else actor
+
+
 def model_shape(name: str) -> Shape:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return MODELS[name]
 
 
+def layer_matmul_params(s: Shape) -> int:
+    """One layer's linear weights: q and o (d x d), k and v (d x kv; kv = d without grouped-query
+    attention), and the MLP's two matrices (d x ffn; three when gated)."""
+    return 2 * s.d_model ** 2 + 2 * s.d_model * s.kv + (3 if s.gated else 2) * s.d_model * s.ffn
+
+
 def param_count(s: Shape) -> int:
-    """Per layer 4 d^2 + 4 d (q,k,v,o weights + biases), 2 d ffn + ffn + d (fc1, fc2 weights +
-    biases), 4 d (2 layernorms); token embedding V e (tied with the LM head); positions
-    (P_max + 2) d (OPT offsets them by 2); final layernorm 2 d; OPT-350m's projections 2 e d."""
-    d, f = s.d_model, s.ffn
-    n = s.layers * (4 * d * d + 2 * d * f + 9 * d + f) + s.vocab * s.e + (s.positions + 2) * d
+    """OPT: per layer the linears + 4 d (q,k,v,o biases) + ffn + d (fc1, fc2 biases) + 4 d (2
+    layernorms); token embedding V e (tied with the LM head); positions (P_max + 2) d (OPT offsets
+    them by 2); final layernorm 2 d; OPT-350m's projections 2 e d. Llama family: per layer the
+    linears + 2 d (2 RMSNorms) + d + 2 kv (Qwen2's q,k,v biases); embedding V d, and as much
+    again for an untied head; final RMSNorm d."""
+    d, f, L = s.d_model, s.ffn, s.layers
+    if s.family == "llama":
+        per_layer = layer_matmul_params(s) + 2 * d + (d + 2 * s.kv) * s.qkv_bias
+        return L * per_layer + s.vocab * d * (1 if s.tied else 2) + d
+    n = L * (layer_matmul_params(s) + 9 * d + f) + s.vocab * s.e + (s.positions + 2) * d
     return n + 2 * d * s.final_norm + (2 * s.e * d if s.e != d else 0)
 
 
@@ -78,16 +101,17 @@ HYBRID_FOLD_MIN_TOKENS = 48
 
 
 def matmul_params(s: Shape, lm_head: bool = True) -> int:
-    """Weights each token multiplies through: per layer 4 d^2 + 2 d ffn, the projections, and the
+    """Weights each token multiplies through: every layer's linears, the projections, and the
     LM head (V e) or a value head (e) for critic and reward models."""
     proj = 2 * s.e * s.d_model if s.e != s.d_model else 0
-    layer = 4 * s.d_model ** 2 + 2 * s.d_model * s.ffn
-    return s.layers * layer + proj + (s.vocab * s.e if lm_head else s.e)
+    return s.layers * layer_matmul_params(s) + proj + (s.vocab * s.e if lm_head else s.e)
 
 
 def lora_param_count(s: Shape, r: int) -> int:
-    """LoRA on every decoder linear: q,k,v,o (d -> d) add r (d + d), fc1 and fc2 add r (d + ffn)."""
-    return s.layers * r * (4 * 2 * s.d_model + 2 * (s.d_model + s.ffn))
+    """LoRA on every decoder linear: q and o add r (d + d), k and v r (d + kv), each MLP matrix
+    (two, or three when gated) r (d + ffn)."""
+    d = s.d_model
+    return s.layers * r * (2 * 2 * d + 2 * (d + s.kv) + (3 if s.gated else 2) * (d + s.ffn))
 
 
 def flops_per_token_forward(s: Shape, ctx: int, lm_head: bool = True) -> float:
@@ -120,8 +144,8 @@ def train_flops(s: Shape, seq: int, lora_dim: int = 0, lora_only: bool = True, c
 
 
 def kv_cache_bytes(s: Shape, batch: float, seq: int, dtype_bytes: int = BF16) -> float:
-    """Keys and values of every layer for `batch` sequences of `seq` positions."""
-    return batch * seq * 2 * s.layers * s.d_model * dtype_bytes
+    """Keys and values of every layer for `batch` sequences of `seq` positions (kv wide each)."""
+    return batch * seq * 2 * s.layers * s.kv * dtype_bytes
 
 
 def decode_bytes_per_step(s: Shape, batch: float, ctx: int, dtype_bytes: int = BF16) -> float:
@@ -149,9 +173,13 @@ def link_bw(gpu: Gpu, ranks: int) -> float:
 # ------------------------------------------------------------------ memory
 
 def layer_activation_bytes(s: Shape, batch: float, seq: int) -> float:
-    """16-bit activations one layer keeps for backward, s b d (34 + 5 a s / d) bytes
-    (Korthikanti et al. 2022, no dropout masks counted separately)."""
-    return batch * seq * s.d_model * (34 + 5 * s.heads * seq / s.d_model)
+    """16-bit activations one layer keeps for backward (Korthikanti et al. 2022): s b d (34 +
+    5 a s / d) bytes for an OPT layer. Their terms, written per width: attention 7 d + 4 kv
+    (K and V are kv wide), 2 norms 4 d, MLP 3 d + 4 ffn; a gated MLP keeps its input (2 d) and
+    four ffn-wide tensors (gate, up, the activation, the product: 8 ffn) and has no dropout."""
+    d, f = s.d_model, s.ffn
+    mlp = 2 * d + 8 * f if s.gated else 3 * d + 4 * f
+    return batch * seq * (11 * d + 4 * s.kv + mlp) + 5 * s.heads * seq * seq * batch
 
 
 def train_activation_bytes(s: Shape, batch: float, seq: int, ckpt: bool,
@@ -184,7 +212,7 @@ def memory_per_gpu(cfg: Config, b: float) -> dict[str, float]:
         # DeepSpeed's inference workspace and our static cache outlive generate; hf's does not
         "kv_cache": kv if cfg.engine != "hf" else 0.0,
     }
-    layer = (4 * a.d_model ** 2 + 2 * a.d_model * a.ffn) * BF16   # one layer's bf16 weights
+    layer = layer_matmul_params(a) * BF16                 # one layer's bf16 weights
     in_flight = 2 * layer * (z == 3 and n > 1)            # ZeRO-3: a layer in use + one prefetched
     gathered = na * BF16 / tp if generate_gathers(cfg) == 1 else in_flight   # whole actor once
     # generate: + fp32 logits of the last position; score: one layer live + bf16 logits of actor
@@ -371,7 +399,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"unknown engine {cfg.engine!r}; choose from {', '.join(ENGINES)}")
     if cfg.gpus < 1 or cfg.zero_stage not in (0, 1, 2, 3) or cfg.lora_dim < 0:
         raise ValueError("need --gpus >= 1, --zero-stage in 0..3 and --lora-dim >= 0")
-    width = min(model_shape(cfg.model).d_model, model_shape(cfg.model).e)  # as `run` checks
+    shape = model_shape(cfg.model)
+    width = min(shape.d_model, shape.e, shape.kv)       # the narrowest adapted layer, as `run`
     if cfg.lora_dim > width:
         raise ValueError(f"--lora-dim {cfg.lora_dim} is larger than {cfg.model}'s layer width "
                          f"{width}")
@@ -398,7 +427,7 @@ def predict(cfg: Config) -> dict:
     validate(cfg)
     batch = cfg.batch if cfg.batch is not None else largest_batch(cfg)
     b = batch / cfg.gpus                                   # prompts per data-parallel rank
-    row = dict(model=cfg.model, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine, batch=batch,
+    row = dict(model=cfg.model, critic=cfg.critic, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine, batch=batch,
                zero_stage=cfg.zero_stage, inference_tp=cfg.inference_tp, lora_dim=cfg.lora_dim,
                lora_only=cfg.lora_only, grad_ckpt=cfg.grad_ckpt, offload=cfg.offload,
                fits=batch > 0 and memory_fit(cfg, b),
@@ -525,6 +554,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gpus", default=None, help="GPU count(s) (default 1; --sweep: 1,2,4,...,64)")
     a("--gpu", default="a100-80g", help=f"one of {', '.join(GPUS)}")
     a("--engine", default="ds-hybrid", help=f"engine(s): {', '.join(ENGINES)}")
+    a("--critic", default=None, help="critic and reward model (default: opt-350m for OPT actors, "
+      "as DeepSpeed-Chat; the actor's own shape for the others)")
     a("--zero-stage", type=int, default=3, help="ZeRO stage of actor and critic training (0-3)")
     a("--inference-tp", default="1", help="tensor-parallel degree of generation, or 'auto'")
     a("--lora-dim", type=int, default=0, help="LoRA rank; > 0 trains only the adapters")
@@ -571,7 +602,8 @@ def configs_from_args(args) -> list[Config]:
                              zero_stage=args.zero_stage, inference_tp=tp, lora_dim=args.lora_dim,
                              tokens=args.tokens, prompt_len=args.prompt_len, gen_len=args.gen_len,
                              batch=args.batch, grad_ckpt=not getattr(args, "no_grad_ckpt", False),
-                             offload=getattr(args, "offload", False), eff=eff, eff_source=source)
+                             offload=getattr(args, "offload", False),
+                             critic=getattr(args, "critic", None), eff=eff, eff_source=source)
                 validate(cfg)
                 if tp_auto:
                     cfg = dataclasses.replace(cfg, inference_tp=auto_tp(cfg))
@@ -638,6 +670,8 @@ def run(args) -> int:
         print(f"{name}: {g.bf16_flops / 1e12:.0f} TFLOP/s bf16, {g.hbm_bw / 1e12:.3g} TB/s HBM, "
               f"{g.memory / 2 ** 30:.0f} GiB, NVLink {g.nvlink_bw / 1e9:.0f} GB/s, "
               f"IB {g.ib_bw / 1e9:.0f} GB/s per GPU per direction")
+    pairs = dict.fromkeys(f"{m} -> {c}" for m, c in zip(df["model"], df["critic"]))
+    print(f"critic and reward model: {', '.join(pairs)}")
     prompts = args.tokens / (args.prompt_len + args.gen_len)
     print(f"efficiencies: {'; '.join(df['eff_source'].unique())}; tokens {args.tokens:.4g} = "
           f"{prompts:,.0f} prompts x ({args.prompt_len} + {args.gen_len})")

@@ -41,7 +41,10 @@ GPUS: dict[str, Gpu] = {
 
 @dataclass(frozen=True)
 class Shape:
-    """A decoder-only transformer's shape (OPT layout: learned positions, ffn = 4 d, tied head)."""
+    """A decoder-only transformer's shape. family "opt": learned positions, LayerNorm, biases on
+    every linear, a two-matrix MLP (ffn = 4 d), tied head. family "llama" (Llama, Mistral, Qwen2):
+    rotary positions, RMSNorm, no biases (Qwen2: on q, k, v), a gated three-matrix MLP, and
+    grouped-query attention with `kv_heads` K/V heads."""
     name: str
     layers: int
     d_model: int
@@ -51,18 +54,38 @@ class Shape:
     positions: int = 2048
     embed_dim: int = 0   # word_embed_proj_dim when it differs from d_model (OPT-350m: 512), else 0
     final_norm: bool = True   # OPT-350m (post-LN) has no final layernorm
+    family: str = "opt"
+    kv_heads: int = 0    # K/V heads under grouped-query attention; 0: as many as `heads`
+    qkv_bias: bool = False    # "llama" family: biases on q, k and v (Qwen2)
+    tied: bool = True    # the LM head is the token embedding
 
     @property
     def e(self) -> int:
         """Width of the token embedding / LM head."""
         return self.embed_dim or self.d_model
 
+    @property
+    def kv(self) -> int:
+        """Width of one cached K or V row: kv_heads * head_dim."""
+        return self.d_model * (self.kv_heads or self.heads) // self.heads
+
+    @property
+    def gated(self) -> bool:
+        return self.family == "llama"
+
 
 def _opt(name: str, layers: int, d: int, heads: int, embed_dim: int = 0) -> Shape:
     return Shape(name, layers, d, heads, 4 * d, embed_dim=embed_dim, final_norm=not embed_dim)
 
 
-# Shapes from the OPT paper (Zhang et al. 2022, table 1) and the released HF configs.
+def _llama(name: str, layers: int, d: int, heads: int, kv_heads: int, ffn: int, vocab: int,
+           positions: int, qkv_bias: bool = False, tied: bool = False) -> Shape:
+    return Shape(name, layers, d, heads, ffn, vocab, positions, family="llama", kv_heads=kv_heads,
+                 qkv_bias=qkv_bias, tied=tied)
+
+
+# Shapes from the OPT paper (Zhang et al. 2022, table 1) and the released HF configs (layers,
+# hidden size, heads, K/V heads, intermediate size, vocabulary, max_position_embeddings).
 MODELS: dict[str, Shape] = {s.name: s for s in [
     _opt("opt-125m", 12, 768, 12),
     _opt("opt-350m", 24, 1024, 16, embed_dim=512),
@@ -73,6 +96,14 @@ MODELS: dict[str, Shape] = {s.name: s for s in [
     _opt("opt-30b", 48, 7168, 56),
     _opt("opt-66b", 64, 9216, 72),
     _opt("opt-175b", 96, 12288, 96),
+    _llama("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096),
+    _llama("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096),
+    _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096),
+    _llama("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, 8192),
+    _llama("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, 8192),
+    _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000, 32768),
+    _llama("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 32768, qkv_bias=True, tied=True),
+    _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 32768, qkv_bias=True),  # native 32k
 ]}
 SWEEP_MODELS = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b")
 SWEEP_GPUS = (1, 2, 4, 8, 16, 32, 64)
@@ -126,7 +157,7 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
 # Our default --tokens 135e6 gives 135e6 / 512 = 263,672 prompts, so 263,672 / B steps.
 # (The blog's "131.9k queries" disagrees with its own 67.5M query tokens by 2x; we follow the
 # token count, which the benchmark notes confirm.)
-CRITIC_MODEL = "opt-350m"     # critic and reward model of every DeepSpeed-Chat row
+CRITIC_MODEL = "opt-350m"     # critic and reward model of every DeepSpeed-Chat row (OPT actors)
 MAX_GLOBAL_BATCH = 1024       # prompts per PPO step
 
 # (gpus, gpu, actor, published hours, settings, why). Settings follow DeepSpeed-Chat's scripts:

@@ -54,6 +54,77 @@ def test_param_counts_match_hugging_face_opt():
     assert P.param_count(TOY) == 2032
 
 
+# A toy of the Llama family: grouped-query attention (4 heads, 2 K/V heads: kv width 4), a gated
+# MLP, RMSNorm, no biases, an untied head.
+TOY_LLAMA = Shape("toy-llama", layers=2, d_model=8, heads=4, ffn=12, vocab=16, positions=16,
+                  family="llama", kv_heads=2, tied=False)
+
+
+def test_llama_family_counts_by_hand():
+    s = TOY_LLAMA
+    assert s.kv == 4 and s.gated
+    # per layer q, o 8x8 each, k, v 8x4 each, gate, up, down 8x12 each: 128 + 64 + 288 = 480
+    assert P.layer_matmul_params(s) == 480
+    # 2 layers x (480 + 2 RMSNorms 2*8) + embedding 16*8 + untied head 16*8 + final norm 8
+    assert P.param_count(s) == 2 * 496 + 128 + 128 + 8
+    # Qwen2's q, k, v biases add 8 + 4 + 4 per layer; a tied head drops 128
+    qwen = dataclasses.replace(s, qkv_bias=True, tied=True)
+    assert P.param_count(qwen) == P.param_count(s) + 2 * 16 - 128
+    assert P.matmul_params(s) == 2 * 480 + 128 and P.matmul_params(qwen) == P.matmul_params(s)
+    # LoRA r=1: q, o r(8+8) each, k, v r(8+4) each, three MLP matrices r(8+12): 116 per layer
+    assert P.lora_param_count(s, 1) == 232
+    # the cache holds K and V 4 wide: batch 3 x 5 positions x 2 x 2 layers x 4 x 2 bytes
+    assert P.kv_cache_bytes(s, 3, 5) == 480
+    # activations of one token: attention 7*8 + 4*4, norms 4*8, gated MLP 2*8 + 8*12, scores 5*4
+    assert P.layer_activation_bytes(s, 1, 1) == 72 + 32 + 112 + 20
+    # for an OPT shape the general terms are Korthikanti's s b d (34 + 5 a s / d)
+    assert P.layer_activation_bytes(TOY, 3, 5) == 3 * 5 * 8 * (34 + 5 * 2 * 5 / 8)
+
+
+def test_llama_family_shapes_match_hugging_face():
+    """Every non-OPT shape, built by transformers on the meta device: parameter count, the
+    weights a token multiplies through, K/V width; and the published totals."""
+    import torch
+    import transformers as T
+    from bench.flops import shape_of
+    published = {"llama-2-7b": 6_738_415_616, "llama-2-70b": 68_976_648_192,
+                 "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
+                 "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512}
+    checked = 0
+    for name, s in MODELS.items():
+        if s.family == "opt":
+            continue
+        kw = dict(hidden_size=s.d_model, intermediate_size=s.ffn, num_hidden_layers=s.layers,
+                  num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
+                  vocab_size=s.vocab, max_position_embeddings=s.positions,
+                  tie_word_embeddings=s.tied)
+        config = T.Qwen2Config(**kw) if s.qkv_bias else T.LlamaConfig(**kw)
+        with torch.device("meta"):
+            model = T.AutoModelForCausalLM.from_config(config)
+        hf = shape_of(model, config)
+        assert P.param_count(s) == sum(p.numel() for p in model.parameters()), name
+        assert P.matmul_params(s) == hf.linear_params and s.kv == hf.kv_width, name
+        assert P.param_count(s) == published.get(name, P.param_count(s)), name
+        checked += 1
+    assert checked == 8
+
+
+def test_critic_defaults_to_deepspeed_chats_or_the_actor(capsys):
+    assert P.Config(model="opt-13b").critic == "opt-350m"
+    assert P.Config(model="llama-3-8b").critic == "llama-3-8b"
+    assert P.Config(model="llama-3-8b", critic="qwen2.5-0.5b").critic == "qwen2.5-0.5b"
+    [cfg] = P.configs_from_args(_args(model="llama-2-7b", critic="opt-350m", gpus=8))
+    assert cfg.critic == "opt-350m"
+    # a smaller critic leaves room: the same actor fits a larger batch
+    own = P.predict(P.Config(model="llama-2-7b", gpus=8, engine="hybrid"))
+    small = P.predict(dataclasses.replace(cfg, engine="hybrid"))
+    assert own["critic"] == "llama-2-7b" and small["critic"] == "opt-350m"
+    assert small["mem_gib"] < own["mem_gib"] and small["train_s"] < own["train_s"]
+    assert P.run(_args(model="llama-3-8b,opt-1.3b", gpus=8)) == 0
+    out = capsys.readouterr().out
+    assert "critic and reward model: llama-3-8b -> llama-3-8b, opt-1.3b -> opt-350m" in out
+
+
 def test_flop_and_byte_counts_by_hand():
     # weights a token multiplies through: 2 * (4*8*8 + 2*8*32) + LM head 16*8 = 1536 + 128
     assert P.matmul_params(TOY) == 1664
@@ -259,6 +330,8 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
     (dict(gpus="two"), "integers"),
     (dict(model="opt-1.3b", lora_dim="2049"), "larger than opt-1.3b's layer width 2048"),
     (dict(model="opt-350m", lora_dim="600"), "larger than opt-350m's layer width 512"),
+    (dict(model="llama-3-8b", lora_dim="1025"), "larger than llama-3-8b's layer width 1024"),
+    (dict(model="llama-3-8b", critic="llama-4"), "unknown model 'llama-4'"),
 ])
 def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
     with pytest.raises(ValueError, match=match) as err:
@@ -309,3 +382,18 @@ def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
     table = text.split(cmd, 1)[1]
     got = [ln for ln in table.split("\n\n", 2)[1].splitlines() if ln.startswith("| opt-")]
     assert got == want
+
+
+def test_readme_llama_projection_is_what_its_command_prints(tmp_path, capsys):
+    """The README's sentence on llama-3-8b quotes its command's hours, in engine order."""
+    import re
+    from pathlib import Path
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    m = re.search(r"`rlhf-bench project (--model llama-3-8b [^`]*)` gives ([\d.]+), ([\d.]+) and "
+                  r"([\d.]+) h on 8 H100s .*? and ([\d.]+), ([\d.]+) and ([\d.]+) h on 64", text)
+    argv = m.group(1).split() + ["--out", str(tmp_path / "p.csv")]
+    assert P.run(_args(**dict(zip([a[2:].replace("-", "_") for a in argv[::2]], argv[1::2])))) == 0
+    capsys.readouterr()
+    df = pd.read_csv(tmp_path / "p.csv")
+    got = [f"{h:.2f}" for gpus in (8, 64) for h in df[df.gpus == gpus].total_hours]
+    assert got == list(m.groups()[1:])
