@@ -330,7 +330,7 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
     (dict(gpus="two"), "integers"),
     (dict(model="opt-1.3b", lora_dim="2049"), "larger than opt-1.3b's layer width 2048"),
     (dict(model="opt-350m", lora_dim="600"), "larger than opt-350m's layer width 512"),
-    (dict(model="llama-3-8b", lora_dim="1025"), "larger than llama-3-8b's layer width 1024"),
+    (dict(model="llama-3-8b", lora_dim="4097"), "larger than llama-3-8b's layer width 4096"),
     (dict(model="llama-3-8b", critic="llama-4"), "unknown model 'llama-4'"),
 ])
 def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
