@@ -143,6 +143,25 @@ def _vary_constants_(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _lm_head_expected(auto, cfg):
+    """A value model's base read from a causal-LM folder leaves that folder's LM head unused, as
+    it should; transformers would print a load report calling it unexpected. Ignore that one key
+    family while loading (every other missing or unexpected key is still reported)."""
+    cls = auto._model_mapping[type(cfg)]
+    had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
+    old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    cls._keys_to_ignore_on_load_unexpected = set(
+        getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()) | {r"^lm_head\."}
+    try:
+        yield
+    finally:
+        if had:
+            cls._keys_to_ignore_on_load_unexpected = old
+        else:
+            del cls._keys_to_ignore_on_load_unexpected
+
+
 def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
                  lora_dim: int = 0, device: str = "cpu", actor_only: bool = False) -> ModelBundle:
     """Actor, reference, critic and reward, all seeded: the same seed gives the same weights.
@@ -154,7 +173,9 @@ def build_bundle(name: str, *, seed: int, dtype: torch.dtype = torch.float32,
 
     def make(auto):  # a local folder's weights, or the preset's random init
         if local:
-            return auto.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
+            quiet = _lm_head_expected(auto, cfg) if auto is AutoModel else contextlib.nullcontext()
+            with quiet:
+                return auto.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=True)
         return _vary_constants_(auto.from_config(cfg, dtype=dtype))
 
     # build straight on a GPU (random init of a 1.3B model on the CPU costs tens of seconds)

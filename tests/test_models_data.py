@@ -112,6 +112,36 @@ def test_local_hf_path(tmp_path, tiny_bundle, no_network):
     torch.testing.assert_close(b.actor(input_ids=ids).logits, src.actor(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-llama"])
+def test_local_folder_loads_quietly_but_still_reports_a_foreign_key(preset, tmp_path, tiny_bundle,
+                                                                   caplog, capfd, no_network):
+    """The reward and critic bases leave the folder's LM head unused: not worth a load report.
+    A key that belongs nowhere still gets one, and the class is left as it was."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+    src = tiny_bundle(preset, seed=7)
+    head = src.actor.get_output_embeddings()          # untie it: lm_head.weight, a key of its own
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    src.actor.config.tie_word_embeddings = False
+    src.actor.save_pretrained(tmp_path)
+    def report():  # transformers' warnings reach stderr or, once propagated, pytest's log capture
+        text = caplog.text + capfd.readouterr().err
+        caplog.clear()
+        return text
+    report()
+    build_bundle(str(tmp_path), seed=0)
+    text = report()
+    assert "LOAD REPORT" not in text and "lm_head" not in text
+    cls = AutoModel._model_mapping[type(src.config)]
+    assert "_keys_to_ignore_on_load_unexpected" not in cls.__dict__
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "model.stray.weight": torch.zeros(2)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    build_bundle(str(tmp_path), seed=0)
+    text = report()
+    assert "stray" in text and "UNEXPECTED" in text
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def test_synthetic_prompts_left_padded_and_seeded():
