@@ -499,7 +499,12 @@ def load_efficiency(run_dir: str, engine: str) -> tuple[Efficiency, str]:
         eff = dataclasses.replace(eff, launch_s=0.0, token_sync_s=0.0)
     env = meta.get("env") if isinstance(meta.get("env"), dict) else meta
     device = env.get("device") or env.get("gpu") or env.get("cpu") or "unknown device"
-    return eff, (f"{root.name} ({device}): {', '.join(found)}" if found else "defaults")
+    if not isinstance(device, str):
+        device = "unknown device"
+    if not found:   # said where it is printed: the user asked for measured efficiencies
+        why = "no ok row" if rows.empty else "no efficiency columns in its ok row"
+        return eff, f"defaults for {engine} ({root.name} has {why})"
+    return eff, f"{root.name} ({device}): {', '.join(found)}"
 
 
 # ------------------------------------------------------------------ calibration
@@ -659,6 +664,10 @@ def format_table(df) -> str:
 def run(args) -> int:
     """`rlhf-bench project`: print the projected table, write --out CSV and --plot PNG."""
     import pandas as pd
+    for flag in ("out", "plot"):
+        path = getattr(args, flag, None)
+        if path and Path(path).is_dir():
+            raise ValueError(f"--{flag} {path} is a folder; give a file name")
     if getattr(args, "calibration", False):
         df = calibration_table()
     else:
@@ -683,7 +692,10 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (`python -m bench.project`); the rlhf-bench CLI calls run() itself."""
-    parser = argparse.ArgumentParser(prog="rlhf-bench project", description=__doc__.splitlines()[0])
+    class OneLine(argparse.ArgumentParser):   # usage mistakes: one line, as rlhf-bench's own
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    parser = OneLine(prog="rlhf-bench project", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

@@ -308,7 +308,8 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
                                  "hybrid,ok,1.0,0.2,\nhf,ok,2.0,0.1,0.3\n")
     eff, source = P.load_efficiency(run_dir, "hybrid")
     assert eff.decode == 0.2 and eff.train == Efficiency().train and "H200" in source
-    assert P.load_efficiency(run_dir, "ds-hybrid")[1] == "defaults"          # no row: defaults
+    assert P.load_efficiency(run_dir, "ds-hybrid")[1].startswith("defaults for ds-hybrid (")
+    assert "has no ok row" in P.load_efficiency(run_dir, "ds-hybrid")[1]      # said, not hidden
     # the harness's own results.json stands in for meta.json
     (tmp_path / "meta.json").unlink()
     (tmp_path / "results.json").write_text('{"env": {"cpu": "Xeon"}, "rows": []}')
@@ -357,6 +358,17 @@ def test_stand_alone_entry_exits_2_on_bad_input(capsys):
     with pytest.raises(SystemExit) as exit_:
         P.main(["--model", "opt-7b"])
     assert exit_.value.code == 2 and "unknown model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        P.main(["--nonsense"])  # a usage mistake: one line, as rlhf-bench project gives
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--nonsense" in err, err
+
+
+@pytest.mark.parametrize("flag", ["out", "plot"])
+def test_out_or_plot_naming_a_folder_is_refused_up_front(flag, tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"--{flag} {tmp_path} is a folder; give a file name"):
+        P.run(_args(model="opt-1.3b", **{flag: tmp_path}))
+    assert capsys.readouterr().out == ""   # nothing computed or printed first
 
 
 def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
