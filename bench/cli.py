@@ -97,6 +97,9 @@ def options_from(args, axes: dict | None = None) -> "object":
         if k in ("cmd", "config", "func") + SWEEP_AXES or v is None:
             continue
         d[k] = v
+    if d.get("out") == "":
+        raise ConfigError("--out is empty: give a folder (default results/latest for run, "
+                          "results/sweep for sweep)")
     return validate(from_dict(d))
 
 
@@ -119,11 +122,19 @@ def cmd_report(args) -> int:
     d = Path(args.dir)
     if (d / "sweep.csv").exists() and not (d / "results.json").exists():
         import pandas as pd
-        df = pd.read_csv(d / "sweep.csv")
+        try:
+            df = pd.read_csv(d / "sweep.csv")
+        except (ValueError, UnicodeDecodeError, OSError) as e:  # pandas' parser errors too
+            raise ResultsError(f"{d / 'sweep.csv'}: not a readable sweep table "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
         need = {"engine", "preset", "batch", "gen_len", "status", "gen_tokens_per_s"}
         if need - set(df.columns):
             raise ResultsError(f"{d / 'sweep.csv'}: not a sweep table (no "
                                f"{', '.join(sorted(need - set(df.columns)))})")
+        numeric = ("batch", "gen_len", "gen_tokens_per_s")
+        if df.empty or not all(pd.api.types.is_numeric_dtype(df[c]) for c in numeric):
+            raise ResultsError(f"{d / 'sweep.csv'}: not a sweep table (no rows, or "
+                               f"{', '.join(numeric)} not all numbers)")
         plot_sweep(df, d / "sweep.png")
         print(df.to_string(index=False))
         print(f"\nplot: {d / 'sweep.png'}")
@@ -148,24 +159,31 @@ def _malformed(where):
     from .results import ResultsError
     try:
         yield
-    except (KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError) as e:
-        raise ResultsError(f"{where}: malformed results ({type(e).__name__}: {e})")
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError, ValueError,
+            OverflowError) as e:
+        raise ResultsError(f"{where}: malformed results ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def cmd_compare(args) -> int:
     from .compare import compare, parse_percent, workload_differences
-    from .results import load_results
-    base, new = load_results(args.base), load_results(args.new)
+    from pathlib import Path
+
+    from .results import load_results, recover
+    # a run whose harness was killed is read as report reads it: finished steps kept
+    base, new = (recover(load_results(p), p) if Path(p).is_dir() else load_results(p)
+                 for p in (args.base, args.new))
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
-    if differ := workload_differences(base, new):
+    with _malformed(f"{args.base} or {args.new}"):  # judged first: a bad file prints no note
+        table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
+        differ = workload_differences(base, new)
+    if differ:
         print(f"note: the runs measured different work: {', '.join(differ)}", file=sys.stderr)
     without = [p for p, d in ((args.base, base), (args.new, new))
                if "hf" not in d["options"].get("engines_run", [])]
     if without and not args.absolute:
         print(f"note: no hf in {', '.join(map(str, without))}: comparing raw seconds, as "
               f"--absolute does (meaningful on the same machine only)", file=sys.stderr)
-    with _malformed(f"{args.base} or {args.new}"):
-        table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.float_format",
                            lambda v: f"{v:.4g}"):

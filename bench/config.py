@@ -120,8 +120,8 @@ def from_dict(d: dict) -> BenchOptions:
 
 def load_toml(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        with open(path, "rb") as f:  # utf-8-sig: a byte-order mark some editors write is fine
+            return tomllib.loads(f.read().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist")
     except tomllib.TOMLDecodeError as e:
@@ -130,6 +130,8 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"config file {path!r} is not valid TOML: not UTF-8 text")
     except IsADirectoryError:
         raise ConfigError(f"config file {path!r} is a directory")
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} is nested too deeply to read")
 
 
 def validate(o: BenchOptions) -> BenchOptions:
@@ -152,6 +154,9 @@ def validate(o: BenchOptions) -> BenchOptions:
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"--{k.replace('_', '-')} must be 0 ({zero}) or a positive finite "
                               f"number, got {v}")
+        if k != "parity_tol" and 0 < v < 1:  # no engine process even starts in under a second
+            raise ConfigError(f"--{k.replace('_', '-')} is in seconds: 0 ({zero}) or at least 1, "
+                              f"got {v:g}")
     if not 0 <= o.threads <= 1024:
         raise ConfigError(f"--threads must be 0 (torch's default) to 1024, got {o.threads}")
     if o.warmup < 0:

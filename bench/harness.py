@@ -266,6 +266,10 @@ def run(o: BenchOptions) -> int:
     previous = None
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if (out / "sweep.csv").exists() and not (out / "results.json").exists():
+        raise ConfigError(f"--out {out} holds a sweep, not a run: choose another --out")
     if o.resume:
         previous = resumable(out, o)
     elif (out / "results.json").exists() and not o.overwrite:

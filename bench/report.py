@@ -52,7 +52,14 @@ PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train":
 
 
 def summarize(data: dict) -> pd.DataFrame:
-    """The summary DataFrame of a results dict (medians over the measured steps)."""
+    """The summary DataFrame of a results dict (medians over the measured steps). A phase not
+    measured (NaN) or a sentinel (+inf parity) makes its ratios NaN or 0 without a warning."""
+    import numpy as np
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _summarize(data)
+
+
+def _summarize(data: dict) -> pd.DataFrame:
     o, limits = data["options"], data.get("limits", {})
     rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
                                                "unit"])
@@ -124,7 +131,7 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
     try:
         s = Shape(*(int(setup[("setup", f"shape_{f}")]) for f in Shape._fields))
         dbytes = int(setup[("setup", "dtype_bytes")])
-    except KeyError:
+    except (KeyError, ValueError, OverflowError):  # not recorded, or not a whole number
         return float("nan")
     if not (limits.get("matmul_flops", 0) > 0 and limits.get("mem_bw", 0) > 0):
         return float("nan")  # not measured

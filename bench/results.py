@@ -7,6 +7,7 @@ leaves a half-written file where a good one stood. Nothing here unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -46,18 +47,21 @@ def append_jsonl(path, obj) -> None:
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every complete line of a JSONL file; a torn last line (killed writer) is dropped."""
+    """Every complete line of a JSONL file up to the first torn or unreadable one (a killed
+    writer tears the last); lines that are not JSON objects are skipped."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a bad line must not cost the good ones before it
             for line in f:
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     break
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
+                    obj = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     break
-    except FileNotFoundError:
+                if isinstance(obj, dict):
+                    out.append(obj)
+    except (FileNotFoundError, IsADirectoryError):
         pass
     return out
 
@@ -68,11 +72,18 @@ def load_results(path) -> dict:
     if p.is_dir():
         p = p / "results.json"
     if not p.exists():
+        if (p.parent / "sweep.csv").exists():
+            raise ResultsError(f"{p.parent} is a sweep: its points are run folders of their own "
+                               f"(e.g. {p.parent}/<preset>_b<batch>_g<gen_len>)")
         raise ResultsError(f"{p}: no results file (is this a run directory?)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResultsError(f"{p}: not valid JSON ({e.__class__.__name__}: truncated or corrupt)")
+    except RecursionError:
+        raise ResultsError(f"{p}: not an rlhf-bench results file (nested too deeply to read)")
+    except IsADirectoryError:
+        raise ResultsError(f"{p}: a folder, not a results file")
     if not isinstance(data, dict) or "version" not in data:
         raise ResultsError(f"{p}: not an rlhf-bench results file (no version)")
     if not _is(data["version"], int) or data["version"] != VERSION:
@@ -89,16 +100,20 @@ def load_results(path) -> dict:
         raise ResultsError(f"{p}: malformed engines section (each engine needs a status string)")
     o = data.get("options")
     if not isinstance(o, dict) or not isinstance(o.get("engines_run"), list) or not all(
-            isinstance(e, str) for e in o["engines_run"]):
-        raise ResultsError(f"{p}: malformed options (engines_run must be a list of names)")
+            isinstance(e, str) for e in o["engines_run"]) or not o["engines_run"]:
+        raise ResultsError(f"{p}: malformed options (engines_run must be a non-empty list of "
+                           f"names)")
     bad = [k for k in ("batch", "generation_batches", "prompt_len", "gen_len", "warmup")
-           if not _is(o.get(k), int) or o[k] < 0]
+           if not _is(o.get(k), int) or o[k] < (k != "warmup")]
     if bad:
-        raise ResultsError(f"{p}: malformed options ({', '.join(bad)} must be whole numbers)")
+        raise ResultsError(f"{p}: malformed options ({', '.join(bad)} must be whole numbers, "
+                           f"at least 1 (warmup: 0))")
     limits = data.get("limits", {})
-    if not isinstance(limits, dict) or not all(_is(v, (int, float)) for k, v in limits.items()
-                                               if k in ("matmul_flops", "mem_bw")):
-        raise ResultsError(f"{p}: malformed limits section")
+    if not isinstance(limits, dict) or not all(
+            _number(v) and 0 <= v < math.inf for k, v in limits.items()
+            if k in ("matmul_flops", "mem_bw")):
+        raise ResultsError(f"{p}: malformed limits section (matmul_flops and mem_bw must be "
+                           f"finite numbers, 0 or more)")
     return data
 
 
@@ -107,10 +122,15 @@ def _is(v, kind) -> bool:
     return isinstance(v, kind) and not isinstance(v, bool)
 
 
+def _number(v) -> bool:
+    """A JSON number a float can hold (json reads 1e400 written as digits into an int)."""
+    return _is(v, float) or (_is(v, int) and abs(v) < 2 ** 1023)
+
+
 def _good_row(r) -> bool:
     return (isinstance(r, dict) and not set(ROW_KEYS) - set(r) and _is(r["step"], int)
-            and _is(r["value"], (int, float)) and all(isinstance(r[k], str) for k in
-                                                      ("engine", "phase", "metric", "unit")))
+            and _number(r["value"]) and all(isinstance(r[k], str) for k in
+                                            ("engine", "phase", "metric", "unit")))
 
 
 def recover(data: dict, run_dir) -> dict:

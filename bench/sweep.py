@@ -22,17 +22,23 @@ def _ints(text: str, default: int) -> list[int]:
         raise ConfigError(f"expected comma-separated integers, got {text!r}")
     if any(v < 1 for v in vals):
         raise ConfigError(f"sweep values must be at least 1, got {text!r}")
-    return vals
+    return list(dict.fromkeys(vals))
 
 
 def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     out = Path(o.out or "results/sweep")
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if (out / "results.json").exists():
+        raise ConfigError(f"--out {out} holds a run, not a sweep: choose another --out")
     if (out / "sweep.csv").exists() and not (o.overwrite or o.resume):
         raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite to replace it, "
                           f"--resume to finish it, or choose another --out")
-    names = [x.strip() for x in presets.split(",") if x.strip()] if presets else [o.preset]
+    # a value given twice is one point (it would run twice into the same folder)
+    names = list(dict.fromkeys(x.strip() for x in presets.split(",") if x.strip())) if presets \
+        else [o.preset]
     if not names:
         raise ConfigError(f"--presets: expected comma-separated presets, got {presets!r}")
     sizes, lens = _ints(batches, o.batch), _ints(gen_lens, o.gen_len)

@@ -40,8 +40,14 @@ def prompt_texts(path: str, key: str = "prompt") -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}, line {n}: not valid JSON")
+        except RecursionError:
+            raise ValueError(f"{path}, line {n}: nested too deeply to read")
         if not isinstance(row, dict) or not isinstance(row.get(key), str):
             raise ValueError(f"{path}, line {n}: expected an object with a {key!r} string")
+        try:
+            row[key].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\ud800): no tokenizer takes it
+            raise ValueError(f"{path}, line {n}: the prompt is not valid Unicode text")
         texts.append(row[key])
     if not texts:
         raise ValueError(f"{path}: no prompts")

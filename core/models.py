@@ -75,7 +75,14 @@ def build_config(name: str):
         try:
             cfg = AutoConfig.from_pretrained(name, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means "not a model folder"
+            if os.path.isfile(os.path.join(name, "config.json")):
+                raise ModelError(f"{os.path.join(name, 'config.json')!r} is not a model config "
+                                 f"transformers can read ({type(e).__name__}; is it valid "
+                                 f"JSON?)")
             raise ModelError(f"{name!r} holds no Hugging Face model config ({type(e).__name__})")
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
+            raise ModelError(f"{name!r} holds a model config but no weights (*.safetensors or "
+                             f"*.bin files)")
         for k, v in _NO_DROPOUT.get(cfg.model_type, {}).items():
             setattr(cfg, k, v)
         return cfg

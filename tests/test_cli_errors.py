@@ -85,6 +85,8 @@ CASES = {
     "not a number": (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
     "bad choice": (["--reward", "vibes"], "argument --reward: invalid choice"),
     "tokenizer alone": (["--tokenizer", "/tmp"], "--tokenizer is read only with --prompts-file"),
+    "sub-second timeout": (["--engine-timeout", "1e-9"],
+                           "--engine-timeout is in seconds: 0 (none) or at least 1, got 1e-09"),
 }
 
 
@@ -112,12 +114,73 @@ def test_path_without_a_model(tmp_path, saved_run, capsys):
     assert _digest(saved_run) == before
 
 
+@pytest.mark.parametrize("config, fragment", [
+    ("{not json", "config.json' is not a model config transformers can read"),
+    (None, "holds a model config but no weights"),
+])
+def test_model_folder_with_a_broken_config_or_no_weights(config, fragment, tmp_path, saved_run,
+                                                         capsys):
+    d = _model_dir(tmp_path)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    if config is not None:
+        (d / "config.json").write_text(config)
+    capsys.readouterr()  # the save's progress bar
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--preset", d, "--out", saved_run, "--overwrite"], fragment,
+                capsys)
+    assert _digest(saved_run) == before
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep"])
+def test_empty_out_is_refused(cmd, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the defaults results/latest and results/sweep would go
+    _expect_bad([cmd, *TINY, "--out", ""], "--out is empty: give a folder", capsys)
+    assert not (tmp_path / "results").exists()
+
+
+def test_run_and_sweep_folders_do_not_mix(tmp_path, saved_run, capsys):
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.csv").write_text("engine\n")
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    before = _digest(saved_run), _digest(sweep_dir)
+    _expect_bad(["run", *TINY, "--out", sweep_dir, "--overwrite"], "holds a sweep, not a run",
+                capsys)
+    _expect_bad(["sweep", *TINY, "--batches", "2", "--out", saved_run, "--overwrite"],
+                "holds a run, not a sweep", capsys)
+    _expect_bad(["compare", saved_run, sweep_dir], f"{sweep_dir} is a sweep: its points are run "
+                "folders of their own", capsys)
+    for cmd in ("run", "sweep"):
+        _expect_bad([cmd, *TINY, "--out", a_file], f"--out {a_file} is a file, not a folder",
+                    capsys)
+    assert (_digest(saved_run), _digest(sweep_dir)) == before and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "not a readable sweep table (EmptyDataError"),
+    (b"\xff\xfe\x00", "not a readable sweep table"),
+    ("engine,preset,batch,gen_len,status,gen_tokens_per_s\n", "not a sweep table (no rows"),
+    ("engine,preset,batch,gen_len,status,gen_tokens_per_s\nhf,p,x,4,ok,fast\n",
+     "not a sweep table (no rows, or batch, gen_len, gen_tokens_per_s not all numbers)"),
+])
+def test_bad_sweep_table(content, fragment, tmp_path, capsys):
+    d = tmp_path / "sw"
+    d.mkdir()
+    (d / "sweep.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
+    _expect_bad(["report", d], f"{d / 'sweep.csv'}: " + fragment, capsys)
+    assert not (d / "sweep.png").exists()
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("", "no prompts"),
     ('{"prompt": "w1"}\n{"prompt": \n', "line 2: not valid JSON"),
     ('{"text": "w1"}\n', "line 1: expected an object with a 'prompt' string"),
     ('{"prompt": 5}\n', "line 1: expected an object with a 'prompt' string"),
     (b"\xff\xfe", "not UTF-8 text"),
+    ('{"prompt": "\\ud800"}\n', "line 1: the prompt is not valid Unicode text"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n", "line 1: nested too deeply to read"),
 ])
 def test_bad_prompts_file_is_refused_before_anything_runs(content, fragment, tmp_path,
                                                            saved_run, capsys):
@@ -176,6 +239,8 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, saved_run, capsys):
     ("engines = 3\n", "config key 'engines' should be a comma-separated string or a list"),
     ("phases = [1]\n", "config key 'phases' should be a comma-separated string or a list"),
     (b"\xff\xfe", "is not valid TOML: not UTF-8 text"),
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "is nested too deeply to read"),
+    ("\ufeffbatch = 0\n", "--batch must be at least 1, got 0"),  # a BOM is read past
 ])
 def test_bad_config_file(content, fragment, tmp_path, saved_run, capsys):
     cfg = tmp_path / "run.toml"
@@ -212,6 +277,18 @@ def _results(**kw) -> str:
     (_results(options=dict(engines_run=5)), "malformed options"),
     (_results(options=dict(engines_run=["hf"], batch="x")), "batch, generation_batches"),
     (_results(limits="x"), "malformed limits section"),
+    (_results(limits={"matmul_flops": -1.0}), "malformed limits section"),
+    (_results(options=dict(engines_run=[], batch=2, generation_batches=1, prompt_len=8,
+                           gen_len=8, warmup=0)), "engines_run must be a non-empty list"),
+    (_results(options=dict(engines_run=["hf"], batch=0, generation_batches=1, prompt_len=8,
+                           gen_len=8, warmup=0)), "(batch must be whole numbers, at least 1"),
+    ('{"version": 1, "rows": [{"engine": "hf", "step": 0, "phase": "generate", "metric": '
+     '"seconds", "unit": "s", "value": 1' + "0" * 400 + '}], "engines": {}}', "malformed rows"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to read"),
+    # a value the loader takes (NaN, +inf: a broken forward's parity) where a whole number
+    # belongs: still one line naming the run
+    (_results(rows=[dict(engine="hf", step=-1, phase="setup", metric="shape_n_layers",
+                         value=float("inf"), unit="")]), None),
 ])
 @pytest.mark.parametrize("cmd", ["compare", "report"])
 def test_bad_results_file(cmd, content, fragment, tmp_path, saved_run, capsys):
@@ -221,6 +298,12 @@ def test_bad_results_file(cmd, content, fragment, tmp_path, saved_run, capsys):
         (bad / "results.json").write_text(content)
     before = _digest(bad), _digest(saved_run)
     argv = ["compare", saved_run, bad] if cmd == "compare" else ["report", bad]
+    if fragment is None:  # read, and summarised without a warning or a traceback
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code in (0, 1) and "Warning" not in err and "Traceback" not in err, err
+        return
     _expect_bad(argv, fragment, capsys)
     assert (_digest(bad), _digest(saved_run)) == before
 
@@ -297,3 +380,36 @@ def test_help_names_every_preset_and_the_compare_defaults():
         assert "(default" in text, text
     compare_help = " ".join(sub["compare"].format_help().split())
     assert compare_help.count("(default 10%)") == 2
+
+
+def test_killed_run_is_read_back_by_report_and_compare(tmp_path, capsys):
+    """A harness killed mid-run leaves hf "running"; its worker's JSON lines hold the finished
+    steps. Lines that are not objects are skipped, reading stops at an unreadable one, and
+    compare reads the run back as report does (it once called hf "now running")."""
+    from bench.results import read_jsonl
+    row = dict(engine="hf", step=0, phase="generate", metric="seconds", value=1.0, unit="s")
+    options = dict(engines_run=["hf"], batch=2, generation_batches=1, prompt_len=8, gen_len=8,
+                   warmup=0)
+    killed, base = tmp_path / "killed", tmp_path / "base"
+    (killed / "engines").mkdir(parents=True)
+    base.mkdir()
+    (killed / "results.json").write_text(json.dumps(dict(
+        version=1, options=options, engines={"hf": {"status": "running"}}, rows=[])))
+    (base / "results.json").write_text(json.dumps(dict(
+        version=1, options=options, engines={"hf": {"status": "ok"}}, rows=[row])))
+    (killed / "engines" / "hf.jsonl").write_bytes(
+        b'[1, 2]\n"x"\n' + json.dumps(row).encode() + b"\n"
+        + b'{"event": "status", "status": "ok"}\n\xff\xfe\n' + json.dumps(row).encode() + b"\n")
+    assert read_jsonl(killed / "engines" / "hf.jsonl") == [row, dict(event="status", status="ok")]
+    assert read_jsonl(killed / "engines") == []  # a folder where the file belongs: nothing
+    for argv in (["report", killed], ["compare", base, killed]):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert e.value.code == 0 and "Traceback" not in err, (out, err)
+    assert "no regression" in out
+
+
+def test_a_sweep_value_given_twice_is_one_point():
+    from bench.sweep import _ints
+    assert _ints("2,4,2", 8) == [2, 4] and _ints("", 8) == [8]
