@@ -166,9 +166,9 @@ def _malformed(where):
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, parse_percent, workload_differences
     from pathlib import Path
 
+    from .compare import compare, parse_percent, workload_differences
     from .results import load_results, recover
     # a run whose harness was killed is read as report reads it: finished steps kept
     base, new = (recover(load_results(p), p) if Path(p).is_dir() else load_results(p)
