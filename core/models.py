@@ -155,7 +155,11 @@ def _lm_head_expected(auto, cfg):
     """A value model's base read from a causal-LM folder leaves that folder's LM head unused, as
     it should; transformers would print a load report calling it unexpected. Ignore that one key
     family while loading (every other missing or unexpected key is still reported)."""
-    cls = auto._model_mapping[type(cfg)]
+    try:
+        cls = auto._model_mapping[type(cfg)]
+    except KeyError:  # not a class transformers maps (from_pretrained will say so itself)
+        yield
+        return
     had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
     old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
     cls._keys_to_ignore_on_load_unexpected = set(
