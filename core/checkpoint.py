@@ -102,8 +102,8 @@ def load_(path_dir: str, models: ModelBundle) -> tuple[TrainState, dict]:
 
     The trainable parameters are copied in place into the modules' own tensors, so the state's
     param dicts stay the modules' parameters (one copy of the weights) and any engine built on
-    these modules sees them. Load right after engine.init, before the first generate: an engine
-    holding a derived copy (hybrid-packed) re-packs only after a train step.
+    these modules sees them. Load right after engine.init and call engine.sync before the next
+    generate: an engine holding a second copy (hybrid-packed, ds-inference) refreshes it there.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .models import ModelBundle
+import torch
+
+from .models import ModelBundle, max_positions
 from .types import (Experience, GenerationConfig, Metrics, PPOConfig, Prompts, Rollout,
                     RunConfig, TrainState)
 
@@ -34,3 +36,54 @@ class Engine(Protocol):
                    seed: int) -> tuple[TrainState, Metrics]: ...
 
     def release(self) -> None: ...
+
+
+# ---------------------------------------------------------------- checks every engine makes
+
+def check_generate_args(prompts, config, gen: GenerationConfig, seed) -> None:
+    """A one-line ValueError for arguments generate cannot use, before they reach torch: the
+    type and shapes of the prompts, token ids outside the vocabulary, a prompt plus answer
+    longer than the model's positions, a seed that is not an int. `config`: the actor's."""
+    if not isinstance(prompts, Prompts):
+        raise ValueError(f"generate: prompts must be core.types.Prompts(input_ids, "
+                         f"attention_mask), got {type(prompts).__name__}")
+    ids, am = prompts
+    if not (isinstance(ids, torch.Tensor) and isinstance(am, torch.Tensor)) or ids.dim() != 2 \
+            or am.shape != ids.shape:
+        raise ValueError(f"generate: input_ids and attention_mask must be (B, P) tensors of one "
+                         f"shape, got {_shape(ids)} and {_shape(am)}")
+    if ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 1:
+        raise ValueError(f"generate: input_ids must be int64 token ids with at least one "
+                         f"position, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the model's "
+                         f"vocabulary; got {int(ids.min())}..{int(ids.max())}")
+    limit = max_positions(config)
+    if ids.shape[1] + gen.gen_len > limit:
+        raise ValueError(f"generate: prompt {ids.shape[1]} + answer {gen.gen_len} tokens is "
+                         f"longer than the model's {limit} positions")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"generate: seed must be an int, got {seed!r}")
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_train_args(state: TrainState, exp: Experience) -> None:
+    """train_step donates its state (as JAX's donate_argnums): a state already given to a
+    train_step, whose weights and moments have moved on, is refused rather than stepped again;
+    an experience without advantages is refused by name."""
+    if int(state.step) < 0:
+        raise ValueError("train_step: this state was donated to an earlier train_step; pass the "
+                         "state that call returned (state, metrics = engine.train_step(state, "
+                         "...))")
+    if exp.advantages is None or exp.returns is None:
+        raise ValueError("train_step: the experience has no advantages or returns; pass it "
+                         "through core.step.add_advantages(exp, ppo) first")
+
+
+def donate_(state: TrainState) -> None:
+    """Mark a state consumed by train_step: its step counter becomes -1, which
+    check_train_args refuses. Call it once the new state exists."""
+    state.step.fill_(-1)

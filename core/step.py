@@ -72,6 +72,10 @@ def ppo_step(engine: Engine, state: TrainState, prompts: Prompts | Sequence[Prom
     """
     batches = [prompts] if isinstance(prompts, Prompts) else list(prompts)
     ppo = cfg.ppo
+    if len(batches) != ppo.generation_batches:
+        raise ValueError(f"ppo_step: {len(batches)} prompt batch(es) for "
+                         f"generation_batches={ppo.generation_batches}; pass one per generation "
+                         f"batch")
     with phase("sync"):
         engine.sync(state)
     exps = []

@@ -4,6 +4,7 @@ Shapes: B batch, P prompt length, G answer (generated) length, T = P + G.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Optional
 
@@ -88,8 +89,16 @@ class Metrics(NamedTuple):
 class GenerationConfig:
     gen_len: int = 16
     greedy: bool = False
-    temperature: float = 1.0
+    temperature: float = 1.0     # > 0; greedy decoding is greedy=True, not temperature 0
     stop_at_eos: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.gen_len, int) and self.gen_len >= 1):
+            raise ValueError(f"GenerationConfig: gen_len must be an int of at least 1, got "
+                             f"{self.gen_len!r}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"GenerationConfig: temperature must be a positive finite number "
+                             f"(greedy=True for greedy decoding), got {self.temperature!r}")
 
 
 @dataclass(frozen=True)

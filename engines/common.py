@@ -5,6 +5,7 @@ import torch
 from torch.func import functional_call, grad_and_value
 
 from core import ppo as P
+from core.engine import check_train_args, donate_
 from core.guards import check_finite, check_grads
 from core.models import ModelBundle, position_ids, trainable
 from core.optim import adamw, global_norm
@@ -132,6 +133,7 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     a_opt, c_opt = opts
     if state.actor_opt is None:
         raise ValueError(NO_OPTIMISER)
+    check_train_args(state, exp)
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)
     c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,
@@ -146,4 +148,6 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     stats = experience_stats(exp)
     metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"],
                       a_norm, c_norm)
-    return state._replace(actor_opt=a_state, critic_opt=c_state, step=state.step + 1), metrics
+    new = state._replace(actor_opt=a_state, critic_opt=c_state, step=state.step + 1)
+    donate_(state)
+    return new, metrics

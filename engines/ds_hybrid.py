@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from core.engine import EngineUnavailable
+from core.engine import EngineUnavailable, check_generate_args
 from core.models import ModelBundle
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
                         TrainState)
@@ -72,6 +72,7 @@ class DSHybridEngine:
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
         m = self.models
+        check_generate_args(prompts, m.config, gen, seed)
         self.actor.eval()  # inference containers in; `module.generate` is now the engine's
         try:
             return hf_generate(self.actor.module, prompts, gen, seed=seed, pad_id=m.pad_id,

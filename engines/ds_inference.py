@@ -23,7 +23,7 @@ import inspect
 
 import torch
 
-from core.engine import EngineUnavailable
+from core.engine import EngineUnavailable, check_generate_args
 from core.models import ModelBundle
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
                         TrainState, torch_dtype)
@@ -181,6 +181,7 @@ class DSInferenceEngine:
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
         m = self.models
+        check_generate_args(prompts, m.config, gen, seed)
 
         def run(p: Prompts, s: int) -> Rollout:
             # No ZeRO inside: each rank (or TP group) generates on its own copy.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from core.engine import check_generate_args
 from core.models import ModelBundle
 from core.rng import noisy_scores
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
@@ -67,6 +68,7 @@ class HFEngine:
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
         m = self.models
+        check_generate_args(prompts, m.config, gen, seed)
         return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id,
                            **self.gen_kw)
 

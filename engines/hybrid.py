@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from core.engine import EngineUnavailable
+from core.engine import EngineUnavailable, check_generate_args
 from core.models import ModelBundle, position_ids
 from core.rng import noisy_scores
 from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Prompts, Rollout,
@@ -47,6 +47,7 @@ class HybridEngine:
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
+        self._packed_from = ()                 # parameter versions the packed copy was made from
         self._prefill = D.forward_
         self._decode = None  # decode_static_(w, cache, ids, pos, slot tensor, key_mask) or None
         self.note = ""       # what a reader of the results must know (kept in the summary)
@@ -58,6 +59,7 @@ class HybridEngine:
         except D.UnsupportedModel as e:
             raise EngineUnavailable(str(e))
         self.models, self.cfg = models, cfg
+        self.cache, self.packed, self.packed_bytes = None, None, 0  # nothing of an earlier init
         if self.pack and not D.can_pack(w):
             raise EngineUnavailable("packed decode needs fp32 weights on a CPU torch with MKL")
         if self.pack and cfg.zero_stage == 3:
@@ -78,10 +80,16 @@ class HybridEngine:
         return state
 
     def sync(self, state: TrainState) -> None:
-        """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy)."""
-        if self.pack and self.packed is None:
+        """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy) when
+        any actor parameter was written or replaced since they were packed, by train_step or
+        by anything else (a checkpoint load, the caller's own update)."""
+        if not self.pack:
+            return
+        seen = _versions(self.models.actor)
+        if self.packed is None or seen != self._packed_from:
             self.packed, self.packed_bytes = D.pack(D.extract(self.models.actor),
                                                     self.cfg.batch)
+            self._packed_from = seen
 
     def _gathered(self):
         """Under ZeRO-3, gather every actor parameter once for the whole generate (and lift
@@ -112,6 +120,7 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
+        check_generate_args(prompts, self.models.config, gen, seed)
         pad, eos = self.models.pad_id, self.models.eos_id
         done = torch.zeros(prompts.input_ids.shape[0], dtype=torch.bool,
                            device=prompts.input_ids.device)
@@ -219,6 +228,12 @@ class HybridEngine:
         """Free the KV cache (DeepSpeed's release_inference_cache); the next generate
         allocates a new one."""
         self.cache = None
+
+
+def _versions(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is written in place (torch counts a tensor's in-place
+    writes) or replaced by another tensor."""
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
 
 
 def packed(**kw) -> HybridEngine:

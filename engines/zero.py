@@ -25,6 +25,7 @@ import sys
 import torch
 
 from core import ppo as P
+from core.engine import check_train_args, donate_
 from core.guards import check_finite, check_grads
 from core.models import ModelBundle, trainable
 from core.optim import global_norm
@@ -216,9 +217,12 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     actor, critic = opts
     if state.actor_opt is None:
         raise ValueError(common.NO_OPTIMISER)
+    check_train_args(state, exp)
     a_loss, a_norm = _optimise(actor, _actor_loss, exp, ppo.cliprange, "actor")
     c_loss, c_norm = _optimise(critic, _critic_loss, exp, ppo.cliprange_value, "critic")
     stats = experience_stats(exp)
     metrics = Metrics(a_loss, c_loss, stats["reward"], stats["kl"], stats["returns"], a_norm,
                       c_norm)
-    return state._replace(step=state.step + 1), metrics
+    new = state._replace(step=state.step + 1)
+    donate_(state)
+    return new, metrics

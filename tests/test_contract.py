@@ -1,0 +1,131 @@
+"""The engine contract as a user's own loop meets it: donated states, second copies that follow
+the weights however they moved, re-initialising an engine, and one-line errors for arguments
+the engines cannot use (before they reach torch)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engines
+from core.step import add_advantages, ppo_step
+from core.types import GenerationConfig, Prompts
+from tests.conftest import make_bundle, make_cfg, make_prompts
+
+GREEDY = dict(gen={"greedy": True})
+
+
+def _pair(name, preset="tiny-opt", seed=0, **cfg_kw):
+    """(engine, state) and hf's on their own bundles of the same weights."""
+    cfg = make_cfg(preset=preset, **{**GREEDY, **cfg_kw})
+    out = []
+    for n in ("hf", name):
+        bundle = make_bundle(preset, seed=seed)
+        e = engines.get(n)
+        out.append((e, e.init(bundle, cfg, seed=0), bundle))
+    return cfg, out
+
+
+def test_packed_copy_follows_weights_moved_outside_train_step():
+    cfg, [(hf, hs, hb), (pk, ps, pb)] = _pair("hybrid-packed")
+    prompts = make_prompts(hb, cfg, seed=1)
+    pk.sync(ps)
+    pk.generate(ps, prompts, cfg.gen, seed=0)          # packs the initial weights
+    with torch.no_grad():                               # a checkpoint load, the user's own step
+        for b in (hb, pb):
+            for p in b.actor.parameters():
+                p.mul_(1.5)
+    pk.sync(ps)
+    want = hf.generate(hs, prompts, cfg.gen, seed=0)
+    got = pk.generate(ps, prompts, cfg.gen, seed=0)
+    assert torch.equal(got.seq, want.seq)
+    torch.testing.assert_close(pk.answer_logprobs(ps, got),
+                               hf.score(hs, want).logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["hybrid", "hybrid-packed"])
+def test_a_second_init_serves_the_second_model(name):
+    cfg = make_cfg(**GREEDY)
+    a, b = make_bundle(seed=0), make_bundle(seed=1)
+    engine = engines.get(name)
+    sa = engine.init(a, cfg, seed=0)
+    prompts = make_prompts(a, cfg, seed=2)
+    engine.sync(sa)
+    engine.generate(sa, prompts, cfg.gen, seed=0)
+    sb = engine.init(b, cfg, seed=0)
+    engine.sync(sb)
+    got = engine.generate(sb, prompts, cfg.gen, seed=0)
+    hf = engines.get("hf")
+    want = hf.generate(hf.init(b, cfg, seed=0), prompts, cfg.gen, seed=0)
+    assert torch.equal(got.seq, want.seq)
+
+
+@pytest.mark.parametrize("name", ["hf", "hybrid"])
+def test_a_donated_state_is_refused_and_the_new_one_trains(name):
+    cfg = make_cfg()
+    bundle = make_bundle()
+    engine = engines.get(name)
+    s0 = engine.init(bundle, cfg, seed=0)
+    prompts = make_prompts(bundle, cfg, seed=0)
+    exp = add_advantages(engine.score(s0, engine.generate(s0, prompts, cfg.gen, seed=0)),
+                         cfg.ppo)
+    s1, _ = engine.train_step(s0, exp, cfg.ppo, seed=0)
+    count = int(s1.actor_opt.count)
+    with pytest.raises(ValueError, match="this state was donated to an earlier train_step"):
+        engine.train_step(s0, exp, cfg.ppo, seed=0)
+    assert int(s1.actor_opt.count) == count               # refused before anything moved
+    s2, _ = engine.train_step(s1, exp, cfg.ppo, seed=0)
+    assert int(s2.step) == 2 and int(s2.actor_opt.count) == count + 1
+    with pytest.raises(ValueError, match="has no advantages or returns; pass it through "
+                                         "core.step.add_advantages"):
+        engine.train_step(s2, exp._replace(advantages=None), cfg.ppo, seed=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(temperature=-1.0), "temperature must be a positive finite number"),
+    (dict(gen_len=0), "gen_len must be an int of at least 1"),
+])
+def test_generation_config_refuses_what_no_engine_can_do(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**kw)
+
+
+def _bad_prompts(bundle, cfg):
+    good = make_prompts(bundle, cfg, seed=0)
+    ids, am = good
+    V = bundle.config.vocab_size
+    return {
+        "a tuple": ((ids, am), "prompts must be core.types.Prompts"),
+        "float ids": (Prompts(ids.float(), am), "input_ids must be int64 token ids"),
+        "1-D": (Prompts(ids[0], am[0]), "must be (B, P) tensors of one shape"),
+        "shapes differ": (Prompts(ids, am[:, 1:]), "must be (B, P) tensors of one shape"),
+        "id too large": (Prompts(ids.clone().fill_(V), am), f"token ids must lie in [0, {V})"),
+        "negative id": (Prompts(ids.clone().fill_(-1), am), f"token ids must lie in [0, {V})"),
+        "too long": (Prompts(ids.repeat(1, 40), am.repeat(1, 40)),
+                     "is longer than the model's 256 positions"),
+    }
+
+
+@pytest.mark.parametrize("name", ["hf", "hybrid", "ds-inference"])
+def test_generate_arguments_are_checked_in_one_line(name):
+    cfg = make_cfg()
+    bundle = make_bundle()
+    engine = engines.get(name)
+    state = engine.init(bundle, cfg, seed=0)
+    engine.sync(state)
+    for case, (prompts, match) in _bad_prompts(bundle, cfg).items():
+        with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(")
+                           .replace(")", r"\)")) as err:
+            engine.generate(state, prompts, cfg.gen, seed=0)
+        assert "\n" not in str(err.value), case
+    with pytest.raises(ValueError, match="seed must be an int, got None"):
+        engine.generate(state, make_prompts(bundle, cfg, seed=0), cfg.gen, seed=None)
+
+
+def test_ppo_step_wants_one_prompt_batch_per_generation_batch():
+    cfg = make_cfg(ppo={"generation_batches": 2})
+    bundle = make_bundle()
+    engine = engines.get("hf")
+    state = engine.init(bundle, cfg, seed=0)
+    with pytest.raises(ValueError, match="1 prompt batch\\(es\\) for generation_batches=2"):
+        ppo_step(engine, state, make_prompts(bundle, cfg, seed=0), cfg, seed=0)
