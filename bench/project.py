@@ -175,11 +175,14 @@ def link_bw(gpu: Gpu, ranks: int) -> float:
 def layer_activation_bytes(s: Shape, batch: float, seq: int) -> float:
     """16-bit activations one layer keeps for backward (Korthikanti et al. 2022): s b d (34 +
     5 a s / d) bytes for an OPT layer. Their terms, written per width: attention 7 d + 4 kv
-    (K and V are kv wide), 2 norms 4 d, MLP 3 d + 4 ffn; a gated MLP keeps its input (2 d) and
-    four ffn-wide tensors (gate, up, the activation, the product: 8 ffn) and has no dropout."""
-    d, f = s.d_model, s.ffn
+    (K and V are kv wide; one d is the output's dropout mask), 2 norms 4 d, MLP 3 d + 4 ffn,
+    scores 5 a s (softmax output, dropout mask and output). The Llama family has no dropout:
+    attention 6 d + 4 kv, scores 2 a s; its gated MLP keeps its input (2 d) and four ffn-wide
+    tensors (gate, up, the activation, the product: 8 ffn)."""
+    d, f, dropout = s.d_model, s.ffn, s.family == "opt"
     mlp = 2 * d + 8 * f if s.gated else 3 * d + 4 * f
-    return batch * seq * (11 * d + 4 * s.kv + mlp) + 5 * s.heads * seq * seq * batch
+    attn = (6 + dropout) * d + 4 * s.kv
+    return batch * seq * (attn + 4 * d + mlp) + (5 if dropout else 2) * s.heads * seq * seq * batch
 
 
 def train_activation_bytes(s: Shape, batch: float, seq: int, ckpt: bool,
@@ -410,9 +413,14 @@ def validate(cfg: Config) -> Config:
     if tp < 1 or cfg.gpus % tp or tp > GPUS[cfg.gpu].per_node:
         raise ValueError(f"--inference-tp {tp} must divide --gpus {cfg.gpus} and fit in one node")
     seq = cfg.prompt_len + cfg.gen_len
-    if min(cfg.prompt_len, cfg.gen_len) < 1 or seq > model_shape(cfg.model).positions:
-        raise ValueError("need --prompt-len, --gen-len >= 1 summing to at most the model's "
-                         "positions")
+    actor, critic = model_shape(cfg.model), model_shape(cfg.critic)
+    if min(cfg.prompt_len, cfg.gen_len) < 1 or seq > min(actor.positions, critic.positions):
+        raise ValueError("need --prompt-len, --gen-len >= 1 summing to at most the actor's and "
+                         "the critic's positions")
+    if critic.tokenizer != actor.tokenizer:
+        raise ValueError(f"--critic {cfg.critic} reads {critic.tokenizer}'s tokens, {cfg.model} "
+                         f"writes {actor.tokenizer}'s: the critic and reward model score the "
+                         f"actor's answers, so they share its tokenizer")
     if not (cfg.tokens > 0 and math.isfinite(cfg.tokens)):
         raise ValueError(f"--tokens must be a positive number, got {cfg.tokens}")
     if cfg.batch is not None and (cfg.batch < 1 or cfg.batch % cfg.gpus):
@@ -426,8 +434,8 @@ def predict(cfg: Config) -> dict:
     validate(cfg)
     batch = cfg.batch if cfg.batch is not None else largest_batch(cfg)
     b = batch / cfg.gpus                                   # prompts per data-parallel rank
-    row = dict(model=cfg.model, critic=cfg.critic, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine, batch=batch,
-               zero_stage=cfg.zero_stage, inference_tp=cfg.inference_tp, lora_dim=cfg.lora_dim,
+    row = dict(model=cfg.model, critic=cfg.critic, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine,
+               batch=batch, zero_stage=cfg.zero_stage, inference_tp=cfg.inference_tp, lora_dim=cfg.lora_dim,
                lora_only=cfg.lora_only, grad_ckpt=cfg.grad_ckpt, offload=cfg.offload,
                fits=batch > 0 and memory_fit(cfg, b),
                mem_gib=round(memory_per_gpu(cfg, max(b, 1))["total"] / 2 ** 30, 1))

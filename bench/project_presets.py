@@ -58,6 +58,7 @@ class Shape:
     kv_heads: int = 0    # K/V heads under grouped-query attention; 0: as many as `heads`
     qkv_bias: bool = False    # "llama" family: biases on q, k and v (Qwen2)
     tied: bool = True    # the LM head is the token embedding
+    tokenizer: str = "opt"    # models that read each other's tokens share it (actor and critic)
 
     @property
     def e(self) -> int:
@@ -78,10 +79,10 @@ def _opt(name: str, layers: int, d: int, heads: int, embed_dim: int = 0) -> Shap
     return Shape(name, layers, d, heads, 4 * d, embed_dim=embed_dim, final_norm=not embed_dim)
 
 
-def _llama(name: str, layers: int, d: int, heads: int, kv_heads: int, ffn: int, vocab: int,
-           positions: int, qkv_bias: bool = False, tied: bool = False) -> Shape:
+def _llama(name: str, tokenizer: str, layers: int, d: int, heads: int, kv_heads: int, ffn: int,
+           vocab: int, positions: int, qkv_bias: bool = False, tied: bool = False) -> Shape:
     return Shape(name, layers, d, heads, ffn, vocab, positions, family="llama", kv_heads=kv_heads,
-                 qkv_bias=qkv_bias, tied=tied)
+                 qkv_bias=qkv_bias, tied=tied, tokenizer=tokenizer)
 
 
 # Shapes from the OPT paper (Zhang et al. 2022, table 1) and the released HF configs (layers,
@@ -96,14 +97,14 @@ MODELS: dict[str, Shape] = {s.name: s for s in [
     _opt("opt-30b", 48, 7168, 56),
     _opt("opt-66b", 64, 9216, 72),
     _opt("opt-175b", 96, 12288, 96),
-    _llama("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096),
-    _llama("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096),
-    _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096),
-    _llama("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, 8192),
-    _llama("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, 8192),
-    _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000, 32768),
-    _llama("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 32768, qkv_bias=True, tied=True),
-    _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 32768, qkv_bias=True),  # native 32k
+    _llama("llama-2-7b", "llama-2", 32, 4096, 32, 32, 11008, 32000, 4096),
+    _llama("llama-2-13b", "llama-2", 40, 5120, 40, 40, 13824, 32000, 4096),
+    _llama("llama-2-70b", "llama-2", 80, 8192, 64, 8, 28672, 32000, 4096),
+    _llama("llama-3-8b", "llama-3", 32, 4096, 32, 8, 14336, 128256, 8192),
+    _llama("llama-3-70b", "llama-3", 80, 8192, 64, 8, 28672, 128256, 8192),
+    _llama("mistral-7b", "mistral", 32, 4096, 32, 8, 14336, 32000, 32768),
+    _llama("qwen2.5-0.5b", "qwen2.5", 24, 896, 14, 2, 4864, 151936, 32768, qkv_bias=True, tied=True),
+    _llama("qwen2.5-7b", "qwen2.5", 28, 3584, 28, 4, 18944, 152064, 32768, qkv_bias=True),  # native 32k
 ]}
 SWEEP_MODELS = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b")
 SWEEP_GPUS = (1, 2, 4, 8, 16, 32, 64)

@@ -103,8 +103,8 @@ def load_results(path) -> dict:
             isinstance(e, str) for e in o["engines_run"]) or not o["engines_run"]:
         raise ResultsError(f"{p}: malformed options (engines_run must be a non-empty list of "
                            f"names)")
-    bad = [k for k in ("batch", "generation_batches", "prompt_len", "gen_len", "warmup")
-           if not _is(o.get(k), int) or o[k] < (k != "warmup")]
+    least = dict(batch=1, generation_batches=1, prompt_len=1, gen_len=1, warmup=0)
+    bad = [k for k, low in least.items() if not _is(o.get(k), int) or o[k] < low]
     if bad:
         raise ResultsError(f"{p}: malformed options ({', '.join(bad)} must be whole numbers, "
                            f"at least 1 (warmup: 0))")

@@ -45,6 +45,9 @@ def save(path_dir: str, state: TrainState, models: ModelBundle, *, seed: int, st
     if (state.actor_params.keys() != trainable(models.actor).keys()
             or state.critic_params.keys() != trainable(models.critic).keys()):
         raise CheckpointError("the state's parameters are not the models' trainable ones")
+    if int(state.step) < 0:
+        raise CheckpointError("this state was donated to a train_step (spent): save the state "
+                              "that call returned")
     if not (isinstance(state.actor_opt, AdamState) and isinstance(state.critic_opt, AdamState)):
         raise CheckpointError("only torch-backend optimiser states (AdamState) can be saved")
     tensors = {}

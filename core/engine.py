@@ -53,11 +53,13 @@ def check_generate_args(prompts, config, gen: GenerationConfig, seed) -> None:
         raise ValueError(f"generate: input_ids and attention_mask must be (B, P) tensors of one "
                          f"shape, got {_shape(ids)} and {_shape(am)}")
     if ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 1:
-        raise ValueError(f"generate: input_ids must be int64 token ids with at least one "
-                         f"position, got {ids.dtype} {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
-        raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the model's "
-                         f"vocabulary; got {int(ids.min())}..{int(ids.max())}")
+        raise ValueError(f"generate: input_ids must be integer token ids (int64 or int32) with "
+                         f"at least one position, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(ids))  # one read (one device sync on a GPU)
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the "
+                             f"model's vocabulary; got {lo}..{hi}")
     limit = max_positions(config)
     if ids.shape[1] + gen.gen_len > limit:
         raise ValueError(f"generate: prompt {ids.shape[1]} + answer {gen.gen_len} tokens is "

@@ -154,7 +154,9 @@ def _vary_constants_(model: nn.Module) -> nn.Module:
 def _lm_head_expected(auto, cfg):
     """A value model's base read from a causal-LM folder leaves that folder's LM head unused, as
     it should; transformers would print a load report calling it unexpected. Ignore that one key
-    family while loading (every other missing or unexpected key is still reported)."""
+    family while loading (every other missing or unexpected key is still reported). transformers
+    reads the ignore list from the model class (no from_pretrained argument takes it), so the
+    class gets it for the load and has its own back after."""
     try:
         cls = auto._model_mapping[type(cfg)]
     except KeyError:  # not a class transformers maps (from_pretrained will say so itself)

@@ -93,7 +93,8 @@ class GenerationConfig:
     stop_at_eos: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.gen_len, int) and self.gen_len >= 1):
+        if not (isinstance(self.gen_len, int) and not isinstance(self.gen_len, bool)
+                and self.gen_len >= 1):
             raise ValueError(f"GenerationConfig: gen_len must be an int of at least 1, got "
                              f"{self.gen_len!r}")
         if not 0 < self.temperature < math.inf:

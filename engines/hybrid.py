@@ -59,7 +59,9 @@ class HybridEngine:
         except D.UnsupportedModel as e:
             raise EngineUnavailable(str(e))
         self.models, self.cfg = models, cfg
-        self.cache, self.packed, self.packed_bytes = None, None, 0  # nothing of an earlier init
+        # nothing of an earlier init: its cache, packed copy, compiled decode or note
+        self.cache, self.packed, self.packed_bytes = None, None, 0
+        self._decode, self.note = None, ""
         if self.pack and not D.can_pack(w):
             raise EngineUnavailable("packed decode needs fp32 weights on a CPU torch with MKL")
         if self.pack and cfg.zero_stage == 3:
@@ -80,16 +82,20 @@ class HybridEngine:
         return state
 
     def sync(self, state: TrainState) -> None:
-        """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy) when
-        any actor parameter was written or replaced since they were packed, by train_step or
-        by anything else (a checkpoint load, the caller's own update)."""
-        if not self.pack:
-            return
-        seen = _versions(self.models.actor)
-        if self.packed is None or seen != self._packed_from:
+        """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy), from
+        the weights as they are now, however they changed."""
+        if self.pack:
             self.packed, self.packed_bytes = D.pack(D.extract(self.models.actor),
                                                     self.cfg.batch)
-            self._packed_from = seen
+            self._packed_from = _versions(self.models.actor)
+
+    def _packed_now(self) -> D.Weights:
+        """The packed copy, re-packed first if a parameter was written in place or replaced
+        since it was made (a generate without the sync before it). A write through `.data`
+        leaves torch's version counter alone: only an explicit sync sees that one."""
+        if self.packed is None or _versions(self.models.actor) != self._packed_from:
+            self.sync(None)
+        return self.packed
 
     def _gathered(self):
         """Under ZeRO-3, gather every actor parameter once for the whole generate (and lift
@@ -166,8 +172,7 @@ class HybridEngine:
             if self._fuse_lora(w, G):
                 w = stack.enter_context(D.lora_fused(w))
             if self.pack and B == self.cfg.batch:
-                self.sync(state)  # a no-op unless weights changed since the last sync
-                w = self.packed
+                w = self._packed_now()
             D.check_window(w, P + G)
             cache = self._cache_for(w, B, P + G, w.embed.dtype, ids.device)
             # over the whole cache, which a longer earlier generate may have left longer

@@ -3,6 +3,8 @@ the weights however they moved, re-initialising an engine, and one-line errors f
 the engines cannot use (before they reach torch)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -25,21 +27,47 @@ def _pair(name, preset="tiny-opt", seed=0, **cfg_kw):
     return cfg, out
 
 
+def _scale_(bundle, factor, through_data):
+    """Move every actor weight in place, as a checkpoint load or the caller's own step would;
+    through `.data`, torch's version counters do not see it."""
+    with torch.no_grad():
+        for p in bundle.actor.parameters():
+            (p.data if through_data else p).mul_(factor)
+
+
+def _agree(pk, ps, hf, hs, prompts, gen):
+    want = hf.generate(hs, prompts, gen, seed=0)
+    got = pk.generate(ps, prompts, gen, seed=0)
+    assert torch.equal(got.seq, want.seq)
+    torch.testing.assert_close(pk.answer_logprobs(ps, got),
+                               hf.score(hs, want).logprobs, atol=1e-4, rtol=0)
+
+
 def test_packed_copy_follows_weights_moved_outside_train_step():
     cfg, [(hf, hs, hb), (pk, ps, pb)] = _pair("hybrid-packed")
     prompts = make_prompts(hb, cfg, seed=1)
     pk.sync(ps)
     pk.generate(ps, prompts, cfg.gen, seed=0)          # packs the initial weights
-    with torch.no_grad():                               # a checkpoint load, the user's own step
-        for b in (hb, pb):
-            for p in b.actor.parameters():
-                p.mul_(1.5)
+    for b in (hb, pb):
+        _scale_(b, 1.5, through_data=True)
+    pk.sync(ps)                                         # an explicit sync always re-packs
+    _agree(pk, ps, hf, hs, prompts, cfg.gen)
+    for b in (hb, pb):
+        _scale_(b, 0.8, through_data=False)
+    _agree(pk, ps, hf, hs, prompts, cfg.gen)            # no sync: the versions moved, re-packed
+
+
+def test_a_second_init_packs_afresh():
+    """The same bundle, its weights moved where version counters do not see it, then a new
+    init and a generate with no sync: nothing of the first init's packed copy is used."""
+    cfg, [(hf, hs, hb), (pk, ps, pb)] = _pair("hybrid-packed")
+    prompts = make_prompts(hb, cfg, seed=1)
     pk.sync(ps)
-    want = hf.generate(hs, prompts, cfg.gen, seed=0)
-    got = pk.generate(ps, prompts, cfg.gen, seed=0)
-    assert torch.equal(got.seq, want.seq)
-    torch.testing.assert_close(pk.answer_logprobs(ps, got),
-                               hf.score(hs, want).logprobs, atol=1e-4, rtol=0)
+    pk.generate(ps, prompts, cfg.gen, seed=0)
+    for b in (hb, pb):
+        _scale_(b, 1.5, through_data=True)
+    ps = pk.init(pb, cfg, seed=0)
+    _agree(pk, ps, hf, hs, prompts, cfg.gen)
 
 
 @pytest.mark.parametrize("name", ["hybrid", "hybrid-packed"])
@@ -60,7 +88,7 @@ def test_a_second_init_serves_the_second_model(name):
 
 
 @pytest.mark.parametrize("name", ["hf", "hybrid"])
-def test_a_donated_state_is_refused_and_the_new_one_trains(name):
+def test_a_donated_state_is_refused_and_the_new_one_trains(name, tmp_path):
     cfg = make_cfg()
     bundle = make_bundle()
     engine = engines.get(name)
@@ -78,6 +106,10 @@ def test_a_donated_state_is_refused_and_the_new_one_trains(name):
     with pytest.raises(ValueError, match="has no advantages or returns; pass it through "
                                          "core.step.add_advantages"):
         engine.train_step(s2, exp._replace(advantages=None), cfg.ppo, seed=0)
+    from core.checkpoint import CheckpointError, save
+    with pytest.raises(CheckpointError, match="donated to a train_step"):
+        save(str(tmp_path), s1, bundle, seed=0, step=1, config_dict={})
+    save(str(tmp_path), s2, bundle, seed=0, step=2, config_dict={})   # the live one saves
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -96,7 +128,7 @@ def _bad_prompts(bundle, cfg):
     V = bundle.config.vocab_size
     return {
         "a tuple": ((ids, am), "prompts must be core.types.Prompts"),
-        "float ids": (Prompts(ids.float(), am), "input_ids must be int64 token ids"),
+        "float ids": (Prompts(ids.float(), am), "input_ids must be integer token ids"),
         "1-D": (Prompts(ids[0], am[0]), "must be (B, P) tensors of one shape"),
         "shapes differ": (Prompts(ids, am[:, 1:]), "must be (B, P) tensors of one shape"),
         "id too large": (Prompts(ids.clone().fill_(V), am), f"token ids must lie in [0, {V})"),
@@ -114,8 +146,7 @@ def test_generate_arguments_are_checked_in_one_line(name):
     state = engine.init(bundle, cfg, seed=0)
     engine.sync(state)
     for case, (prompts, match) in _bad_prompts(bundle, cfg).items():
-        with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(")
-                           .replace(")", r"\)")) as err:
+        with pytest.raises(ValueError, match=re.escape(match)) as err:
             engine.generate(state, prompts, cfg.gen, seed=0)
         assert "\n" not in str(err.value), case
     with pytest.raises(ValueError, match="seed must be an int, got None"):
