@@ -400,8 +400,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"unknown gpu {cfg.gpu!r}; choose from {', '.join(GPUS)}")
     if cfg.engine not in ENGINES:
         raise ValueError(f"unknown engine {cfg.engine!r}; choose from {', '.join(ENGINES)}")
-    if cfg.gpus < 1 or cfg.zero_stage not in (0, 1, 2, 3) or cfg.lora_dim < 0:
-        raise ValueError("need --gpus >= 1, --zero-stage in 0..3 and --lora-dim >= 0")
+    if not 1 <= cfg.gpus <= 100_000 or cfg.zero_stage not in (0, 1, 2, 3) or cfg.lora_dim < 0:
+        raise ValueError("need --gpus from 1 to 100,000, --zero-stage in 0..3 and --lora-dim >= 0")
     width = min(model_shape(cfg.model).d_model, model_shape(cfg.model).e)  # as `run` checks
     if cfg.lora_dim > width:
         raise ValueError(f"--lora-dim {cfg.lora_dim} is larger than {cfg.model}'s layer width "

@@ -331,6 +331,7 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
     (dict(tokens="0"), "tokens"),
     (dict(prompt_len="2000"), "positions"),
     (dict(gpus="two"), "integers"),
+    (dict(gpus="100000000000"), "need --gpus from 1 to 100,000"),
     (dict(model="opt-1.3b", lora_dim="2049"), "larger than opt-1.3b's layer width 2048"),
     (dict(model="opt-350m", lora_dim="600"), "larger than opt-350m's layer width 512"),
     (dict(model="llama-3-8b", lora_dim="4097"), "larger than llama-3-8b's layer width 4096"),
