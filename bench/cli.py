@@ -139,9 +139,7 @@ def cmd_report(args) -> int:
         print(df.to_string(index=False))
         print(f"\nplot: {d / 'sweep.png'}")
         return 0
-    data = load_results(d)
-    if d.is_dir():
-        data = recover(data, d)
+    data = recover(load_results(d), d if d.is_dir() else d.parent)
     with _malformed(d):
         df = summarize(data)
     print(format_table(df))
@@ -171,7 +169,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, parse_percent, workload_differences
     from .results import load_results, recover
     # a run whose harness was killed is read as report reads it: finished steps kept
-    base, new = (recover(load_results(p), p) if Path(p).is_dir() else load_results(p)
+    base, new = (recover(load_results(p), p if Path(p).is_dir() else Path(p).parent)
                  for p in (args.base, args.new))
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
     with _malformed(f"{args.base} or {args.new}"):  # judged first: a bad file prints no note

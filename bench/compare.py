@@ -35,6 +35,15 @@ def compare(base: dict, new: dict, max_slowdown: float, max_mem_growth: float,
             problems.append(f"{engine}: was ok, now {ns.status}")
         for col in TIME_COLS:
             bv, nv = bs[col], ns[col]
+            if str(ns.status) == "ok" and math.isfinite(bv) and bv > 0 and not (
+                    math.isfinite(nv) and nv > 0):
+                # an "ok" run without a usable time (rows lost, NaN or inf written) must not
+                # pass the gate as if nothing had slowed down
+                lines.append(dict(engine=engine, metric=col, base=bv, new=nv, change=math.nan,
+                                  verdict="MISSING"))
+                problems.append(f"{engine}: {col} {bv:.4g} -> {nv} (no usable measurement in "
+                                f"the new run)")
+                continue
             if use_ratio:
                 bv, nv = bv / b.loc["hf", col], nv / n.loc["hf", col]
             if not (math.isfinite(bv) and math.isfinite(nv)) or bv <= 0:

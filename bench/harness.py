@@ -260,14 +260,23 @@ class Run:
         return status
 
 
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made (run and sweep)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a link to nothing")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ConfigError(f"--out {out}: a part of the path is a file, not a folder")
+
+
 def run(o: BenchOptions) -> int:
     """A whole benchmark run; returns the exit status (0 ok, 1 a failed engine or parity)."""
     out = distributed.run_dir(Path(o.out or "results/latest"))  # rank r > 0: --out/rank<r>
     previous = None
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    check_out_folder(out)
     if (out / "sweep.csv").exists() and not (out / "results.json").exists():
         raise ConfigError(f"--out {out} holds a sweep, not a run: choose another --out")
     if o.resume:

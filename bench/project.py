@@ -435,9 +435,9 @@ def predict(cfg: Config) -> dict:
     batch = cfg.batch if cfg.batch is not None else largest_batch(cfg)
     b = batch / cfg.gpus                                   # prompts per data-parallel rank
     row = dict(model=cfg.model, critic=cfg.critic, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine,
-               batch=batch, zero_stage=cfg.zero_stage, inference_tp=cfg.inference_tp, lora_dim=cfg.lora_dim,
-               lora_only=cfg.lora_only, grad_ckpt=cfg.grad_ckpt, offload=cfg.offload,
-               fits=batch > 0 and memory_fit(cfg, b),
+               batch=batch, zero_stage=cfg.zero_stage, inference_tp=cfg.inference_tp,
+               lora_dim=cfg.lora_dim, lora_only=cfg.lora_only, grad_ckpt=cfg.grad_ckpt,
+               offload=cfg.offload, fits=batch > 0 and memory_fit(cfg, b),
                mem_gib=round(memory_per_gpu(cfg, max(b, 1))["total"] / 2 ** 30, 1))
     times = dict.fromkeys(PHASES, math.nan)
     if batch > 0:

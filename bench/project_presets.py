@@ -103,8 +103,10 @@ MODELS: dict[str, Shape] = {s.name: s for s in [
     _llama("llama-3-8b", "llama-3", 32, 4096, 32, 8, 14336, 128256, 8192),
     _llama("llama-3-70b", "llama-3", 80, 8192, 64, 8, 28672, 128256, 8192),
     _llama("mistral-7b", "mistral", 32, 4096, 32, 8, 14336, 32000, 32768),
-    _llama("qwen2.5-0.5b", "qwen2.5", 24, 896, 14, 2, 4864, 151936, 32768, qkv_bias=True, tied=True),
-    _llama("qwen2.5-7b", "qwen2.5", 28, 3584, 28, 4, 18944, 152064, 32768, qkv_bias=True),  # native 32k
+    # Qwen2.5: positions as the native 32k context
+    _llama("qwen2.5-0.5b", "qwen2.5", 24, 896, 14, 2, 4864, 151936, 32768, qkv_bias=True,
+           tied=True),
+    _llama("qwen2.5-7b", "qwen2.5", 28, 3584, 28, 4, 18944, 152064, 32768, qkv_bias=True),
 ]}
 SWEEP_MODELS = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b")
 SWEEP_GPUS = (1, 2, 4, 8, 16, 32, 64)

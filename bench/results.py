@@ -144,7 +144,7 @@ def recover(data: dict, run_dir) -> dict:
         rows = [r for r in lines if "event" not in r]
         ends = [e["status"] for e in lines if e.get("event") == "status"
                 and isinstance(e.get("status"), str)]
-        rows = [r for r in rows if _good_row(r)]
+        rows = [r for r in rows if _good_row(r) and r["engine"] == name]
         data["rows"] = [r for r in data["rows"] if r["engine"] != name] + rows
         info["status"] = ends[-1] if ends else "failed: harness stopped while it ran"
     return data

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import ConfigError
-from .harness import check_model, fair_share, run
+from .harness import check_model, check_out_folder, fair_share, run
 from .report import plot_sweep, summarize
 from .results import atomic_write_csv, load_results
 
@@ -29,8 +29,7 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     out = Path(o.out or "results/sweep")
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    check_out_folder(out)
     if (out / "results.json").exists():
         raise ConfigError(f"--out {out} holds a run, not a sweep: choose another --out")
     if (out / "sweep.csv").exists() and not (o.overwrite or o.resume):

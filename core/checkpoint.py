@@ -97,6 +97,10 @@ def _read_meta(path_dir: str) -> dict:
     if not isinstance(name, str) or os.path.basename(name) != name or not all(
             type(meta[k]) is int for k in need[:-1]):  # bool is not a count
         raise CheckpointError(f"{path}: malformed (bad tensors name or a non-integer count)")
+    bad = [k for k in need[2:-1] if not 0 <= meta[k] < 2 ** 62]   # counts held in int64
+    if bad:
+        raise CheckpointError(f"{path}: malformed ({', '.join(bad)} must be 0 or more and fit in "
+                              f"64 bits)")
     return meta
 
 

@@ -1,6 +1,7 @@
 """The engine contract: state in, state out; randomness is an argument; modes are functions."""
 from __future__ import annotations
 
+import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -52,19 +53,19 @@ def check_generate_args(prompts, config, gen: GenerationConfig, seed) -> None:
             or am.shape != ids.shape:
         raise ValueError(f"generate: input_ids and attention_mask must be (B, P) tensors of one "
                          f"shape, got {_shape(ids)} and {_shape(am)}")
-    if ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 1:
+    if ids.dtype not in (torch.int64, torch.int32) or min(ids.shape) < 1:
         raise ValueError(f"generate: input_ids must be integer token ids (int64 or int32) with "
-                         f"at least one position, got {ids.dtype} {tuple(ids.shape)}")
-    if ids.numel():
-        lo, hi = (int(x) for x in torch.aminmax(ids))  # one read (one device sync on a GPU)
-        if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the "
-                             f"model's vocabulary; got {lo}..{hi}")
+                         f"at least one row and one position, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    lo, hi = (int(x) for x in torch.aminmax(ids))  # one read (one device sync on a GPU)
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the "
+                         f"model's vocabulary; got {lo}..{hi}")
     limit = max_positions(config)
     if ids.shape[1] + gen.gen_len > limit:
         raise ValueError(f"generate: prompt {ids.shape[1]} + answer {gen.gen_len} tokens is "
                          f"longer than the model's {limit} positions")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise ValueError(f"generate: seed must be an int, got {seed!r}")
 
 
@@ -72,10 +73,17 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_train_args(state: TrainState, exp: Experience) -> None:
+def check_train_args(state: TrainState, exp: Experience, models: ModelBundle) -> None:
     """train_step donates its state (as JAX's donate_argnums): a state already given to a
     train_step, whose weights and moments have moved on, is refused rather than stepped again;
-    an experience without advantages is refused by name."""
+    so is a state over another bundle's parameters (it would train that bundle), and an
+    experience without advantages, by name."""
+    from .models import trainable
+    mine = trainable(models.actor)
+    if state.actor_params.keys() != mine.keys() or any(
+            state.actor_params[k] is not p for k, p in mine.items()):
+        raise ValueError("train_step: this state holds another model's parameters; pass the "
+                         "state this engine's init (or its last train_step) returned")
     if int(state.step) < 0:
         raise ValueError("train_step: this state was donated to an earlier train_step; pass the "
                          "state that call returned (state, metrics = engine.train_step(state, "

@@ -76,6 +76,12 @@ def ppo_step(engine: Engine, state: TrainState, prompts: Prompts | Sequence[Prom
         raise ValueError(f"ppo_step: {len(batches)} prompt batch(es) for "
                          f"generation_batches={ppo.generation_batches}; pass one per generation "
                          f"batch")
+    # their experience is one buffer: rows must line up (other types: generate says what's wrong)
+    shapes = sorted({tuple(p.input_ids.shape) for p in batches if isinstance(p, Prompts)})
+    if len(shapes) > 1:
+        listed = ", ".join(map(str, shapes))
+        raise ValueError(f"ppo_step: the prompt batches differ in shape ({listed}); give every "
+                         f"generation batch the same (B, P)")
     with phase("sync"):
         engine.sync(state)
     exps = []

@@ -5,6 +5,7 @@ Shapes: B batch, P prompt length, G answer (generated) length, T = P + G.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Optional
 
@@ -93,11 +94,12 @@ class GenerationConfig:
     stop_at_eos: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.gen_len, int) and not isinstance(self.gen_len, bool)
+        if not (isinstance(self.gen_len, numbers.Integral) and not isinstance(self.gen_len, bool)
                 and self.gen_len >= 1):
             raise ValueError(f"GenerationConfig: gen_len must be an int of at least 1, got "
                              f"{self.gen_len!r}")
-        if not 0 < self.temperature < math.inf:
+        t = self.temperature
+        if not (isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf):
             raise ValueError(f"GenerationConfig: temperature must be a positive finite number "
                              f"(greedy=True for greedy decoding), got {self.temperature!r}")
 

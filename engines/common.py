@@ -133,7 +133,7 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     a_opt, c_opt = opts
     if state.actor_opt is None:
         raise ValueError(NO_OPTIMISER)
-    check_train_args(state, exp)
+    check_train_args(state, exp, models)
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)
     c_grads, c_loss = _grads(_critic_loss, state.critic_params, models.critic, exp,

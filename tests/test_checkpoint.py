@@ -159,7 +159,11 @@ def test_missing_or_malformed_checkpoints_raise_one_line(saved, tmp_path_factory
     for text, match in [("{trunc", "unreadable"), ('{"format": "x"}', "not an rlhf-bench"),
                         (good.replace('"version": 1', '"version": 99'), "version 99"),
                         (good.replace('"step": 0', '"step": "zero"'), "malformed"),
-                        (good.replace('"tensors": "', '"tensors": "../'), "malformed")]:
+                        (good.replace('"tensors": "', '"tensors": "../'), "malformed"),
+                        (json.dumps({**json.loads(good), "state_step": -1}),
+                         "state_step must be 0 or more"),
+                        (json.dumps({**json.loads(good), "actor_opt_count": 2 ** 70}),
+                         "actor_opt_count must be 0 or more and fit in 64 bits")]:
         meta_path.write_text(text)
         with pytest.raises(CheckpointError, match=match) as e:
             ckpt.load_(str(path), bundle)

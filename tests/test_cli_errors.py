@@ -152,8 +152,13 @@ def test_run_and_sweep_folders_do_not_mix(tmp_path, saved_run, capsys):
                 "holds a run, not a sweep", capsys)
     _expect_bad(["compare", saved_run, sweep_dir], f"{sweep_dir} is a sweep: its points are run "
                 "folders of their own", capsys)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for cmd in ("run", "sweep"):
         _expect_bad([cmd, *TINY, "--out", a_file], f"--out {a_file} is a file, not a folder",
+                    capsys)
+        _expect_bad([cmd, *TINY, "--out", a_file / "sub"], "a part of the path is a file",
+                    capsys)
+        _expect_bad([cmd, *TINY, "--out", tmp_path / "dangling"], "is a link to nothing",
                     capsys)
     assert (_digest(saved_run), _digest(sweep_dir)) == before and a_file.read_text() == "x"
 
@@ -397,17 +402,42 @@ def test_killed_run_is_read_back_by_report_and_compare(tmp_path, capsys):
         version=1, options=options, engines={"hf": {"status": "running"}}, rows=[])))
     (base / "results.json").write_text(json.dumps(dict(
         version=1, options=options, engines={"hf": {"status": "ok"}}, rows=[row])))
+    ghost = dict(row, engine="ghost")     # a row of another engine: not hf's
     (killed / "engines" / "hf.jsonl").write_bytes(
-        b'[1, 2]\n"x"\n' + json.dumps(row).encode() + b"\n"
+        b'[1, 2]\n"x"\n' + json.dumps(row).encode() + b"\n" + json.dumps(ghost).encode() + b"\n"
         + b'{"event": "status", "status": "ok"}\n\xff\xfe\n' + json.dumps(row).encode() + b"\n")
-    assert read_jsonl(killed / "engines" / "hf.jsonl") == [row, dict(event="status", status="ok")]
+    assert read_jsonl(killed / "engines" / "hf.jsonl") == [row, ghost,
+                                                           dict(event="status", status="ok")]
     assert read_jsonl(killed / "engines") == []  # a folder where the file belongs: nothing
-    for argv in (["report", killed], ["compare", base, killed]):
+    from bench.results import load_results, recover
+    assert recover(load_results(killed), killed)["rows"] == [row]   # hf's own rows alone
+    for argv in (["report", killed], ["compare", base, killed],
+                 ["compare", base, killed / "results.json"]):
         with pytest.raises(SystemExit) as e:
             main([str(a) for a in argv])
         out, err = capsys.readouterr()
         assert e.value.code == 0 and "Traceback" not in err, (out, err)
-    assert "no regression" in out
+    assert "no regression" in out and "ghost" not in out
+
+
+def test_an_ok_run_without_usable_times_is_a_regression(tmp_path, capsys):
+    """The gate must not pass a run whose rows were lost or are not numbers: "ok" with nothing
+    measured once read as "nothing to compare, no regression"."""
+    options = dict(engines_run=["hf"], batch=2, generation_batches=1, prompt_len=8, gen_len=8,
+                   warmup=0)
+    rows = [dict(engine="hf", step=0, phase=p, metric="seconds", value=1.0, unit="s")
+            for p in ("generate", "score", "train", "step")]
+    for name, rs in (("base", rows), ("empty", []),
+                     ("inf", [dict(r, value=float("inf")) for r in rows])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(dict(
+            version=1, options=options, engines={"hf": {"status": "ok"}}, rows=rs)))
+    for new in ("empty", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", str(tmp_path / "base"), str(tmp_path / new)])
+        out = capsys.readouterr().out
+        assert e.value.code == 1 and "hf: gen_s 1 -> " in out, out
+        assert "no usable measurement in the new run" in out
 
 
 def test_a_sweep_value_given_twice_is_one_point():

@@ -116,6 +116,8 @@ def test_a_donated_state_is_refused_and_the_new_one_trains(name, tmp_path):
     (dict(temperature=0.0), "temperature must be a positive finite number"),
     (dict(temperature=-1.0), "temperature must be a positive finite number"),
     (dict(gen_len=0), "gen_len must be an int of at least 1"),
+    (dict(temperature="1.0"), "temperature must be a positive finite number"),
+    (dict(temperature=True), "temperature must be a positive finite number"),
 ])
 def test_generation_config_refuses_what_no_engine_can_do(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -133,6 +135,7 @@ def _bad_prompts(bundle, cfg):
         "shapes differ": (Prompts(ids, am[:, 1:]), "must be (B, P) tensors of one shape"),
         "id too large": (Prompts(ids.clone().fill_(V), am), f"token ids must lie in [0, {V})"),
         "negative id": (Prompts(ids.clone().fill_(-1), am), f"token ids must lie in [0, {V})"),
+        "empty batch": (Prompts(ids[:0], am[:0]), "at least one row and one position"),
         "too long": (Prompts(ids.repeat(1, 40), am.repeat(1, 40)),
                      "is longer than the model's 256 positions"),
     }
@@ -151,6 +154,9 @@ def test_generate_arguments_are_checked_in_one_line(name):
         assert "\n" not in str(err.value), case
     with pytest.raises(ValueError, match="seed must be an int, got None"):
         engine.generate(state, make_prompts(bundle, cfg, seed=0), cfg.gen, seed=None)
+    import numpy as np   # a numpy integer is an integer
+    engine.generate(state, make_prompts(bundle, cfg, seed=0),
+                    GenerationConfig(gen_len=np.int64(2)), seed=np.int64(3))
 
 
 def test_ppo_step_wants_one_prompt_batch_per_generation_batch():
@@ -158,5 +164,23 @@ def test_ppo_step_wants_one_prompt_batch_per_generation_batch():
     bundle = make_bundle()
     engine = engines.get("hf")
     state = engine.init(bundle, cfg, seed=0)
+    p = make_prompts(bundle, cfg, seed=0)
     with pytest.raises(ValueError, match="1 prompt batch\\(es\\) for generation_batches=2"):
-        ppo_step(engine, state, make_prompts(bundle, cfg, seed=0), cfg, seed=0)
+        ppo_step(engine, state, p, cfg, seed=0)
+    short = Prompts(p.input_ids[:, 2:], p.attention_mask[:, 2:])
+    with pytest.raises(ValueError, match=re.escape("the prompt batches differ in shape ((4, 6), "
+                                                   "(4, 8))")):
+        ppo_step(engine, state, [p, short], cfg, seed=0)
+
+
+def test_a_state_over_another_bundle_is_refused():
+    cfg = make_cfg()
+    a, b = make_bundle(seed=0), make_bundle(seed=1)
+    ea, eb = engines.get("hf"), engines.get("hf")
+    sa, sb = ea.init(a, cfg, seed=0), eb.init(b, cfg, seed=0)
+    exp = add_advantages(eb.score(sb, eb.generate(sb, make_prompts(b, cfg, seed=0), cfg.gen,
+                                                  seed=0)), cfg.ppo)
+    before = {k: v.clone() for k, v in sa.actor_params.items()}
+    with pytest.raises(ValueError, match="this state holds another model's parameters"):
+        eb.train_step(sa, exp, cfg.ppo, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in sa.actor_params.items())
