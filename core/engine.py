@@ -57,10 +57,18 @@ def check_generate_args(prompts, config, gen: GenerationConfig, seed) -> None:
         raise ValueError(f"generate: input_ids must be integer token ids (int64 or int32) with "
                          f"at least one row and one position, got {ids.dtype} "
                          f"{tuple(ids.shape)}")
-    lo, hi = (int(x) for x in torch.aminmax(ids))  # one read (one device sync on a GPU)
+    # one read of three numbers (one device sync on a GPU): the ids' range, and whether a row's
+    # mask ever falls from 1 to 0 (padding on the right or inside, which every engine would
+    # silently continue after)
+    m = am.long()
+    lo, hi, right = torch.stack([ids.min().long(), ids.max().long(),
+                                 (m[:, 1:] < m[:, :-1]).any().long()]).tolist()
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"generate: token ids must lie in [0, {config.vocab_size}), the "
                          f"model's vocabulary; got {lo}..{hi}")
+    if right:
+        raise ValueError("generate: prompts must be left-padded (attention_mask 0s, then 1s, in "
+                         "every row); with a Hugging Face tokenizer set padding_side='left'")
     limit = max_positions(config)
     if ids.shape[1] + gen.gen_len > limit:
         raise ValueError(f"generate: prompt {ids.shape[1]} + answer {gen.gen_len} tokens is "

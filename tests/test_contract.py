@@ -136,7 +136,9 @@ def _bad_prompts(bundle, cfg):
         "id too large": (Prompts(ids.clone().fill_(V), am), f"token ids must lie in [0, {V})"),
         "negative id": (Prompts(ids.clone().fill_(-1), am), f"token ids must lie in [0, {V})"),
         "empty batch": (Prompts(ids[:0], am[:0]), "at least one row and one position"),
-        "too long": (Prompts(ids.repeat(1, 40), am.repeat(1, 40)),
+        "right-padded": (Prompts(ids, torch.cat([am[:, 1:], torch.zeros_like(am[:, :1])], 1)),
+                         "prompts must be left-padded"),
+        "too long": (Prompts(ids.repeat(1, 40), torch.ones_like(am).repeat(1, 40)),
                      "is longer than the model's 256 positions"),
     }
 
