@@ -20,6 +20,7 @@ import uuid
 
 import torch
 
+from .engine import spent
 from .files import atomic_write
 from .models import ModelBundle, trainable
 from .optim import AdamState
@@ -45,7 +46,7 @@ def save(path_dir: str, state: TrainState, models: ModelBundle, *, seed: int, st
     if (state.actor_params.keys() != trainable(models.actor).keys()
             or state.critic_params.keys() != trainable(models.critic).keys()):
         raise CheckpointError("the state's parameters are not the models' trainable ones")
-    if int(state.step) < 0:
+    if spent(state):
         raise CheckpointError("this state was donated to a train_step (spent): save the state "
                               "that call returned")
     if not (isinstance(state.actor_opt, AdamState) and isinstance(state.critic_opt, AdamState)):

@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .models import ModelBundle, max_positions
+from .models import ModelBundle, max_positions, trainable
 from .types import (Experience, GenerationConfig, Metrics, PPOConfig, Prompts, Rollout,
                     RunConfig, TrainState)
 
@@ -81,18 +81,23 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+NO_OPTIMISER = ("train_step: this state has no optimiser state (the engine was initialised "
+                "with RunConfig(train=False))")
+
+
 def check_train_args(state: TrainState, exp: Experience, models: ModelBundle) -> None:
-    """train_step donates its state (as JAX's donate_argnums): a state already given to a
-    train_step, whose weights and moments have moved on, is refused rather than stepped again;
-    so is a state over another bundle's parameters (it would train that bundle), and an
-    experience without advantages, by name."""
-    from .models import trainable
+    """What every train_step refuses, before anything moves: a state without optimiser state
+    (a generation-only init); one over another bundle's parameters (it would train that
+    bundle); one already donated to a train_step (as JAX's donate_argnums: its weights and
+    moments have moved on); an experience without advantages."""
+    if state.actor_opt is None:
+        raise ValueError(NO_OPTIMISER)
     mine = trainable(models.actor)
     if state.actor_params.keys() != mine.keys() or any(
             state.actor_params[k] is not p for k, p in mine.items()):
         raise ValueError("train_step: this state holds another model's parameters; pass the "
                          "state this engine's init (or its last train_step) returned")
-    if int(state.step) < 0:
+    if spent(state):
         raise ValueError("train_step: this state was donated to an earlier train_step; pass the "
                          "state that call returned (state, metrics = engine.train_step(state, "
                          "...))")
@@ -102,6 +107,11 @@ def check_train_args(state: TrainState, exp: Experience, models: ModelBundle) ->
 
 
 def donate_(state: TrainState) -> None:
-    """Mark a state consumed by train_step: its step counter becomes -1, which
-    check_train_args refuses. Call it once the new state exists."""
+    """Mark a state consumed by train_step: its step counter becomes -1, which `spent` reads.
+    Call it once the new state exists."""
     state.step.fill_(-1)
+
+
+def spent(state: TrainState) -> bool:
+    """Whether `state` was donated to a train_step (step is a CPU tensor: no device sync)."""
+    return int(state.step) < 0

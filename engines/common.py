@@ -77,8 +77,6 @@ def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
     return Experience(seq, am, rollout.answer_mask, P_, logprobs, ref_logprobs, values, scores)
 
 
-NO_OPTIMISER = ("train_step: this state has no optimiser state (the engine was initialised "
-                "with RunConfig(train=False))")
 
 
 def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
@@ -131,8 +129,6 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     does not read the actor's weights, so taking it first changes nothing.)
     """
     a_opt, c_opt = opts
-    if state.actor_opt is None:
-        raise ValueError(NO_OPTIMISER)
     check_train_args(state, exp, models)
     a_grads, a_loss = _grads(_actor_loss, state.actor_params, models.actor, exp, ppo.cliprange,
                              ppo.grad_accum)

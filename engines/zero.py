@@ -215,8 +215,6 @@ def train_step(models: ModelBundle, opts, state: TrainState, exp: Experience, pp
     """Actor PPO-clip step then critic clipped-value step; one optimiser step each. (Unlike the
     torch backend's, the actor has stepped before the critic's loss is checked.)"""
     actor, critic = opts
-    if state.actor_opt is None:
-        raise ValueError(common.NO_OPTIMISER)
     check_train_args(state, exp, models)
     a_loss, a_norm = _optimise(actor, _actor_loss, exp, ppo.cliprange, "actor")
     c_loss, c_norm = _optimise(critic, _critic_loss, exp, ppo.cliprange_value, "critic")
