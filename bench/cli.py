@@ -118,7 +118,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
     from .report import format_table, plot_phases, plot_sweep, summarize
-    from .results import ResultsError, atomic_write_csv, load_results, recover
+    from .results import ResultsError, atomic_write_csv, load_run
     d = Path(args.dir)
     if (d / "sweep.csv").exists() and not (d / "results.json").exists():
         import pandas as pd
@@ -139,7 +139,7 @@ def cmd_report(args) -> int:
         print(df.to_string(index=False))
         print(f"\nplot: {d / 'sweep.png'}")
         return 0
-    data = recover(load_results(d), d if d.is_dir() else d.parent)
+    data = load_run(d)
     with _malformed(d):
         df = summarize(data)
     print(format_table(df))
@@ -164,13 +164,9 @@ def _malformed(where):
 
 
 def cmd_compare(args) -> int:
-    from pathlib import Path
-
     from .compare import compare, parse_percent, workload_differences
-    from .results import load_results, recover
-    # a run whose harness was killed is read as report reads it: finished steps kept
-    base, new = (recover(load_results(p), p if Path(p).is_dir() else Path(p).parent)
-                 for p in (args.base, args.new))
+    from .results import load_run
+    base, new = load_run(args.base), load_run(args.new)  # a killed run's finished steps kept
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
     with _malformed(f"{args.base} or {args.new}"):  # judged first: a bad file prints no note
         table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)

@@ -260,14 +260,20 @@ class Run:
         return status
 
 
-def check_out_folder(out: Path) -> None:
-    """--out must be a folder, or a path where one can be made (run and sweep)."""
+def check_out_folder(out: Path, kind: str) -> None:
+    """--out must be a folder, or a path where one can be made, and not hold the other kind of
+    results than `kind` ("run" or "sweep")."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"--out {out} is a link to nothing")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ConfigError(f"--out {out}: a part of the path is a file, not a folder")
+    # a folder with results.json holds a run; one with sweep.csv alone, a sweep
+    held = "run" if (out / "results.json").exists() else \
+        "sweep" if (out / "sweep.csv").exists() else kind
+    if held != kind:
+        raise ConfigError(f"--out {out} holds a {held}, not a {kind}: choose another --out")
 
 
 def run(o: BenchOptions) -> int:
@@ -276,9 +282,7 @@ def run(o: BenchOptions) -> int:
     previous = None
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
-    check_out_folder(out)
-    if (out / "sweep.csv").exists() and not (out / "results.json").exists():
-        raise ConfigError(f"--out {out} holds a sweep, not a run: choose another --out")
+    check_out_folder(out, "run")
     if o.resume:
         previous = resumable(out, o)
     elif (out / "results.json").exists() and not o.overwrite:

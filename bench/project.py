@@ -395,14 +395,14 @@ def train_time(cfg: Config, b: float) -> tuple[float, float]:
 
 def validate(cfg: Config) -> Config:
     """Raise ValueError (one line) for a configuration the model cannot price."""
-    model_shape(cfg.model), model_shape(cfg.critic)
+    actor, critic = model_shape(cfg.model), model_shape(cfg.critic)
     if cfg.gpu not in GPUS:
         raise ValueError(f"unknown gpu {cfg.gpu!r}; choose from {', '.join(GPUS)}")
     if cfg.engine not in ENGINES:
         raise ValueError(f"unknown engine {cfg.engine!r}; choose from {', '.join(ENGINES)}")
     if not 1 <= cfg.gpus <= 100_000 or cfg.zero_stage not in (0, 1, 2, 3) or cfg.lora_dim < 0:
         raise ValueError("need --gpus from 1 to 100,000, --zero-stage in 0..3 and --lora-dim >= 0")
-    width = min(model_shape(cfg.model).d_model, model_shape(cfg.model).e)  # as `run` checks
+    width = min(actor.d_model, actor.e)                    # as `run` checks
     if cfg.lora_dim > width:
         raise ValueError(f"--lora-dim {cfg.lora_dim} is larger than {cfg.model}'s layer width "
                          f"{width}")
@@ -413,7 +413,6 @@ def validate(cfg: Config) -> Config:
     if tp < 1 or cfg.gpus % tp or tp > GPUS[cfg.gpu].per_node:
         raise ValueError(f"--inference-tp {tp} must divide --gpus {cfg.gpus} and fit in one node")
     seq = cfg.prompt_len + cfg.gen_len
-    actor, critic = model_shape(cfg.model), model_shape(cfg.critic)
     if min(cfg.prompt_len, cfg.gen_len) < 1 or seq > min(actor.positions, critic.positions):
         raise ValueError("need --prompt-len, --gen-len >= 1 summing to at most the actor's and "
                          "the critic's positions")

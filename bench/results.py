@@ -133,6 +133,13 @@ def _good_row(r) -> bool:
                                             ("engine", "phase", "metric", "unit")))
 
 
+def load_run(path) -> dict:
+    """A run as `report` and `compare` read it: load_results of a run folder or its
+    results.json, with a killed harness's finished steps recovered from the folder."""
+    p = Path(path)
+    return recover(load_results(p), p if p.is_dir() else p.parent)
+
+
 def recover(data: dict, run_dir) -> dict:
     """A run whose harness was killed leaves engines marked "running": take their rows from the
     workers' own JSON-lines files, which hold every step finished before the kill."""

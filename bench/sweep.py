@@ -29,9 +29,7 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
     out = Path(o.out or "results/sweep")
     if o.resume and o.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
-    check_out_folder(out)
-    if (out / "results.json").exists():
-        raise ConfigError(f"--out {out} holds a run, not a sweep: choose another --out")
+    check_out_folder(out, "sweep")
     if (out / "sweep.csv").exists() and not (o.overwrite or o.resume):
         raise ConfigError(f"--out {out} already holds a sweep; pass --overwrite to replace it, "
                           f"--resume to finish it, or choose another --out")
