@@ -12,19 +12,9 @@ import engines
 from core.step import add_advantages, ppo_step
 from core.types import GenerationConfig, Prompts
 from tests.conftest import make_bundle, make_cfg, make_prompts
+from tests.test_hybrid import _pair   # hf and the engine on one bundle
 
 GREEDY = dict(gen={"greedy": True})
-
-
-def _pair(name, preset="tiny-opt", seed=0, **cfg_kw):
-    """(engine, state) and hf's on their own bundles of the same weights."""
-    cfg = make_cfg(preset=preset, **{**GREEDY, **cfg_kw})
-    out = []
-    for n in ("hf", name):
-        bundle = make_bundle(preset, seed=seed)
-        e = engines.get(n)
-        out.append((e, e.init(bundle, cfg, seed=0), bundle))
-    return cfg, out
 
 
 def _scale_(bundle, factor, through_data):
@@ -44,29 +34,26 @@ def _agree(pk, ps, hf, hs, prompts, gen):
 
 
 def test_packed_copy_follows_weights_moved_outside_train_step():
-    cfg, [(hf, hs, hb), (pk, ps, pb)] = _pair("hybrid-packed")
-    prompts = make_prompts(hb, cfg, seed=1)
+    b, cfg, hf, hs, pk, ps = _pair("tiny-opt", "hybrid-packed", **GREEDY)
+    prompts = make_prompts(b, cfg, seed=1)
     pk.sync(ps)
     pk.generate(ps, prompts, cfg.gen, seed=0)          # packs the initial weights
-    for b in (hb, pb):
-        _scale_(b, 1.5, through_data=True)
+    _scale_(b, 1.5, through_data=True)
     pk.sync(ps)                                         # an explicit sync always re-packs
     _agree(pk, ps, hf, hs, prompts, cfg.gen)
-    for b in (hb, pb):
-        _scale_(b, 0.8, through_data=False)
+    _scale_(b, 0.8, through_data=False)
     _agree(pk, ps, hf, hs, prompts, cfg.gen)            # no sync: the versions moved, re-packed
 
 
 def test_a_second_init_packs_afresh():
     """The same bundle, its weights moved where version counters do not see it, then a new
     init and a generate with no sync: nothing of the first init's packed copy is used."""
-    cfg, [(hf, hs, hb), (pk, ps, pb)] = _pair("hybrid-packed")
-    prompts = make_prompts(hb, cfg, seed=1)
+    b, cfg, hf, hs, pk, ps = _pair("tiny-opt", "hybrid-packed", **GREEDY)
+    prompts = make_prompts(b, cfg, seed=1)
     pk.sync(ps)
     pk.generate(ps, prompts, cfg.gen, seed=0)
-    for b in (hb, pb):
-        _scale_(b, 1.5, through_data=True)
-    ps = pk.init(pb, cfg, seed=0)
+    _scale_(b, 1.5, through_data=True)
+    ps = pk.init(b, cfg, seed=0)
     _agree(pk, ps, hf, hs, prompts, cfg.gen)
 
 
