@@ -3,7 +3,8 @@ and print where its ATen time goes. opt-125m shape, batch 8, 192 cached position
 Each step attends over one more key than the last, as in generation: a step repeated at one
 length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python bench/decode_step.py [--profile] [--bf16] (numbers in README, Performance notes)."""
+Run: python bench/decode_step.py [--profile] [--bf16] [--sdpa] (numbers in README, Performance
+notes); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
 import sys
 import time
 
@@ -16,6 +17,7 @@ from engines import decoder as D
 torch.set_num_threads(2)
 B, P, WARM, TIMED, PROFILED = 8, 192, 3, 20, 10
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
+D.USE_ATTN_KERNEL = "--sdpa" not in sys.argv
 b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
 w = D.extract(b.actor)
 prompts = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)

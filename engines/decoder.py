@@ -332,10 +332,19 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
+USE_ATTN_KERNEL = True  # off: SDPA for fp32 CPU decode too (for A/B timing and tests)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
     B, H, S, D = q.shape
     KV = k.shape[1]
+    if S == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and USE_ATTN_KERNEL \
+            and not torch.compiler.is_compiling():
+        # fp32 decode on the CPU: engines/kernels.py reads K and V once per KV head
+        out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
+        if out is not None:
+            return out
     if S > 1 or q.device.type == "cpu":
         # decode on the CPU too: SDPA's flash kernel reads the strided cache views as they are.
         # The matmuls below ran 6-8% slower there in fp32, and in bf16 they went through

@@ -1,4 +1,5 @@
-"""A CPU kernel for decode-shaped linears: y = x @ W.T (+ b) with few rows in x.
+"""CPU kernels for decode: linears with few rows in x (y = x @ W.T + b), and fp32 attention of
+one query per head over the KV cache.
 
 MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
 weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of the
@@ -8,6 +9,11 @@ run time), and the N rows are split across torch's
 intra-op threads. Built on first use with torch's C++ extension loader (cached in
 TORCH_EXTENSIONS_DIR); where it cannot build or the CPU lacks AVX2/FMA, `available()` is False
 and callers use F.linear (the slow twin, checked against it in tests/test_kernels.py).
+
+Decode attention: SDPA's CPU flash kernel read the cache at ~12-14 GB/s here. `decode_attention`
+gives each (row, KV head) to one task that reads its keys and then its values once, prefetched,
+for all the query heads that share them (GQA), in two exact passes (scores, then softmax
+weights times values).
 """
 from __future__ import annotations
 
@@ -63,29 +69,53 @@ static void block_avx2(const float* x, const float* w, const float* bias, float*
 }
 
 // the same with AVX-512 (16 floats a vector), compiled for that target alone and chosen at run
-// time: on a CPU without it this code is never entered
+// time: on a CPU without it this code is never entered. NW rows of W at once, so each vector of
+// x is loaded once for NW of them: x (R rows of K) leaves L1 once K passes ~1500 floats (a
+// 768 x 3072 weight: 14 GB/s with one row at a time, where a sum over it reads 21 GB/s)
+template <int R, int NW>
+__attribute__((target("avx512f"))) static inline void rows_avx512(
+    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
+    int64_t n) {
+  const int64_t K16 = K & ~int64_t(15);
+  __m512 a[NW][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 v[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);
+      v[j] = _mm512_loadu_ps(w + (n + j) * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) a[j][r] = _mm512_fmadd_ps(v[j], xv, a[j][r]);
+    }
+  }
+  for (int j = 0; j < NW; ++j) {
+    const float* wr = w + (n + j) * K;
+    for (int m = 0; m < rows; ++m) {
+      float s = _mm512_reduce_add_ps(a[j][m]);
+      for (int64_t k = K16; k < K; ++k) s += wr[k] * x[m * K + k];
+      y[m * N + n + j] = bias ? s + bias[n + j] : s;
+    }
+  }
+}
+
 template <int R>
 __attribute__((target("avx512f"))) static void block_avx512(
     const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
     int64_t n0, int64_t n1) {
-  const int64_t K16 = K & ~int64_t(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
-    __m512 a[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) {
-      _mm_prefetch((const char*)(wr + k + PREFETCH), _MM_HINT_T0);
-      const __m512 v = _mm512_loadu_ps(wr + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + r * K + k), a[r]);
-    }
-    for (int m = 0; m < rows; ++m) {
-      float s = _mm512_reduce_add_ps(a[m]);
-      for (int64_t k = K16; k < K; ++k) s += wr[k] * x[m * K + k];
-      y[m * N + n] = bias ? s + bias[n] : s;
-    }
-  }
+  int64_t n = n0;
+  if (K >= 1536)  // x past L1: three rows of W a load of x (measured best here)
+    for (; n + 3 <= n1; n += 3) rows_avx512<R, 3>(x, w, bias, y, K, N, rows, n);
+  else
+    for (; n + 2 <= n1; n += 2) rows_avx512<R, 2>(x, w, bias, y, K, N, rows, n);
+  for (; n < n1; ++n) rows_avx512<R, 1>(x, w, bias, y, K, N, rows, n);
 }
 
 using BlockFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int,
@@ -118,16 +148,94 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   const float* wp = w.data_ptr<float>();
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  // past 8 rows, x goes in groups of 8 over each 48 rows of W while they sit in L2: W comes
+  // from memory once (group by group over a thread's whole share read it once per group)
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const int rows = (int)std::min<int64_t>(8, M - g * 8);
-      pick(rows)(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, n0, n1);
+    for (int64_t c0 = n0; c0 < n1; c0 += 48) {
+      const int64_t c1 = std::min<int64_t>(c0 + 48, n1);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int rows = (int)std::min<int64_t>(8, M - g * 8);
+        pick(rows)(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, c0, c1);
+      }
     }
   });
   return y;
 }
 
 bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// One decode step's attention: one query per head against the keys and values a cache holds.
+// q (B, H, 1, D) and k, v (B, KV, E, D), each with unit stride along D and rows of a head
+// D apart (views of the cache as they lie); keep (B, E) bool. Returns (B, 1, H, D).
+// One task per (row, KV head): its H/KV query heads share one read of K and of V, which
+// come from memory once, prefetched (the scores and outputs stay in L1).
+static inline float dot8(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+static inline void axpy8(float p, const float* x, float* y, int64_t D) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; ++d) y[d] += p * x[d];
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               torch::Tensor keep, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), E = k.size(2);
+  const int64_t G = H / KV;
+  auto out = torch::empty({B, 1, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const bool* mp = keep.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t qb = q.stride(0), qh = q.stride(1), kb = k.stride(0), kh = k.stride(1),
+                kt = k.stride(2), vb = v.stride(0), vh = v.stride(1), vt = v.stride(2);
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qs(G * D), s(G * E), o(G * D);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / KV, h = task % KV;
+      const float* K = kp + b * kb + h * kh;
+      const float* V = vp + b * vb + h * vh;
+      const bool* m = mp + b * E;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = qp[b * qb + (h * G + g) * qh + d] * (float)scale;
+      std::vector<float> mx(G, -INFINITY), sum(G, 0.f);
+      for (int64_t t = 0; t < E; ++t) {
+        _mm_prefetch((const char*)(K + (t + 8) * kt), _MM_HINT_T0);
+        _mm_prefetch((const char*)(K + (t + 8) * kt + 32), _MM_HINT_T0);
+        if (!m[t]) continue;
+        for (int64_t g = 0; g < G; ++g) {
+          const float x = dot8(qs.data() + g * D, K + t * kt, D);
+          s[g * E + t] = x;
+          mx[g] = std::max(mx[g], x);
+        }
+      }
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t t = 0; t < E; ++t) {
+        _mm_prefetch((const char*)(V + (t + 8) * vt), _MM_HINT_T0);
+        _mm_prefetch((const char*)(V + (t + 8) * vt + 32), _MM_HINT_T0);
+        if (!m[t]) continue;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = std::exp(s[g * E + t] - mx[g]);
+          sum[g] += p;
+          axpy8(p, V + t * vt, o.data() + g * D, D);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = op + b * H * D + (h * G + g) * D;
+        const float r = 1.f / sum[g];
+        for (int64_t d = 0; d < D; ++d) dst[d] = o[g * D + d] * r;
+      }
+    }
+  });
+  return out;
+}
 """
 
 _mod = None
@@ -143,8 +251,8 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v8", cpp_sources=_SRC,
-                           functions=["skinny_linear", "cpu_ok", "set_avx512"],
+        _mod = load_inline(name="rlhf_bench_skinny_v9", cpp_sources=_SRC,
+                           functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
         if not _mod.cpu_ok():
@@ -182,3 +290,19 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = 
             or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
         return F.linear(x, w, b)
     return mod.skinny_linear(x.contiguous(), w, b)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                     scale: float) -> Optional[torch.Tensor]:
+    """One decode step's attention on the CPU in fp32: q (B, H, 1, D); k, v (B, KV, E, D) with
+    unit stride along D (cache views); keep (B, E) bool, True on keys to attend to (at least one
+    a row). Returns (B, H, 1, D) (a view of a (B, 1, H, D) tensor), or None where the kernel does
+    not apply (the caller uses SDPA)."""
+    mod = _load()
+    B, H, S, D = q.shape
+    if (mod is None or S != 1 or q.dtype != torch.float32 or k.dtype != torch.float32
+            or v.dtype != torch.float32 or q.device.type != "cpu" or q.stride(3) != 1
+            or k.stride(3) != 1 or v.stride(3) != 1 or k.shape != v.shape
+            or H % k.shape[1] or keep.dtype != torch.bool or keep.shape != (B, k.shape[2])):
+        return None
+    return mod.decode_attention(q, k, v, keep.contiguous(), scale).transpose(1, 2)

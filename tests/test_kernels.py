@@ -23,7 +23,8 @@ def isa(request):
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9)])
+@pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
+                                 (1541, 101), (2048, 50)])
 def test_skinny_linear_equals_f_linear(m, k, n, isa):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
@@ -95,16 +96,40 @@ def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
     assert (out.float() - s.softmax(-1) @ vf).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("B,H,KV,T,E,Dh", [(8, 12, 12, 256, 220, 64), (3, 8, 2, 40, 17, 128),
+                                             (2, 4, 4, 10, 5, 7), (1, 6, 3, 9, 9, 80),
+                                             (2, 14, 2, 33, 1, 64)])
+def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh):
+    """The fp32 decode attention kernel against SDPA on cache views (GQA, head sizes that are
+    not a multiple of 8, padded keys, a single key, q strided as the decoder's)."""
+    import math
+    g = torch.Generator().manual_seed(B * 100 + E)
+    k, v = (torch.randn(B, KV, T, Dh, generator=g) for _ in range(2))
+    q = torch.randn(B, 1, H * Dh, generator=g).view(B, 1, H, Dh).transpose(1, 2)
+    keep = torch.rand(B, E, generator=g) > 0.4
+    keep[:, -1] = True  # the decoder's own slot: every row attends to one key at least
+    got = K.decode_attention(q, k[:, :, :E], v[:, :, :E], keep, 1 / math.sqrt(Dh))
+    want = F.scaled_dot_product_attention(q, k[:, :, :E], v[:, :, :E], attn_mask=keep[:, None, None],
+                                          scale=1 / math.sqrt(Dh), enable_gqa=KV != H)
+    assert got.shape == want.shape == (B, H, 1, Dh)
+    assert (got - want).abs().max() < 1e-5
+    # what it does not take, it declines (the caller then uses SDPA)
+    assert K.decode_attention(q.double(), k.double(), v.double(), keep, 1.0) is None
+    assert K.decode_attention(q.expand(B, H, 2, Dh), k, v, keep, 1.0) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_step_runs_sdpa_flash_kernel(dtype):
+def test_decode_step_runs_sdpa_flash_kernel(dtype, monkeypatch):
     """A decode step on the CPU reaches SDPA's flash kernel, not its math fallback, which
     copies K and V every layer: in bf16 it took the fallback while the decode linears returned
-    a transposed layout (q's last dimension strided), and generate ran 1.2x slower."""
+    a transposed layout (q's last dimension strided), and generate ran 1.2x slower. fp32 decode
+    runs engines/kernels.py's attention (checked below), SDPA's when that is switched off."""
     from torch.profiler import profile
 
     from core.data import synthetic_prompts
     from core.models import build_bundle, position_ids
     from engines import decoder as D
+    monkeypatch.setattr(D, "USE_ATTN_KERNEL", False)
     b = build_bundle("tiny-opt", seed=0, dtype=dtype, actor_only=True)
     w = D.extract(b.actor)
     B, P = 2, 6
@@ -121,3 +146,33 @@ def test_decode_step_runs_sdpa_flash_kernel(dtype):
     ran = {e.name for e in prof.events() if "attention" in e.name}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran, ran
     assert "aten::_scaled_dot_product_attention_math" not in ran, ran
+
+
+def test_fp32_decode_step_runs_the_attention_kernel(monkeypatch):
+    """fp32 decode attention on the CPU goes to engines/kernels.py (no SDPA call at all), and the
+    step's logits are SDPA's within float32 rounding."""
+    from torch.profiler import profile
+
+    from core.data import synthetic_prompts
+    from core.models import build_bundle, position_ids
+    from engines import decoder as D
+    assert K.available(), K.why_unavailable()
+    b = build_bundle("tiny-llama", seed=0, actor_only=True)  # GQA
+    w = D.extract(b.actor)
+    B, P = 3, 7
+    p = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=1)
+    key_mask = torch.ones(B, P + 1, dtype=torch.bool)
+    key_mask[:, :P] = p.attention_mask.bool()
+    pos = position_ids(p.attention_mask)
+    out = {}
+    for use in (True, False):
+        monkeypatch.setattr(D, "USE_ATTN_KERNEL", use)
+        cache = D.new_cache(w, B, P + 1, torch.float32, "cpu")
+        with torch.no_grad():
+            D.forward_(w, cache, p.input_ids, pos, 0, key_mask)
+            with profile() as prof:
+                out[use] = D.forward_(w, cache, torch.full((B, 1), 5), pos[:, -1:] + 1, P,
+                                      key_mask)
+        sdpa = {e.name for e in prof.events() if "scaled_dot_product" in e.name}
+        assert bool(sdpa) != use, sdpa
+    assert (out[True] - out[False]).abs().max() < 1e-4 * out[False].abs().max()
