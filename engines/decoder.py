@@ -346,7 +346,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if out is not None:
             return out
     if S > 1 or q.device.type == "cpu":
-        # decode on the CPU too: SDPA's flash kernel reads the strided cache views as they are.
+        # other CPU decode (bf16, or without the kernel) too: SDPA's flash kernel reads the
+        # strided cache views as they are.
         # The matmuls below ran 6-8% slower there in fp32, and in bf16 they went through
         # oneDNN, which kept a primitive with a K-sized scratchpad for every new key length
         # (+659 MB over one 128-token generate at opt-125m, batch 8)
