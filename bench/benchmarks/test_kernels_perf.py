@@ -1,0 +1,58 @@
+"""pytest-benchmark timings of the CPU decode kernels against their ATen twins (run by
+`make perf`): a linear with 8 rows of x (opt-125m's widest K and its head's shape) and one
+decode step's attention (opt-125m, batch 8, 220 cached keys, read from memory as in a step). Each pair shares a group, so
+pytest-benchmark's table puts the kernel and its twin side by side; nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines import kernels as K
+
+pytestmark = pytest.mark.skipif(not K.available(), reason=f"kernels unavailable: "
+                                f"{K.why_unavailable()}")
+
+
+@pytest.mark.parametrize("impl", ["kernel", "F.linear"])
+@pytest.mark.parametrize("n,k", [(768, 3072), (3072, 768)])
+def test_decode_linear(benchmark, impl, n, k):
+    g = torch.Generator().manual_seed(0)
+    # a set of weights larger than the L3 cache, one used per call, as a decode step reads them
+    ws = [torch.randn(n, k, generator=g) for _ in range(max(1, 400_000_000 // (n * k * 4)))]
+    x = torch.randn(8, k, generator=g)
+    f = K.skinny_linear if impl == "kernel" else F.linear
+    it = iter(range(10 ** 9))
+    benchmark.group = f"linear x (8, {k}) @ W ({n}, {k}).T"
+    benchmark.pedantic(lambda: f(x, ws[next(it) % len(ws)]), rounds=60, iterations=1,
+                       warmup_rounds=len(ws))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "sdpa"])
+def test_decode_attention(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D, E, L = 8, 12, 256, 64, 220, 12
+    ks, vs = ([torch.randn(B, H, T, D, generator=g) for _ in range(L)] for _ in range(2))
+    q = torch.randn(B, H, 1, D, generator=g)
+    keep = torch.ones(B, E, dtype=torch.bool)
+    keep[0, :5] = False
+
+    def step():  # the 12 layers of one step
+        for k, v in zip(ks, vs):
+            if impl == "kernel":
+                K.decode_attention(q, k[:, :, :E], v[:, :, :E], keep, 1 / math.sqrt(D))
+            else:
+                F.scaled_dot_product_attention(q, k[:, :, :E], v[:, :, :E],
+                                               attn_mask=keep[:, None, None],
+                                               scale=1 / math.sqrt(D))
+    # in a decode step the weights pass between two reads of a layer's cache: 600 MB read
+    # before each round takes the cache out of L3 (300 MB here) as they do
+    flush = torch.ones(150_000_000)
+
+    def evict():
+        flush.sum()
+    benchmark.group = f"decode attention, 12 layers, B{B} H{H} {E} keys"
+    benchmark.pedantic(step, setup=evict, rounds=20, iterations=1, warmup_rounds=2)
