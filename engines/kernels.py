@@ -11,9 +11,9 @@ TORCH_EXTENSIONS_DIR); where it cannot build or the CPU lacks AVX2/FMA, `availab
 and callers use F.linear (the slow twin, checked against it in tests/test_kernels.py).
 
 Decode attention: SDPA's CPU flash kernel read the cache at ~12-14 GB/s here. `decode_attention`
-gives each (row, KV head) to one task that reads its keys and then its values once, prefetched,
-for all the query heads that share them (GQA), in two exact passes (scores, then softmax
-weights times values).
+gives each (row, KV head) to one task that reads its keys and then its values from memory once,
+prefetched (the query heads that share them under GQA re-read them from L2), in two passes
+(scores, then softmax weights times values).
 """
 from __future__ import annotations
 
@@ -168,10 +168,11 @@ bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports(
 // q (B, H, 1, D) and k, v (B, KV, E, D), each with unit stride along D and rows of a head
 // D apart (views of the cache as they lie); keep (B, E) bool. Returns (B, 1, H, D).
 // One task per (row, KV head); its H/KV query heads take turns, so K and V come from memory
-// once (the later heads find them in L2). Two exact passes: scores, then softmax weights times
-// values. Both keep many independent FMA chains in flight: eight keys' dot products at once,
-// and the output held in registers across the keys (one dot product, one reduction and one
-// output update through memory per key took ~130 cycles: slower than the memory read).
+// once while a head's K and V fit in L2 (the later heads re-read them there). Two passes:
+// scores, then softmax weights times values. Both keep many independent FMA chains in flight:
+// eight keys' dot products at once, and the output held in registers across the keys (one dot
+// product, one reduction and one output update through memory per key took ~130 cycles:
+// slower than the memory read).
 
 // lanes j of the result: the sum of a[j]'s eight lanes
 static inline __m256 hsum8x8(const __m256* a) {
@@ -184,7 +185,8 @@ static inline __m256 hsum8x8(const __m256* a) {
 static inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  for (; d + 8 <= D; d += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
   float s = hsum(acc);
   for (; d < D; ++d) s += a[d] * b[d];
   return s;
@@ -192,11 +194,11 @@ static inline float dot(const float* a, const float* b, int64_t D) {
 
 // e^x for x <= 0 (x - max of the scores), relative error ~2e-7: x = n ln2 + r with |r| <= ln2/2,
 // e^r by its Taylor polynomial to degree 7 (the next term is below 2e-7 there), 2^n from the
-// exponent bits; below -87, 0
+// exponent bits; below -87, 0; NaN stays NaN
 static inline __m256 exp_nonpos(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f);
   const __m256 zero_out = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
+  x = _mm256_max_ps(lo, x);  // a NaN stays NaN (max_ps returns its second operand then)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - n ln2, ln2 split in two so that n * hi is exact
@@ -210,7 +212,8 @@ static inline __m256 exp_nonpos(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(zero_out, y);
 }
@@ -227,10 +230,12 @@ static inline void weighted_sum(const float* p, const bool* m, const float* V, i
     if (!m[t]) continue;
     const __m256 pv = _mm256_set1_ps(p[t]);
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(V + t * vt + 8 * j), acc[j]);
+    for (int j = 0; j < NV; ++j)
+      acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(V + t * vt + 8 * j), acc[j]);
   }
 #pragma GCC unroll 8
-  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_loadu_ps(o + 8 * j), acc[j]));
+  for (int j = 0; j < NV; ++j)
+    _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_loadu_ps(o + 8 * j), acc[j]));
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -272,9 +277,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               for (int64_t d = D8; d < D; ++d) s[t + j] += qs[d] * K[(t + j) * kt + d];
         }
         for (int64_t t = E8; t < E; ++t) s[t] = dot(qs.data(), K + t * kt, D);
+        // a NaN score (or +inf, through inf - inf) makes every weight NaN, as in SDPA
         float mx = -INFINITY;
+        bool nan = false;
         for (int64_t t = 0; t < E; ++t)
-          if (m[t]) mx = std::max(mx, s[t]);
+          if (m[t]) {
+            mx = std::max(mx, s[t]);
+            nan |= std::isnan(s[t]);
+          }
+        if (nan) mx = NAN;
         // weights e^(s - max), 0 where masked, and their sum
         const __m256 mxv = _mm256_set1_ps(mx);
         for (int64_t t = 0; t < E8; t += 8) {
@@ -317,7 +328,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v10", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v11", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
@@ -365,10 +376,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     a row). Returns (B, H, 1, D) (a view of a (B, 1, H, D) tensor), or None where the kernel does
     not apply (the caller uses SDPA)."""
     mod = _load()
+    if mod is None or q.dim() != 4 or k.dim() != 4:
+        return None
     B, H, S, D = q.shape
-    if (mod is None or S != 1 or q.dtype != torch.float32 or k.dtype != torch.float32
-            or v.dtype != torch.float32 or q.device.type != "cpu" or q.stride(3) != 1
-            or k.stride(3) != 1 or v.stride(3) != 1 or k.shape != v.shape
-            or H % k.shape[1] or keep.dtype != torch.bool or keep.shape != (B, k.shape[2])):
+    KV, E = k.shape[1], k.shape[2]
+    if (S != 1 or min(B, H, D, KV, E) < 1 or H % KV or k.shape != (B, KV, E, D)
+            or v.shape != k.shape or keep.shape != (B, E) or keep.dtype != torch.bool
+            or any(t.dtype != torch.float32 for t in (q, k, v))
+            or any(t.device.type != "cpu" for t in (q, k, v, keep))
+            or any(t.stride(3) != 1 for t in (q, k, v))):
         return None
     return mod.decode_attention(q, k, v, keep.contiguous(), scale).transpose(1, 2)

@@ -98,7 +98,7 @@ def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
 
 @pytest.mark.parametrize("B,H,KV,T,E,Dh", [(8, 12, 12, 256, 220, 64), (3, 8, 2, 40, 17, 128),
                                              (2, 4, 4, 10, 5, 7), (1, 6, 3, 9, 9, 80),
-                                             (2, 14, 2, 33, 1, 64)])
+                                             (2, 14, 2, 33, 1, 64), (2, 4, 2, 20, 16, 9)])
 @pytest.mark.parametrize("sharp", [1.0, 40.0])
 def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp):
     """The fp32 decode attention kernel against SDPA on cache views (GQA, head sizes that are
@@ -106,12 +106,14 @@ def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp):
     spread over hundreds, so that most weights underflow the kernel's exp)."""
     import math
     g = torch.Generator().manual_seed(B * 100 + E)
-    k, v = (torch.randn(B, KV, T, Dh, generator=g) for _ in range(2))
+    k = torch.randn(B, KV, T, Dh, generator=g)
+    v = torch.randn(B + 1, KV + 1, T + 3, Dh + 5, generator=g)[1:, 1:, 3:, :Dh]  # unlike k's
     q = sharp * torch.randn(B, 1, H * Dh, generator=g).view(B, 1, H, Dh).transpose(1, 2)
     keep = torch.rand(B, E, generator=g) > 0.4
     keep[:, -1] = True  # the decoder's own slot: every row attends to one key at least
     got = K.decode_attention(q, k[:, :, :E], v[:, :, :E], keep, 1 / math.sqrt(Dh))
-    want = F.scaled_dot_product_attention(q, k[:, :, :E], v[:, :, :E], attn_mask=keep[:, None, None],
+    want = F.scaled_dot_product_attention(q, k[:, :, :E], v[:, :, :E],
+                                          attn_mask=keep[:, None, None],
                                           scale=1 / math.sqrt(Dh), enable_gqa=KV != H)
     assert got.shape == want.shape == (B, H, 1, Dh)
     # against float64: as accurate as SDPA, whose scores alone round by ~1e-7 of their size
@@ -121,9 +123,33 @@ def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp):
     exact = s64.softmax(-1) @ v64
     err, err_sdpa = ((x.double() - exact).abs().max().item() for x in (got, want))
     assert err <= 4 * err_sdpa + 2e-6, (err, err_sdpa)
-    # what it does not take, it declines (the caller then uses SDPA)
-    assert K.decode_attention(q.double(), k.double(), v.double(), keep, 1.0) is None
-    assert K.decode_attention(q.expand(B, H, 2, Dh), k, v, keep, 1.0) is None
+    # what it does not take, it declines (the caller then uses SDPA, which raises or broadcasts)
+    ke, ve = k[:, :, :E], v[:, :, :E]
+    assert K.decode_attention(q.double(), ke.double(), ve.double(), keep, 1.0) is None
+    assert K.decode_attention(q.expand(B, H, 2, Dh), ke, ve, keep, 1.0) is None
+    assert K.decode_attention(q, ke[:1], ve[:1], keep, 1.0) is None or B == 1  # batch of 1
+    assert K.decode_attention(q, ke[..., :1], ve[..., :1], keep, 1.0) is None or Dh == 1
+    assert K.decode_attention(q, ke[:, :0], ve[:, :0], keep, 1.0) is None  # no KV heads
+    assert K.decode_attention(q, ke, ve, keep[:, :-1], 1.0) is None
+
+
+def test_decode_attention_propagates_nan_and_inf_like_sdpa():
+    """A NaN or +inf score anywhere in a row (in a full group of 8 keys or in the tail) gives
+    NaN for that row, as SDPA does; other rows are untouched."""
+    g = torch.Generator().manual_seed(0)
+    B, H, E, Dh = 2, 2, 14, 16
+    k, v = (torch.randn(B, H, E, Dh, generator=g) for _ in range(2))
+    q = torch.randn(B, H, 1, Dh, generator=g)
+    keep = torch.ones(B, E, dtype=torch.bool)
+    for bad in (float("nan"), float("inf")):
+        for key in (3, 12):  # in the first group of 8, in the tail
+            kb = k.clone()
+            kb[0, 0, key] = bad
+            got = K.decode_attention(q, kb, v, keep, 0.25)
+            want = F.scaled_dot_product_attention(q, kb, v, attn_mask=keep[:, None, None],
+                                                  scale=0.25)
+            assert got[0, 0].isnan().all() and want[0, 0].isnan().all(), (bad, key)
+            assert torch.allclose(got[1], want[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
