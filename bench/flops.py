@@ -32,12 +32,16 @@ def shape_of(model: nn.Module, config) -> Shape:
             nbytes += m.weight.numel() * m.weight.element_size()
             if m is head_mod:
                 head = m.weight.numel()
+    return Shape(lin, head, *attention_widths(config), nbytes)
+
+
+def attention_widths(config) -> tuple[int, int, int]:
+    """(layers, heads * head_dim, kv_heads * head_dim) of a transformers config."""
     heads = getattr(config, "num_attention_heads", None) or config.n_head
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    return Shape(lin, head, layers, heads * head_dim, kv_heads * head_dim, nbytes)
+    return layers, heads * head_dim, kv_heads * head_dim
 
 
 def forward_flops(s: Shape, batch: int, new: int, past: int = 0, logits: int | None = None) -> int:

@@ -53,6 +53,7 @@ def check_model(o: BenchOptions) -> None:
         raise ConfigError(f"--prompt-len {o.prompt_len} + --gen-len {o.gen_len} = "
                           f"{o.prompt_len + o.gen_len} is longer than the model's "
                           f"{limit} positions")
+    check_memory(o, cfg)
     width = min(cfg.hidden_size, hidden_out_size(cfg))
     if o.lora_dim > width:
         raise ConfigError(f"--lora-dim {o.lora_dim} is larger than the layer width {width}")
@@ -75,6 +76,30 @@ def check_model(o: BenchOptions) -> None:
         if len(tok) > cfg.vocab_size:
             raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is "
                               f"{cfg.vocab_size}: they do not belong together")
+
+
+def check_memory(o: BenchOptions, cfg) -> None:
+    """On the CPU, refuse a run that cannot fit this machine's memory: generation alone needs
+    the actor's KV cache and a row of fp32 logits per sequence, a lower bound that counts no
+    weights, activations or other model (it used to run until the kernel killed the worker)."""
+    if o.device != "cpu":
+        return
+    import psutil
+
+    from core.types import torch_dtype
+
+    from .flops import attention_widths
+    layers, _, kv_width = attention_widths(cfg)
+    rows = o.batch // max(1, distributed.world())  # each rank generates for its shard
+    T = o.prompt_len + o.gen_len
+    need = (2 * layers * rows * T * kv_width * torch_dtype(o.dtype).itemsize
+            + rows * cfg.vocab_size * 4)
+    have = psutil.virtual_memory().total
+    if need > have:
+        raise ConfigError(f"--batch {o.batch} cannot fit: generation alone needs at least "
+                          f"{need / 2 ** 30:,.1f} GiB (the actor's KV cache for {T} positions "
+                          f"and a row of logits per sequence), and this machine has "
+                          f"{have / 2 ** 30:,.1f} GiB")
 
 
 def environment() -> dict:

@@ -40,8 +40,8 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
         raise ConfigError(f"--presets: expected comma-separated presets, got {presets!r}")
     sizes, lens = _ints(batches, o.batch), _ints(gen_lens, o.gen_len)
     grid = [(p, b, g) for p in names for b in sizes for g in lens]
-    for p in names:  # before any point runs; the model checks depend on preset and length only
-        check_model(dataclasses.replace(o, preset=p, gen_len=max(lens)))
+    for p in names:  # before any point runs: the largest batch and length are the hardest
+        check_model(dataclasses.replace(o, preset=p, batch=max(sizes), gen_len=max(lens)))
     started = [out / f"{p}_b{b}_g{g}" for p, b, g in grid
                if (out / f"{p}_b{b}_g{g}" / "results.json").exists()]
     if o.resume and not started:

@@ -85,6 +85,10 @@ CASES = {
     "not a number": (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
     "bad choice": (["--reward", "vibes"], "argument --reward: invalid choice"),
     "tokenizer alone": (["--tokenizer", "/tmp"], "--tokenizer is read only with --prompts-file"),
+    # a lower bound (KV cache and a row of logits per sequence) over the machine's memory,
+    # refused before any engine starts: the worker used to run until the OOM killer came
+    "batch beyond memory": (["--batch", "1000000000000"], "--batch 1000000000000 cannot fit: "
+                            "generation alone needs at least"),
     "sub-second timeout": (["--engine-timeout", "1e-9"],
                            "--engine-timeout is in seconds: 0 (none) or at least 1, got 1e-09"),
 }
@@ -202,6 +206,7 @@ def test_bad_prompts_file_is_refused_before_anything_runs(content, fragment, tmp
     (["--batches", ","], "expected comma-separated integers, got ','"),
     (["--presets", "tiny-opt,nope"], "unknown preset 'nope'"),
     (["--gen-lens", "4,260"], "is longer than the model's 256 positions"),
+    (["--batches", "2,1000000000000"], "cannot fit"),
 ])
 def test_sweep_checks_every_point_before_running_any(extra, fragment, tmp_path, capsys):
     _expect_bad(["sweep", *TINY, *extra, "--out", tmp_path / "s"], fragment, capsys)
