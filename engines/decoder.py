@@ -176,8 +176,9 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         return y
     if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
             and L.w.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and K.available()):
-        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py)
+            and not torch.is_grad_enabled() and K.available()):
+        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py;
+        # no autograd there: with gradients on, the ATen path below)
         y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w, L.b).reshape(*x.shape[:-1], -1)
     else:
         if L.t:
@@ -340,7 +341,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     B, H, S, D = q.shape
     KV = k.shape[1]
     if S == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and USE_ATTN_KERNEL \
-            and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
         # fp32 decode on the CPU: engines/kernels.py reads K and V once per KV head
         out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
         if out is not None:

@@ -210,3 +210,24 @@ def test_fp32_decode_step_runs_the_attention_kernel(monkeypatch):
         sdpa = {e.name for e in prof.events() if "scaled_dot_product" in e.name}
         assert bool(sdpa) != use, sdpa
     assert (out[True] - out[False]).abs().max() < 1e-4 * out[False].abs().max()
+
+
+def test_decode_with_gradients_on_stays_differentiable():
+    """The kernels carry no autograd: with gradients on, a CPU fp32 decode step takes the ATen
+    path, so its logits reach the weights' gradients (the engines decode under no_grad)."""
+    from core.models import build_bundle
+    from engines import decoder as D
+    b = build_bundle("tiny-opt", seed=0, actor_only=True)
+    w = D.extract(b.actor)
+    B, P = 2, 5
+    cache = D.new_cache(w, B, P + 1, torch.float32, "cpu")
+    key_mask = torch.ones(B, P + 1, dtype=torch.bool)
+    pos = torch.arange(P + 1).expand(B, -1)
+    with torch.no_grad():
+        D.forward_(w, cache, torch.full((B, P), 7), pos[:, :P], 0, key_mask)
+    logits = D.forward_(w, cache, torch.full((B, 1), 9), pos[:, P:], P, key_mask)
+    logits.sum().backward()
+    L = w.layers[0]
+    # q's weights reach the logits only through attention, the others through the linears
+    for p in (*L.qkv, L.o, L.up, L.down):
+        assert p.w.grad is not None and p.w.grad.abs().sum() > 0
