@@ -43,29 +43,53 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// rows of W [n0, n1) against R rows of x (x padded with zero rows up to R): R accumulators
-// in registers, each W vector loaded once and used R times. AVX2: 8 floats a vector.
+// NW rows of W from n against R rows of x (x padded with zero rows up to R): R x NW
+// accumulators in registers; each W vector is loaded once and used R times, each x vector once
+// for NW rows of W. AVX2: 8 floats a vector, 16 registers.
+template <int R, int NW>
+static inline void rows_avx2(const float* x, const float* w, const float* bias, float* y,
+                             int64_t K, int64_t N, int rows, int64_t n) {
+  const int64_t K8 = K & ~int64_t(7);
+  __m256 a[NW][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[j][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 v[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);  // from DRAM
+      v[j] = _mm256_loadu_ps(w + (n + j) * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) a[j][r] = _mm256_fmadd_ps(v[j], xv, a[j][r]);
+    }
+  }
+  for (int j = 0; j < NW; ++j) {
+    const float* wr = w + (n + j) * K;
+    for (int m = 0; m < rows; ++m) {
+      float s = hsum(a[j][m]);
+      for (int64_t k = K8; k < K; ++k) s += wr[k] * x[m * K + k];
+      y[m * N + n + j] = bias ? s + bias[n + j] : s;
+    }
+  }
+}
+
+// rows of W [n0, n1): 8 rows of x one row of W at a time (16 registers hold no more); 4 rows
+// of x two rows of W at a time, so each x vector is loaded once for both
 template <int R>
 static void block_avx2(const float* x, const float* w, const float* bias, float* y, int64_t K,
                        int64_t N, int rows, int64_t n0, int64_t n1) {
-  const int64_t K8 = K & ~int64_t(7);
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
-    __m256 a[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) {
-      _mm_prefetch((const char*)(wr + k + PREFETCH), _MM_HINT_T0);  // rows ahead, from DRAM
-      const __m256 v = _mm256_loadu_ps(wr + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * K + k), a[r]);
-    }
-    for (int m = 0; m < rows; ++m) {
-      float s = hsum(a[m]);
-      for (int64_t k = K8; k < K; ++k) s += wr[k] * x[m * K + k];
-      y[m * N + n] = bias ? s + bias[n] : s;
-    }
-  }
+  int64_t n = n0;
+  if (R == 4 && K >= 1536)
+    for (; n + 3 <= n1; n += 3) rows_avx2<R, 3>(x, w, bias, y, K, N, rows, n);
+  if (R == 4)
+    for (; n + 2 <= n1; n += 2) rows_avx2<R, 2>(x, w, bias, y, K, N, rows, n);
+  for (; n < n1; ++n) rows_avx2<R, 1>(x, w, bias, y, K, N, rows, n);
 }
 
 // the same with AVX-512 (16 floats a vector), compiled for that target alone and chosen at run
@@ -138,24 +162,26 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   // x (M, K) contiguous float32, w (N, K) contiguous float32, b (N,) or None -> (M, N)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  const int64_t groups = (M + 7) / 8;
+  // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1 (K from ~1500
+  // floats: 8 rows there ran at 11 GB/s; see block_avx2)
+  const int64_t GS = (use512 || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
   torch::Tensor xp8 = x;
-  if (M % 8) {  // zero rows pad M up to 8s
-    xp8 = torch::zeros({groups * 8, K}, x.options());
+  if (M % GS) {  // zero rows pad M up to a multiple of GS
+    xp8 = torch::zeros({groups * GS, K}, x.options());
     xp8.narrow(0, 0, M).copy_(x);
   }
   const float* xp = xp8.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  // past 8 rows, x goes in groups of 8 over each 48 rows of W while they sit in L2: W comes
+  // past one group, the groups take turns over each 48 rows of W while they sit in L2: W comes
   // from memory once (group by group over a thread's whole share read it once per group)
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t c0 = n0; c0 < n1; c0 += 48) {
       const int64_t c1 = std::min<int64_t>(c0 + 48, n1);
       for (int64_t g = 0; g < groups; ++g) {
-        const int rows = (int)std::min<int64_t>(8, M - g * 8);
-        pick(rows)(xp + g * 8 * K, wp, bp, yp + g * 8 * N, K, N, rows, c0, c1);
+        const int rows = (int)std::min<int64_t>(GS, M - g * GS);
+        pick(rows)(xp + g * GS * K, wp, bp, yp + g * GS * N, K, N, rows, c0, c1);
       }
     }
   });
@@ -328,7 +354,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v11", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v12b", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
