@@ -43,103 +43,91 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// One body for both instruction sets, in GCC's vector types: f8 (8 floats, AVX2) and f16
+// (16 floats, AVX-512). `rows` is always inlined, so it is compiled for its caller's target:
+// block_avx2 for the file's (-mavx2 -mfma), block_avx512 for AVX-512 alone, which runs only
+// where the CPU has it.
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f16 __attribute__((vector_size(64)));
+
+template <typename V>
+__attribute__((always_inline)) static inline V loadv(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+__attribute__((always_inline)) static inline float hsum_v(f8 v) { return hsum((__m256)v); }
+__attribute__((always_inline)) static inline float hsum_v(f16 v) {
+  f8 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(f8));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(f8), sizeof(f8));
+  return hsum_v(lo + hi);
+}
+
 // NW rows of W from n against R rows of x (x padded with zero rows up to R): R x NW
-// accumulators in registers; each W vector is loaded once and used R times, each x vector once
-// for NW rows of W. AVX2: 8 floats a vector, 16 registers.
-template <int R, int NW>
-static inline void rows_avx2(const float* x, const float* w, const float* bias, float* y,
-                             int64_t K, int64_t N, int rows, int64_t n) {
-  const int64_t K8 = K & ~int64_t(7);
-  __m256 a[NW][R];
+// accumulators in registers; each W vector is loaded once and used R times, and each x vector
+// once for NW rows of W (x leaves L1 once K passes ~1500 floats: one row of W per load of x
+// read a 768 x 3072 weight at 11-14 GB/s, where a sum over it reads 21 GB/s)
+template <typename V, int R, int NW>
+__attribute__((always_inline)) static inline void rows(
+    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
+    int64_t n) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t KL = K - K % L;
+  V a[NW][R];
 #pragma GCC unroll 8
   for (int j = 0; j < NW; ++j)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[j][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 v[NW];
+    for (int r = 0; r < R; ++r) a[j][r] = V{};
+  for (int64_t k = 0; k < KL; k += L) {
+    V v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
       _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);  // from DRAM
-      v[j] = _mm256_loadu_ps(w + (n + j) * K + k);
+      v[j] = loadv<V>(w + (n + j) * K + k);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      const V xv = loadv<V>(x + r * K + k);
 #pragma GCC unroll 8
-      for (int j = 0; j < NW; ++j) a[j][r] = _mm256_fmadd_ps(v[j], xv, a[j][r]);
+      for (int j = 0; j < NW; ++j) a[j][r] += v[j] * xv;  // contracted to an FMA
     }
   }
   for (int j = 0; j < NW; ++j) {
     const float* wr = w + (n + j) * K;
     for (int m = 0; m < rows; ++m) {
-      float s = hsum(a[j][m]);
-      for (int64_t k = K8; k < K; ++k) s += wr[k] * x[m * K + k];
+      float s = hsum_v(a[j][m]);
+      for (int64_t k = KL; k < K; ++k) s += wr[k] * x[m * K + k];
       y[m * N + n + j] = bias ? s + bias[n + j] : s;
     }
   }
 }
 
-// rows of W [n0, n1): 8 rows of x one row of W at a time (16 registers hold no more); 4 rows
-// of x two rows of W at a time, so each x vector is loaded once for both
+// rows of W [n0, n1). AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x
+// two or three rows of W at a time (skinny_linear groups x in 4s where K is large)
 template <int R>
 static void block_avx2(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                       int64_t N, int rows, int64_t n0, int64_t n1) {
+                       int64_t N, int rows_, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (R == 4 && K >= 1536)
-    for (; n + 3 <= n1; n += 3) rows_avx2<R, 3>(x, w, bias, y, K, N, rows, n);
+    for (; n + 3 <= n1; n += 3) rows<f8, R, 3>(x, w, bias, y, K, N, rows_, n);
   if (R == 4)
-    for (; n + 2 <= n1; n += 2) rows_avx2<R, 2>(x, w, bias, y, K, N, rows, n);
-  for (; n < n1; ++n) rows_avx2<R, 1>(x, w, bias, y, K, N, rows, n);
+    for (; n + 2 <= n1; n += 2) rows<f8, R, 2>(x, w, bias, y, K, N, rows_, n);
+  for (; n < n1; ++n) rows<f8, R, 1>(x, w, bias, y, K, N, rows_, n);
 }
 
-// the same with AVX-512 (16 floats a vector), compiled for that target alone and chosen at run
-// time: on a CPU without it this code is never entered. NW rows of W at once, so each vector of
-// x is loaded once for NW of them: x (R rows of K) leaves L1 once K passes ~1500 floats (a
-// 768 x 3072 weight: 14 GB/s with one row at a time, where a sum over it reads 21 GB/s)
-template <int R, int NW>
-__attribute__((target("avx512f"))) static inline void rows_avx512(
-    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
-    int64_t n) {
-  const int64_t K16 = K & ~int64_t(15);
-  __m512 a[NW][R];
-#pragma GCC unroll 8
-  for (int j = 0; j < NW; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K16; k += 16) {
-    __m512 v[NW];
-#pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);
-      v[j] = _mm512_loadu_ps(w + (n + j) * K + k);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NW; ++j) a[j][r] = _mm512_fmadd_ps(v[j], xv, a[j][r]);
-    }
-  }
-  for (int j = 0; j < NW; ++j) {
-    const float* wr = w + (n + j) * K;
-    for (int m = 0; m < rows; ++m) {
-      float s = _mm512_reduce_add_ps(a[j][m]);
-      for (int64_t k = K16; k < K; ++k) s += wr[k] * x[m * K + k];
-      y[m * N + n + j] = bias ? s + bias[n + j] : s;
-    }
-  }
-}
-
+// AVX-512 (32 registers): two rows of W at a time, three past K = 1536 (measured best here)
 template <int R>
 __attribute__((target("avx512f"))) static void block_avx512(
-    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
+    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows_,
     int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (K >= 1536)  // x past L1: three rows of W a load of x (measured best here)
-    for (; n + 3 <= n1; n += 3) rows_avx512<R, 3>(x, w, bias, y, K, N, rows, n);
+  if (K >= 1536)
+    for (; n + 3 <= n1; n += 3) rows<f16, R, 3>(x, w, bias, y, K, N, rows_, n);
   else
-    for (; n + 2 <= n1; n += 2) rows_avx512<R, 2>(x, w, bias, y, K, N, rows, n);
-  for (; n < n1; ++n) rows_avx512<R, 1>(x, w, bias, y, K, N, rows, n);
+    for (; n + 2 <= n1; n += 2) rows<f16, R, 2>(x, w, bias, y, K, N, rows_, n);
+  for (; n < n1; ++n) rows<f16, R, 1>(x, w, bias, y, K, N, rows_, n);
 }
 
 using BlockFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int,
@@ -354,9 +342,9 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v12b", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v13b", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"],
                            extra_ldflags=["-fopenmp"], verbose=False)
         if not _mod.cpu_ok():
             _mod, _why = None, "this CPU lacks AVX2/FMA"
