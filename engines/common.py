@@ -77,8 +77,6 @@ def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
     return Experience(seq, am, rollout.answer_mask, P_, logprobs, ref_logprobs, values, scores)
 
 
-
-
 def init_state(models: ModelBundle, cfg: RunConfig) -> tuple[TrainState, tuple]:
     """TrainState over the modules' own trainable tensors, and the two optimisers (their
     states None with cfg.train False; no critic tensors in a generation-only bundle)."""

@@ -3,14 +3,14 @@ one query per head over the KV cache.
 
 MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
 weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of the
-weights. This kernel reads the training weight W (N, K) as it lies, once: every row of W is
-dotted with all rows of x (kept in L1) using AVX2 FMA (AVX-512 where the CPU has it, picked at
-run time), and the N rows are split across torch's
+weights. This kernel reads the training weight W (N, K) as it lies, once: each vector of W is
+used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, using AVX2
+FMA (AVX-512 where the CPU has it, picked at run time); the N rows are split across torch's
 intra-op threads. Built on first use with torch's C++ extension loader (cached in
 TORCH_EXTENSIONS_DIR); where it cannot build or the CPU lacks AVX2/FMA, `available()` is False
 and callers use F.linear (the slow twin, checked against it in tests/test_kernels.py).
 
-Decode attention: SDPA's CPU flash kernel read the cache at ~12-14 GB/s here. `decode_attention`
+Decode attention: SDPA's CPU flash kernel read the cache at ~10-14 GB/s here. `decode_attention`
 gives each (row, KV head) to one task that reads its keys and then its values from memory once,
 prefetched (the query heads that share them under GQA re-read them from L2), in two passes
 (scores, then softmax weights times values).
@@ -153,12 +153,12 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1 (K from ~1500
   // floats: 8 rows there ran at 11 GB/s; see block_avx2)
   const int64_t GS = (use512 || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
-  torch::Tensor xp8 = x;
+  torch::Tensor xpad = x;
   if (M % GS) {  // zero rows pad M up to a multiple of GS
-    xp8 = torch::zeros({groups * GS, K}, x.options());
-    xp8.narrow(0, 0, M).copy_(x);
+    xpad = torch::zeros({groups * GS, K}, x.options());
+    xpad.narrow(0, 0, M).copy_(x);
   }
-  const float* xp = xp8.data_ptr<float>();
+  const float* xp = xpad.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -342,7 +342,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v13b", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v14", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"],
                            extra_ldflags=["-fopenmp"], verbose=False)
