@@ -4,11 +4,12 @@ one query per head over the KV cache.
 MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
 weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of the
 weights. This kernel reads the training weight W (N, K) as it lies, once: each vector of W is
-used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, using AVX2
-FMA (AVX-512 where the CPU has it, picked at run time); the N rows are split across torch's
-intra-op threads. Built on first use with torch's C++ extension loader (cached in
-TORCH_EXTENSIONS_DIR); where it cannot build or the CPU lacks AVX2/FMA, `available()` is False
-and callers use F.linear (the slow twin, checked against it in tests/test_kernels.py).
+used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in tiles
+of at most 1024 floats so that a group's tile of x stays in L1, using AVX2 FMA (AVX-512 where
+the CPU has it, picked at run time); the N rows are split across torch's intra-op threads.
+Built on first use with torch's C++ extension loader (cached in TORCH_EXTENSIONS_DIR); where it
+cannot build or the CPU lacks AVX2/FMA, `available()` is False and callers use F.linear (the
+slow twin, checked against it in tests/test_kernels.py).
 
 Decode attention: SDPA's CPU flash kernel read the cache at ~10-14 GB/s here. `decode_attention`
 gives each (row, KV head) to one task that reads its keys and then its values from memory once,
@@ -44,9 +45,9 @@ static inline float hsum(__m256 v) {
 }
 
 // One body for both instruction sets, in GCC's vector types: f8 (8 floats, AVX2) and f16
-// (16 floats, AVX-512). `rows` is always inlined, so it is compiled for its caller's target:
-// block_avx2 for the file's (-mavx2 -mfma), block_avx512 for AVX-512 alone, which runs only
-// where the CPU has it.
+// (16 floats, AVX-512). `tile` and `span` are always inlined, so they are compiled for their
+// caller's target: span_avx2 for the file's (-mavx2 -mfma), span_avx512 for AVX-512, which
+// runs only where the CPU has it.
 typedef float f8 __attribute__((vector_size(32)));
 typedef float f16 __attribute__((vector_size(64)));
 
@@ -57,30 +58,42 @@ __attribute__((always_inline)) static inline V loadv(const float* p) {
   return v;
 }
 
-__attribute__((always_inline)) static inline float hsum_v(f8 v) { return hsum((__m256)v); }
-__attribute__((always_inline)) static inline float hsum_v(f16 v) {
+// lanes j of the result: the sum of a[j]'s eight lanes
+static inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// the 8 floats whose sum is v's: v itself, or the sum of v's two halves
+__attribute__((always_inline)) static inline f8 fold(f8 v) { return v; }
+__attribute__((always_inline)) static inline f8 fold(f16 v) {
   f8 lo, hi;
   __builtin_memcpy(&lo, &v, sizeof(f8));
   __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(f8), sizeof(f8));
-  return hsum_v(lo + hi);
+  return lo + hi;
 }
 
-// NW rows of W from n against R rows of x (x padded with zero rows up to R): R x NW
-// accumulators in registers; each W vector is loaded once and used R times, and each x vector
-// once for NW rows of W (x leaves L1 once K passes ~1500 floats: one row of W per load of x
-// read a 768 x 3072 weight at 11-14 GB/s, where a sum over it reads 21 GB/s)
+// x leaves L1 (48 KB here) past 8 rows of ~1500 floats; the K dimension goes in equal tiles of
+// at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
+constexpr int64_t KTILE = 1024;
+
+// Partial dot products over k in [k0, k1) of NW rows of W from n with R rows of x, added to
+// acc[j * R + r]. R x NW accumulators in registers: each W vector is loaded once and used R
+// times, each x vector loaded once into a register and used NW times (left to itself, GCC
+// folded the x load into every FMA: NW loads of it). The accumulators are summed 8 at a time
+// with a transpose-and-add tree (hsum8x8), not one by one through memory.
 template <typename V, int R, int NW>
-__attribute__((always_inline)) static inline void rows(
-    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows,
-    int64_t n) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  const int64_t KL = K - K % L;
+__attribute__((always_inline)) static inline void tile(
+    const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc) {
+  constexpr int L = sizeof(V) / sizeof(float), T = NW * R, T8 = (T + 7) / 8 * 8;
   V a[NW][R];
 #pragma GCC unroll 8
   for (int j = 0; j < NW; ++j)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[j][r] = V{};
-  for (int64_t k = 0; k < KL; k += L) {
+  for (int64_t k = k0; k < k1; k += L) {
     V v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
@@ -89,49 +102,60 @@ __attribute__((always_inline)) static inline void rows(
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V xv = loadv<V>(x + r * K + k);
+      V xv = loadv<V>(x + r * K + k);
+      asm("" : "+v"(xv));  // keeps xv in a register
 #pragma GCC unroll 8
       for (int j = 0; j < NW; ++j) a[j][r] += v[j] * xv;  // contracted to an FMA
     }
   }
-  for (int j = 0; j < NW; ++j) {
-    const float* wr = w + (n + j) * K;
-    for (int m = 0; m < rows; ++m) {
-      float s = hsum_v(a[j][m]);
-      for (int64_t k = KL; k < K; ++k) s += wr[k] * x[m * K + k];
-      y[m * N + n + j] = bias ? s + bias[n + j] : s;
-    }
+  f8 s[T8];
+#pragma GCC unroll 8
+  for (int t = 0; t < T8; ++t) s[t] = t < T ? fold(a[t / R][t % R]) : f8{};
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t += 8) {
+    float h[8];
+    _mm256_storeu_ps(h, hsum8x8(reinterpret_cast<const __m256*>(s + t)));
+    for (int u = 0; u < 8 && t + u < T; ++u) acc[t + u] += h[u];
   }
 }
 
-// rows of W [n0, n1). AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x
-// two or three rows of W at a time (skinny_linear groups x in 4s where K is large)
-template <int R>
-static void block_avx2(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                       int64_t N, int rows_, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (R == 4 && K >= 1536)
-    for (; n + 3 <= n1; n += 3) rows<f8, R, 3>(x, w, bias, y, K, N, rows_, n);
-  if (R == 4)
-    for (; n + 2 <= n1; n += 2) rows<f8, R, 2>(x, w, bias, y, K, N, rows_, n);
-  for (; n < n1; ++n) rows<f8, R, 1>(x, w, bias, y, K, N, rows_, n);
+// acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
+// k < KL (a multiple of the vector width), tile by tile of K, NW rows of W at a time
+template <typename V, int R>
+__attribute__((always_inline)) static inline void span(
+    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
+    float* acc) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
+  const int64_t kt = (KL / L + tiles - 1) / tiles * L;  // whole vectors
+  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
+    const int64_t k1 = std::min(k0 + kt, KL);
+    int64_t n = c0;
+    if (nw == 3)
+      for (; n + 3 <= c1; n += 3) tile<V, R, 3>(x, w, K, k0, k1, n, acc + (n - c0) * R);
+    if (nw >= 2)
+      for (; n + 2 <= c1; n += 2) tile<V, R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R);
+    for (; n < c1; ++n) tile<V, R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R);
+  }
 }
 
-// AVX-512 (32 registers): two rows of W at a time, three past K = 1536 (measured best here)
+// AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x two rows of W at a
+// time, or three where skinny_linear groups x in 4s (K >= 1536: 8 rows ran at 11 GB/s there)
 template <int R>
-__attribute__((target("avx512f"))) static void block_avx512(
-    const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int rows_,
-    int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (K >= 1536)
-    for (; n + 3 <= n1; n += 3) rows<f16, R, 3>(x, w, bias, y, K, N, rows_, n);
-  else
-    for (; n + 2 <= n1; n += 2) rows<f16, R, 2>(x, w, bias, y, K, N, rows_, n);
-  for (; n < n1; ++n) rows<f16, R, 1>(x, w, bias, y, K, N, rows_, n);
+static void span_avx2(const float* x, const float* w, int64_t K, int64_t KL, int64_t c0,
+                      int64_t c1, float* acc) {
+  span<f8, R>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc);
 }
 
-using BlockFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int,
-                         int64_t, int64_t);
+// AVX-512 (32 registers): two rows of W at a time (with x loaded into a register, three
+// measured no faster here)
+template <int R>
+__attribute__((target("avx512f"))) static void span_avx512(
+    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc) {
+  span<f16, R>(x, w, K, KL, c0, c1, 2, acc);
+}
+
+using SpanFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
 
 static bool use512 = __builtin_cpu_supports("avx512f");
 
@@ -141,18 +165,13 @@ bool set_avx512(bool on) {
   return use512;
 }
 
-static BlockFn pick(int rows) {  // 4-row blocks when 4 rows or fewer remain: no wasted FMAs
-  if (use512) return rows <= 4 ? block_avx512<4> : block_avx512<8>;
-  return rows <= 4 ? block_avx2<4> : block_avx2<8>;
-}
-
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
   // x (M, K) contiguous float32, w (N, K) contiguous float32, b (N,) or None -> (M, N)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1 (K from ~1500
-  // floats: 8 rows there ran at 11 GB/s; see block_avx2)
+  // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1
   const int64_t GS = (use512 || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
+  const int64_t KL = K - K % (use512 ? 16 : 8);
   torch::Tensor xpad = x;
   if (M % GS) {  // zero rows pad M up to a multiple of GS
     xpad = torch::zeros({groups * GS, K}, x.options());
@@ -164,12 +183,25 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   float* yp = y.data_ptr<float>();
   // past one group, the groups take turns over each 48 rows of W while they sit in L2: W comes
   // from memory once (group by group over a thread's whole share read it once per group)
+  constexpr int64_t CHUNK = 48;
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t c0 = n0; c0 < n1; c0 += 48) {
-      const int64_t c1 = std::min<int64_t>(c0 + 48, n1);
+    float acc[CHUNK * 8];
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+      const int64_t c1 = std::min(c0 + CHUNK, n1);
       for (int64_t g = 0; g < groups; ++g) {
-        const int rows = (int)std::min<int64_t>(GS, M - g * GS);
-        pick(rows)(xp + g * GS * K, wp, bp, yp + g * GS * N, K, N, rows, c0, c1);
+        const int rows = (int)std::min(GS, M - g * GS);
+        const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
+        const SpanFn f = use512 ? (R == 4 ? span_avx512<4> : span_avx512<8>)
+                                : (R == 4 ? span_avx2<4> : span_avx2<8>);
+        const float* xg = xp + g * GS * K;
+        std::fill(acc, acc + (c1 - c0) * R, 0.f);
+        f(xg, wp, K, KL, c0, c1, acc);
+        for (int64_t n = c0; n < c1; ++n)
+          for (int m = 0; m < rows; ++m) {
+            float s = acc[(n - c0) * R + m];
+            for (int64_t k = KL; k < K; ++k) s += wp[n * K + k] * xg[m * K + k];
+            yp[(g * GS + m) * N + n] = bp ? s + bp[n] : s;
+          }
       }
     }
   });
@@ -187,14 +219,6 @@ bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports(
 // eight keys' dot products at once, and the output held in registers across the keys (one dot
 // product, one reduction and one output update through memory per key took ~130 cycles:
 // slower than the memory read).
-
-// lanes j of the result: the sum of a[j]'s eight lanes
-static inline __m256 hsum8x8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
 
 static inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
@@ -342,7 +366,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v14", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v15", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"],
                            extra_ldflags=["-fopenmp"], verbose=False)

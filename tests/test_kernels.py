@@ -22,9 +22,9 @@ def isa(request):
     K.set_avx512(True)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16])
 @pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
-                                 (1541, 101), (2048, 50)])
+                                 (1541, 101), (2048, 50), (2600, 70)])
 def test_skinny_linear_equals_f_linear(m, k, n, isa):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)

@@ -1,7 +1,8 @@
 """pytest-benchmark timings of the CPU decode kernels against their ATen twins (run by
-`make perf`): a linear with 8 rows of x (opt-125m's widest K and its head's shape) and one
-decode step's attention (opt-125m, batch 8, 220 cached keys, read from memory as in a step). Each pair shares a group, so
-pytest-benchmark's table puts the kernel and its twin side by side; nothing here asserts a time.
+`make perf`): linears with 8 and 16 rows of x (opt-125m's widest K and its head's shape) and
+one decode step's attention (opt-125m, batch 8, 220 cached keys, read from memory as in a
+step). Each pair shares a group, so pytest-benchmark's table puts the kernel and its twin side
+by side; nothing here asserts a time.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ pytestmark = pytest.mark.skipif(not K.available(), reason=f"kernels unavailable:
 
 @pytest.mark.parametrize("impl", ["kernel", "F.linear"])
 @pytest.mark.parametrize("n,k", [(768, 3072), (3072, 768)])
-def test_decode_linear(benchmark, impl, n, k):
+@pytest.mark.parametrize("m", [8, 16])
+def test_decode_linear(benchmark, impl, n, k, m):
     g = torch.Generator().manual_seed(0)
     # a set of weights larger than the L3 cache, one used per call, as a decode step reads them
     ws = [torch.randn(n, k, generator=g) for _ in range(max(1, 400_000_000 // (n * k * 4)))]
-    x = torch.randn(8, k, generator=g)
+    x = torch.randn(m, k, generator=g)
     f = K.skinny_linear if impl == "kernel" else F.linear
     each = itertools.cycle(ws)
-    benchmark.group = f"linear x (8, {k}) @ W ({n}, {k}).T"
+    benchmark.group = f"linear x ({m}, {k}) @ W ({n}, {k}).T"
     benchmark.pedantic(lambda: f(x, next(each)), rounds=60, iterations=1,
                        warmup_rounds=len(ws))
 
