@@ -1,6 +1,9 @@
 """Pure seed arithmetic and noise drawn from seeds (never from global RNG state)."""
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 _MASK = (1 << 64) - 1
@@ -28,28 +31,63 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     return g
 
 
-def gumbel(seed: int, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
+# splitmix64's increment and multipliers (Steele, Lea and Flood, 2014)
+_GAMMA, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _i64(c: int) -> int:  # a 64-bit pattern as torch's int64 holds it
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _lsr_(z: torch.Tensor, s: int) -> torch.Tensor:  # z ^= z >>> s (logical shift)
+    return z.bitwise_xor_((z >> s).bitwise_and_((1 << (64 - s)) - 1))
+
+
+def counter_uniform(key: int, n: int) -> torch.Tensor:
+    """n float32 uniforms in (0, 1) on the CPU; element i is a pure function of (key, i): the
+    splitmix64 finaliser of key + (i + 1) * gamma, whose top 23 bits give an odd multiple of
+    2^-24 (never 0 or 1). A counter-based draw: engines/kernels.counter_uniform computes the same
+    bits in C++ on every core, where torch.rand's generator runs on one thread (1.5 ms for
+    8 x 50k here). This torch form is the reference and the fallback (int64 products wrap)."""
+    z = torch.arange(1, n + 1, dtype=torch.int64).mul_(_i64(_GAMMA)).add_(_i64(int(key) & _MASK))
+    _lsr_(z, 30).mul_(_i64(_M1))
+    _lsr_(z, 27).mul_(_i64(_M2))  # the finaliser's last step, z ^= z >>> 31, keeps the top bits
+    return (z >> 41).bitwise_and_((1 << 23) - 1).mul_(2).add_(1).float().mul_(2.0 ** -24)
+
+
+Uniform = Callable[[int, int], torch.Tensor]
+
+
+def gumbel(seed: int, shape, device="cpu", dtype=torch.float32,
+           uniform: Uniform = counter_uniform) -> torch.Tensor:
     """Gumbel(0, 1) noise; argmax(logits / T + gumbel) is a sample from softmax(logits / T).
 
-    Drawn on `device` with that device's own generator: on a GPU, a CPU draw plus its copy
-    would cost more per token than a CUDA-graph decode step, and the copy would stall the
-    host. CPU and CUDA generators give different noise for one seed; on one device every
-    engine draws the same."""
+    Drawn on `device`: on the CPU from `uniform`, counter_uniform or a function that gives its
+    bits (the engines pass the C++ one, engines.kernels.counter_uniform); on a GPU with that
+    device's own generator (a CPU draw plus its copy would cost more per token than a
+    CUDA-graph decode step, and the copy would stall the host). CPU and CUDA give different
+    noise for one seed; on one device every engine draws the same."""
     device = torch.device(device)
-    u = torch.rand(shape, generator=generator(seed, device), dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        u = uniform(seed, math.prod(shape)).view(shape)
+    else:
+        u = torch.rand(shape, generator=generator(seed, device), dtype=torch.float32,
+                       device=device)
     # in place: four fresh 1.6 MB tensors per token (batch 8 x 50k) cost as much as the draw
     return u.clamp_(min=1e-20, max=1.0 - 1e-7).log_().neg_().log_().neg_().to(dtype)
 
 
-def step_noise(seed: int, t: int, shape, device="cpu") -> torch.Tensor:
+def step_noise(seed: int, t: int, shape, device="cpu",
+               uniform: Uniform = counter_uniform) -> torch.Tensor:
     """Noise for decode step t (0-based answer position). Every engine draws it the same way."""
-    return gumbel(fold_in(seed, t), shape, device=device)
+    return gumbel(fold_in(seed, t), shape, device=device, uniform=uniform)
 
 
-def noisy_scores(scores: torch.Tensor, seed: int, t: int, temperature: float) -> torch.Tensor:
+def noisy_scores(scores: torch.Tensor, seed: int, t: int, temperature: float,
+                 uniform: Uniform = counter_uniform) -> torch.Tensor:
     """fp32 scores / T + the Gumbel noise of step t: its argmax is step t's sample. Every
     engine samples through this, so equal logits give equal tokens."""
     s = scores.float()
     if temperature != 1.0:
         s = s / temperature
-    return step_noise(seed, t, s.shape, device=s.device).add_(s)
+    return step_noise(seed, t, s.shape, device=s.device, uniform=uniform).add_(s)

@@ -13,7 +13,7 @@ from core.rng import noisy_scores
 from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollout, RunConfig,
                         TrainState)
 
-from . import common, zero
+from . import common, kernels, zero
 
 
 class GumbelNoise:
@@ -24,7 +24,7 @@ class GumbelNoise:
 
     def __call__(self, input_ids, scores):
         return noisy_scores(scores, self.seed, input_ids.shape[1] - self.prompt_len,
-                            self.temperature)
+                            self.temperature, uniform=kernels.counter_uniform)
 
 
 def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pad_id: int,

@@ -22,6 +22,7 @@ from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Pro
 
 from . import common
 from . import decoder as D
+from . import kernels as K
 
 
 class HybridEngine:
@@ -133,7 +134,8 @@ class HybridEngine:
 
         def pick(t, logits):
             nonlocal done
-            scores = logits if gen.greedy else noisy_scores(logits, seed, t, gen.temperature)
+            scores = logits if gen.greedy else noisy_scores(logits, seed, t, gen.temperature,
+                                                            uniform=K.counter_uniform)
             tok = scores.argmax(-1)
             if not gen.stop_at_eos:
                 return tok, False

@@ -173,3 +173,20 @@ def test_a_state_over_another_bundle_is_refused():
     with pytest.raises(ValueError, match="this state holds another model's parameters"):
         eb.train_step(sa, exp, cfg.ppo, seed=0)
     assert all(torch.equal(before[k], v) for k, v in sa.actor_params.items())
+
+
+def test_core_imports_nothing_else_of_the_project():
+    """core/ stands alone (README, Layout): no import of engines, bench or baselines, at module
+    level or inside a function; an engine hands core what it needs (a faster noise draw, say)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted((root / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            found += [f"{path.name}: {n}" for n in names
+                      if n.split(".")[0] in ("engines", "bench", "baselines", "tests")]
+    assert not found, found

@@ -76,3 +76,18 @@ def test_step_noise_is_seeded_gumbel_on_its_device():
     # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6 (262k draws: se ~0.0025)
     assert abs(g.mean().item() - 0.5772) < 0.01
     assert abs(g.var().item() - torch.pi ** 2 / 6) < 0.03
+
+
+def test_cpu_noise_samples_the_softmax():
+    """Gumbel-max over counter-based CPU noise: token frequencies match softmax(logits) within
+    5 standard errors, and the uniforms under it are spread as U(0, 1)."""
+    from core.rng import counter_uniform, step_noise
+    u = counter_uniform(5, 400_000)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.003 and abs(u.var().item() - 1 / 12) < 0.001
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -3.0])
+    n = 200_000
+    tokens = (logits + step_noise(11, 0, (n, logits.numel()))).argmax(-1)
+    freq = torch.bincount(tokens, minlength=logits.numel()).double() / n
+    p = logits.softmax(-1).double()
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (freq, p)

@@ -37,6 +37,13 @@ def test_skinny_linear_equals_f_linear(m, k, n, isa):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("key", [0, 1, 2**62 + 17, 2**63 - 1])
+def test_counter_uniform_equals_its_torch_twin(key, isa):
+    from core.rng import counter_uniform
+    for n in (1, 17, 100_003):
+        assert torch.equal(K.counter_uniform(key, n), counter_uniform(key, n))
+
+
 def test_too_many_rows_or_other_dtypes_use_the_twin():
     x, w = torch.randn(40, 32), torch.randn(16, 32)
     assert torch.equal(K.skinny_linear(x, w), F.linear(x, w))
