@@ -263,6 +263,12 @@ def _import_libraries(o, name: str) -> None:
             AutoModelForCausalLM.from_config(build_config(o.preset))
     if o.lora_dim:
         import peft  # noqa: F401
+    if o.device == "cpu":
+        # the CPU kernels (every engine's sampling noise, hybrid's decode): on a machine's
+        # first run this builds them (~40 s), which would otherwise land in a timed phase, and
+        # the loader's imports would count in that phase's peak
+        from engines import kernels
+        kernels.available()
     if name.startswith("ds-") or o.zero_stage >= 0:
         with contextlib.suppress(ImportError):  # an engine without DeepSpeed says so itself
             import deepspeed  # noqa: F401

@@ -397,14 +397,18 @@ def test_a_nan_log_prob_fails_parity_instead_of_passing_as_unmeasured():
 
 def test_memory_baseline_comes_after_the_lazy_imports():
     """peak_mem_mb counts from a baseline taken after _import_libraries: building the bundle
-    must then load (almost) no new modules, or library code would count as the run's memory."""
+    and drawing sampling noise through the CPU kernels must then load (almost) no new modules,
+    or library code (the kernels' loader: ~90 modules) would count as the run's memory."""
     code = ("import sys, torch\n"
             "from bench.config import BenchOptions\n"
             "from bench.worker import _import_libraries\n"
             "from core.models import build_bundle\n"
-            "_import_libraries(BenchOptions(preset='tiny-opt'), 'hybrid')\n"
+            "from core.rng import gumbel\n"
+            "from engines import kernels\n"
+            "_import_libraries(BenchOptions(preset='tiny-opt'), 'hf')\n"
             "before = set(sys.modules)\n"
             "build_bundle('tiny-opt', seed=0)\n"
+            "gumbel(0, (2, 8), uniform=kernels.counter_uniform)\n"
             "print(len(set(sys.modules) - before))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
