@@ -170,8 +170,9 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
   // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1
-  const int64_t GS = (use512 || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
-  const int64_t KL = K - K % (use512 ? 16 : 8);
+  const bool wide = use512;  // read once: set_avx512 from another thread cannot split a call
+  const int64_t GS = (wide || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
+  const int64_t KL = K - K % (wide ? 16 : 8);
   torch::Tensor xpad = x;
   if (M % GS) {  // zero rows pad M up to a multiple of GS
     xpad = torch::zeros({groups * GS, K}, x.options());
@@ -191,7 +192,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
       for (int64_t g = 0; g < groups; ++g) {
         const int rows = (int)std::min(GS, M - g * GS);
         const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
-        const SpanFn f = use512 ? (R == 4 ? span_avx512<4> : span_avx512<8>)
+        const SpanFn f = wide ? (R == 4 ? span_avx512<4> : span_avx512<8>)
                                 : (R == 4 ? span_avx2<4> : span_avx2<8>);
         const float* xg = xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
@@ -429,10 +430,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = 
     """x (M, K), w (N, K), b (N,) or None -> (M, N) = x @ w.T + b; the kernel for
     M <= MAX_ROWS fp32 CPU tensors, F.linear otherwise."""
     mod = _load()
-    if (mod is None or x.shape[0] > MAX_ROWS or x.dtype != torch.float32
-            or w.dtype != torch.float32 or x.device.type != "cpu" or not w.is_contiguous()
-            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
-        return F.linear(x, w, b)
+    if (mod is None or x.dim() != 2 or w.dim() != 2 or x.shape[0] > MAX_ROWS
+            or x.shape[1] != w.shape[1] or x.dtype != torch.float32
+            or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"
+            or not w.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()
+                                   or b.shape != (w.shape[0],) or b.device.type != "cpu"))):
+        return F.linear(x, w, b)  # which also raises on shapes that do not match
     return mod.skinny_linear(x.contiguous(), w, b)
 
 
@@ -444,7 +448,8 @@ def counter_uniform(key: int, n: int) -> torch.Tensor:
     if mod is None:
         from core.rng import counter_uniform as twin
         return twin(key, n)
-    return mod.counter_uniform(int(key) - (1 << 64) if int(key) >= 1 << 63 else int(key), n)
+    k = int(key) & ((1 << 64) - 1)  # the key's 64 bits, as the torch form takes them
+    return mod.counter_uniform(k - (1 << 64) if k >= 1 << 63 else k, n)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,

@@ -73,6 +73,7 @@ def test_step_noise_is_seeded_gumbel_on_its_device():
     assert g.device.type == "cpu" and g.dtype == torch.float32
     assert torch.equal(g, step_noise(7, 3, (64, 4096)))
     assert not torch.equal(g, step_noise(7, 4, (64, 4096)))   # each step its own draw
+    assert torch.equal(step_noise(7, 3, 5), step_noise(7, 3, (5,)))  # an int shape, as torch's
     # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6 (262k draws: se ~0.0025)
     assert abs(g.mean().item() - 0.5772) < 0.01
     assert abs(g.var().item() - torch.pi ** 2 / 6) < 0.03

@@ -37,11 +37,19 @@ def test_skinny_linear_equals_f_linear(m, k, n, isa):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("key", [0, 1, 2**62 + 17, 2**63 - 1])
+@pytest.mark.parametrize("key", [0, 1, 2**62 + 17, 2**63 - 1, 2**63, -1, 2**65 + 3])
 def test_counter_uniform_equals_its_torch_twin(key, isa):
     from core.rng import counter_uniform
-    for n in (1, 17, 100_003):
+    for n in (0, 1, 17, 100_003):
         assert torch.equal(K.counter_uniform(key, n), counter_uniform(key, n))
+
+
+def test_mismatched_linear_shapes_raise_as_f_linear_does():
+    x, w = torch.randn(2, 10), torch.randn(3, 12)
+    with pytest.raises(RuntimeError):
+        K.skinny_linear(x, w)
+    with pytest.raises(RuntimeError):
+        K.skinny_linear(torch.randn(2, 12), w, torch.randn(4))
 
 
 def test_too_many_rows_or_other_dtypes_use_the_twin():
