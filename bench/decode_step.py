@@ -1,10 +1,11 @@
 """Time one `hybrid` decode step (engines.decoder.forward_ on one token per row) after a prefill,
-and print where its ATen time goes. opt-125m shape, batch 8, 192 cached positions, 2 threads.
+and print where its ATen time goes. opt-125m shape, batch 8 (or --batch N), 192 cached positions,
+2 threads.
 Each step attends over one more key than the last, as in generation: a step repeated at one
 length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python bench/decode_step.py [--profile] [--bf16] [--sdpa] (numbers in README, Performance
-notes); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
+Run: python bench/decode_step.py [--profile] [--bf16] [--sdpa] [--batch N] (numbers in README,
+Performance notes); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
 import sys
 import time
 
@@ -15,7 +16,8 @@ from core.models import build_bundle, position_ids
 from engines import decoder as D
 
 torch.set_num_threads(2)
-B, P, WARM, TIMED, PROFILED = 8, 192, 3, 20, 10
+B = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
+P, WARM, TIMED, PROFILED = 192, 3, 20, 10
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
 D.USE_ATTN_KERNEL = "--sdpa" not in sys.argv
 b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
@@ -43,7 +45,8 @@ with torch.no_grad():
         step()
         times.append(time.perf_counter() - t)
     times.sort()
-    print(f"{str(dtype)[6:]} decode step at {P + WARM}-{P + WARM + TIMED - 1} cached positions: "
+    print(f"{str(dtype)[6:]} decode step, batch {B}, at {P + WARM}-{P + WARM + TIMED - 1} cached "
+          "positions: "
           f"min {times[0] * 1e3:.1f} ms, median {times[TIMED // 2] * 1e3:.1f} ms")
     if "--profile" in sys.argv:
         from torch.profiler import profile
