@@ -193,7 +193,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
         const int rows = (int)std::min(GS, M - g * GS);
         const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
         const SpanFn f = wide ? (R == 4 ? span_avx512<4> : span_avx512<8>)
-                                : (R == 4 ? span_avx2<4> : span_avx2<8>);
+                              : (R == 4 ? span_avx2<4> : span_avx2<8>);
         const float* xg = xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         f(xg, wp, K, KL, c0, c1, acc);
