@@ -166,6 +166,13 @@ def extract(model: nn.Module) -> Weights:
 SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: PERF notes in README)
 
 
+def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether engines/kernels.py may run: fp32 on the CPU, eager, and under no_grad (the
+    kernels carry no autograd: with gradients on, the ATen path)."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and not torch.compiler.is_compiling() and not torch.is_grad_enabled())
+
+
 def lin(x: Tensor, L: Lin) -> Tensor:
     if L.packed is not None and x.shape[:-1].numel() == L.rows:
         x2 = x.reshape(-1, x.shape[-1])
@@ -174,11 +181,9 @@ def lin(x: Tensor, L: Lin) -> Tensor:
         if L.a is not None:
             y = y + _lora(x, L)
         return y
-    if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS and x.device.type == "cpu"
-            and L.w.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled() and K.available()):
-        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py;
-        # no autograd there: with gradients on, the ATen path below)
+    if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS
+            and _cpu_kernels_apply(x.device, L.w.dtype) and K.available()):
+        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py)
         y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w, L.b).reshape(*x.shape[:-1], -1)
     else:
         if L.t:
@@ -340,8 +345,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
     B, H, S, D = q.shape
     KV = k.shape[1]
-    if S == 1 and q.device.type == "cpu" and q.dtype == torch.float32 and USE_ATTN_KERNEL \
-            and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    if S == 1 and USE_ATTN_KERNEL and _cpu_kernels_apply(q.device, q.dtype):
         # fp32 decode on the CPU: engines/kernels.py reads K and V once per KV head
         out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
         if out is not None:

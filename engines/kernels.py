@@ -25,6 +25,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from core.rng import as_int64
+from core.rng import counter_uniform as _counter_uniform_torch
+
 MAX_ROWS = 16
 
 _SRC = r"""
@@ -446,10 +449,8 @@ def counter_uniform(key: int, n: int) -> torch.Tensor:
     from the torch form where the kernel is unavailable."""
     mod = _load()
     if mod is None:
-        from core.rng import counter_uniform as twin
-        return twin(key, n)
-    k = int(key) & ((1 << 64) - 1)  # the key's 64 bits, as the torch form takes them
-    return mod.counter_uniform(k - (1 << 64) if k >= 1 << 63 else k, n)
+        return _counter_uniform_torch(key, n)
+    return mod.counter_uniform(as_int64(key), n)  # the key's 64 bits, as the torch form takes
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
