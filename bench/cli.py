@@ -164,15 +164,20 @@ def _malformed(where):
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, parse_percent, workload_differences
+    from .compare import compare, parse_percent, setup_differences, workload_differences
     from .results import load_run
     base, new = load_run(args.base), load_run(args.new)  # a killed run's finished steps kept
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
     with _malformed(f"{args.base} or {args.new}"):  # judged first: a bad file prints no note
         table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
         differ = workload_differences(base, new)
+        setup = setup_differences(base, new)
     if differ:
         print(f"note: the runs measured different work: {', '.join(differ)}", file=sys.stderr)
+    if setup:
+        print(f"note: the runs were measured on different machines or software: "
+              f"{', '.join(setup)}; speed ratios to hf move with these too, so a change may be "
+              f"theirs, not the code's", file=sys.stderr)
     without = [p for p, d in ((args.base, base), (args.new, new))
                if "hf" not in d["options"].get("engines_run", [])]
     if without and not args.absolute:

@@ -1,7 +1,10 @@
 """Judge a new run against a saved one.
 
 Speeds are compared as ratios to `hf` in the same run (engine time / hf time), which carry
-across machines; `--absolute` compares raw seconds instead (same machine only). Memory is the
+across machines of one kind better than raw seconds, but not across CPUs or software: on a
+Zen 4 `hf`'s MKL linears are slow where a Xeon's are not, and the ratios move with it, so a
+difference in the machine or software is noted. `--absolute` compares raw seconds instead
+(same machine only). Memory is the
 engine's peak over hf's. An engine that was ok and now fails (parity included) regresses.
 """
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 
 import pandas as pd
 
-from .config import WORK_OPTIONS, differing
+from .config import SETUP_KEYS, WORK_OPTIONS, differing
 from .report import summarize
 
 TIME_COLS = ("gen_s", "score_s", "train_s", "step_s")
@@ -78,6 +81,14 @@ def workload_differences(base: dict, new: dict) -> list[str]:
     from either, as in results older than the option, is not compared)."""
     bo, no = base.get("options", {}), new.get("options", {})
     return [f"{k} ({bo[k]} -> {no[k]})" for k in differing(bo, no, WORK_OPTIONS)]
+
+
+def setup_differences(base: dict, new: dict) -> list[str]:
+    """'name (base -> new)' for each part of the machine or software (not the commit) the two
+    runs were measured on that differs; one missing from either is not compared."""
+    be, ne = base.get("env") or {}, new.get("env") or {}
+    return [f"{k} ({be[k]} -> {ne[k]})"
+            for k in differing(be, ne, [k for k in SETUP_KEYS if k != "git_commit"])]
 
 
 def parse_percent(text: str) -> float:

@@ -19,6 +19,11 @@ WORK_OPTIONS = ("preset", "batch", "prompt_len", "gen_len", "generation_batches"
                 "lora_mode", "zero_stage", "offload", "grad_ckpt", "inference_tp",
                 "prompts_file", "compile")
 
+# the environment a resumed run must share with the saved one, so that kept rows and new ones
+# compare; `compare` notes a difference in any but the commit (the code under test)
+SETUP_KEYS = ("git_commit", "python", "torch", "transformers", "deepspeed", "cpu", "cpu_isa",
+              "gpu", "threads", "world_size")
+
 
 def differing(saved: dict, now: dict, keys) -> list[str]:
     """The keys whose values differ between two records of a run (options or environment).

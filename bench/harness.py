@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from . import limits as L
-from .config import WORK_OPTIONS, BenchOptions, ConfigError, differing
+from .config import SETUP_KEYS, WORK_OPTIONS, BenchOptions, ConfigError, differing
 from .report import format_table, parity_tolerance, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
 
@@ -107,7 +107,8 @@ def environment() -> dict:
     import transformers
     env = dict(python=platform.python_version(), torch=torch.__version__,
                transformers=transformers.__version__, platform=platform.platform(),
-               cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+               cpu=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(),
+               threads=torch.get_num_threads())
     try:
         from importlib.metadata import version
         env["deepspeed"] = version("deepspeed")
@@ -132,6 +133,23 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+# instruction-set features that move decode speed (our kernels, MKL, oneDNN's bf16 and AMX)
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def _cpu_isa() -> str | None:
+    """The CPU's features among _ISA_FLAGS, e.g. 'avx2 fma avx512f': a model name such as
+    'AMD EPYC' can stand for CPUs with and without AVX-512, whose speed ratios differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in _ISA_FLAGS if f in have)
+    except OSError:
+        pass
+    return None
 
 
 def available_engines(device: str) -> list[str]:
@@ -182,9 +200,6 @@ def resumable(out: Path, o: BenchOptions) -> dict:
     return prev
 
 
-# what a resumed run must share with the saved one, so that kept rows and new ones compare
-_SAME_SETUP = ("git_commit", "python", "torch", "transformers", "deepspeed", "cpu", "gpu",
-               "threads", "world_size")
 
 
 def check_same_setup(saved: dict, now: dict) -> None:
@@ -193,7 +208,7 @@ def check_same_setup(saved: dict, now: dict) -> None:
     def show(k, v):  # commits shortened; CPU and GPU names differ late in the string
         return str(v)[:12] if k == "git_commit" else str(v)
     diff = [f"{k} {show(k, saved[k])} -> {show(k, now[k])}"
-            for k in differing(saved, now, _SAME_SETUP)]
+            for k in differing(saved, now, SETUP_KEYS)]
     if diff:
         raise ConfigError(f"--resume: the saved run was measured with other code or another "
                           f"machine ({', '.join(diff)}); its rows and new ones would not "

@@ -157,6 +157,34 @@ def test_compare_ignores_an_engine_that_never_ran_and_notes_other_work(two_engin
             f"{data['options']['batch'] - 1}), dtype (bfloat16 -> float32)") in p.stderr
 
 
+def test_compare_notes_runs_from_other_machines_or_software(two_engine_run, tmp_path):
+    """Ratios to hf move with the CPU (measured: hybrid-packed's generation 0.66x hf's on a
+    Xeon, 1.0x on a Zen 4), so compare names a machine or software difference; a commit
+    difference is the code under test and is not noted."""
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    isa = data["env"]["cpu_isa"]
+    assert isinstance(isa, str) and isa.split() == [f for f in ("avx2", "fma", "avx512f",
+                                                                 "avx512_bf16", "amx_tile")
+                                                    if f in isa.split()]
+    other = tmp_path / "other"
+    other.mkdir()
+    data["env"]["git_commit"] = "0" * 40
+    (other / "results.json").write_text(json.dumps(data))
+    assert "note:" not in cli("compare", other, out, check=0).stderr
+    data["env"].update(cpu="AMD EPYC 9999", cpu_isa="avx2 fma", torch="2.11.0")
+    (other / "results.json").write_text(json.dumps(data))
+    p = cli("compare", other, out, check=0)
+    now = json.loads((out / "results.json").read_text())["env"]
+    assert (f"note: the runs were measured on different machines or software: torch (2.11.0 -> "
+            f"{now['torch']}), cpu (AMD EPYC 9999 -> {now['cpu']}), cpu_isa (avx2 fma -> "
+            f"{now['cpu_isa']})") in p.stderr
+    del data["env"]["cpu_isa"]  # results older than the field: not compared
+    data["env"].update(cpu=now["cpu"], torch=now["torch"])
+    (other / "results.json").write_text(json.dumps(data))
+    assert "note:" not in cli("compare", other, out, check=0).stderr
+
+
 def test_workload_differences_skip_options_older_results_lack():
     from bench.compare import workload_differences
     from bench.config import BenchOptions
@@ -175,6 +203,9 @@ def test_resume_refusals_name_whole_machine_strings_and_every_work_option(tmp_pa
     with pytest.raises(ConfigError, match=r"cpu Intel\(R\) Xeon\(R\) Gold 6148 -> Intel\(R\) "
                                           r"Xeon\(R\) Gold 6248"):
         check_same_setup({"cpu": "Intel(R) Xeon(R) Gold 6148"}, {"cpu": "Intel(R) Xeon(R) Gold 6248"})
+    with pytest.raises(ConfigError, match="cpu_isa avx2 fma -> avx2 fma avx512f"):
+        check_same_setup({"cpu": "AMD EPYC", "cpu_isa": "avx2 fma"},
+                         {"cpu": "AMD EPYC", "cpu_isa": "avx2 fma avx512f"})
     with pytest.raises(ConfigError, match="world_size 2 -> 1"):
         check_same_setup({"world_size": 2}, {"world_size": 1})
     check_same_setup({"cpu": "x", "gpu": None}, {"cpu": "x", "gpu": "H100"})  # unknown: not judged
