@@ -175,9 +175,8 @@ def cmd_compare(args) -> int:
     if differ:
         print(f"note: the runs measured different work: {', '.join(differ)}", file=sys.stderr)
     if setup:
-        print(f"note: the runs were measured on different machines or software: "
-              f"{', '.join(setup)}; speed ratios to hf move with these too, so a change may be "
-              f"theirs, not the code's", file=sys.stderr)
+        print(f"note: the runs' setups differ: {', '.join(setup)}; speed ratios to hf move "
+              f"with these too, so a change may be theirs, not the code's", file=sys.stderr)
     without = [p for p, d in ((args.base, base), (args.new, new))
                if "hf" not in d["options"].get("engines_run", [])]
     if without and not args.absolute:

@@ -146,7 +146,7 @@ def _cpu_isa() -> str | None:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in _ISA_FLAGS if f in have)
+                return " ".join(f for f in _ISA_FLAGS if f in have) or "none"
     except OSError:
         pass
     return None
@@ -198,8 +198,6 @@ def resumable(out: Path, o: BenchOptions) -> dict:
         raise ConfigError(f"--resume: options differ from the saved run ({', '.join(diff)}); "
                           f"use the same options or another --out")
     return prev
-
-
 
 
 def check_same_setup(saved: dict, now: dict) -> None:

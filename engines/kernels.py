@@ -35,8 +35,9 @@ _SRC = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-// Prefetch distances in floats along a row of W: PREFETCH into L1 (tuned on a Xeon), and
-// PREFETCH_L2 into L2. The second raised what one core of an AMD Zen 4 read from W from ~10 to
+// Prefetch distances in floats: PREFETCH along a row of W into L1 (tuned on a Xeon), and
+// PREFETCH_L2 into L2, in the order W is read (whole rows ahead at the same k when K runs in
+// tiles). The second raised what one core of an AMD Zen 4 read from W from ~10 to
 // ~14-15 GB/s: there, prefetching into L1 alone kept too few lines in flight. Both are kept, so
 // a CPU where the first sufficed still gets it.
 #ifndef PREFETCH
@@ -93,10 +94,12 @@ constexpr int64_t KTILE = 1024;
 // acc[j * R + r]. R x NW accumulators in registers: each W vector is loaded once and used R
 // times, each x vector loaded once into a register and used NW times (left to itself, GCC
 // folded the x load into every FMA: NW loads of it). The accumulators are summed 8 at a time
-// with a transpose-and-add tree (hsum8x8), not one by one through memory.
+// with a transpose-and-add tree (hsum8x8), not one by one through memory. pf2: how far ahead of
+// each W load, in floats, the L2 prefetch reaches.
 template <typename V, int R, int NW>
 __attribute__((always_inline)) static inline void tile(
-    const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc) {
+    const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc,
+    int64_t pf2) {
   constexpr int L = sizeof(V) / sizeof(float), T = NW * R, T8 = (T + 7) / 8 * 8;
   V a[NW][R];
 #pragma GCC unroll 8
@@ -108,7 +111,7 @@ __attribute__((always_inline)) static inline void tile(
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
       _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);  // from DRAM
-      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH_L2), _MM_HINT_T1);
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
       v[j] = loadv<V>(w + (n + j) * K + k);
     }
 #pragma GCC unroll 8
@@ -141,12 +144,13 @@ __attribute__((always_inline)) static inline void span(
   const int64_t kt = (KL / L + tiles - 1) / tiles * L;  // whole vectors
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
+    const int64_t pf2 = (PREFETCH_L2 + (k1 - k0) - 1) / (k1 - k0) * K;  // whole rows ahead
     int64_t n = c0;
     if (nw == 3)
-      for (; n + 3 <= c1; n += 3) tile<V, R, 3>(x, w, K, k0, k1, n, acc + (n - c0) * R);
+      for (; n + 3 <= c1; n += 3) tile<V, R, 3>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     if (nw >= 2)
-      for (; n + 2 <= c1; n += 2) tile<V, R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R);
-    for (; n < c1; ++n) tile<V, R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R);
+      for (; n + 2 <= c1; n += 2) tile<V, R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile<V, R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
 
@@ -412,7 +416,7 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        _mod = load_inline(name="rlhf_bench_skinny_v17", cpp_sources=_SRC,
+        _mod = load_inline(name="rlhf_bench_skinny_v18", cpp_sources=_SRC,
                            functions=["skinny_linear", "cpu_ok", "set_avx512", "decode_attention",
                                       "counter_uniform"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"],

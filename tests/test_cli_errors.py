@@ -288,6 +288,8 @@ def _results(**kw) -> str:
     (_results(options=dict(engines_run=["hf"], batch="x")), "batch, generation_batches"),
     (_results(limits="x"), "malformed limits section"),
     (_results(limits={"matmul_flops": -1.0}), "malformed limits section"),
+    (_results(env=["AMD EPYC"]), "malformed env section"),
+    (_results(env="AMD EPYC"), "malformed env section"),
     (_results(options=dict(engines_run=[], batch=2, generation_batches=1, prompt_len=8,
                            gen_len=8, warmup=0)), "engines_run must be a non-empty list"),
     (_results(options=dict(engines_run=["hf"], batch=0, generation_batches=1, prompt_len=8,
@@ -354,6 +356,15 @@ def test_resume_with_other_code_is_refused(saved_run, capsys, monkeypatch):
     _expect_bad(["run", *TINY, "--out", saved_run, "--resume"],
                 "--resume: the saved run was measured with other code or another machine "
                 "(git_commit 0123456789ab -> fedcba987654)", capsys)
+    assert _digest(saved_run) == before
+
+
+def test_resume_of_a_run_with_a_malformed_env_is_refused(saved_run, capsys):
+    data = json.loads((saved_run / "results.json").read_text())
+    data["env"] = ["AMD EPYC"]  # hand-edited: --resume reads it to check the machine
+    (saved_run / "results.json").write_text(json.dumps(data))
+    before = _digest(saved_run)
+    _expect_bad(["run", *TINY, "--out", saved_run, "--resume"], "malformed env section", capsys)
     assert _digest(saved_run) == before
 
 
