@@ -142,7 +142,7 @@ def cmd_report(args) -> int:
     data = load_run(d)
     with _malformed(d):
         df = summarize(data)
-    print(format_table(df))
+    print(format_table(df, data))
     if d.is_dir():
         atomic_write_csv(d / "summary.csv", df)
         plot_phases(df, d / "phases.png")

@@ -437,7 +437,7 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
     except Exception as e:  # noqa: BLE001 - a plot must never cost the results
         print(f"note: could not plot ({e})", file=sys.stderr)
     if distributed.is_main():
-        print(format_table(df))
+        print(format_table(df, r.data))
         print(f"\nresults: {out}/results.json, rows.csv, summary.csv, phases.png")
     if r.interrupted:
         print(f"interrupted: measured rows are saved in {out}; run the same command with "

@@ -140,7 +140,27 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
                              limits["matmul_flops"], limits["mem_bw"])
 
 
-def format_table(df: pd.DataFrame) -> str:
+def setup_line(data: dict) -> str | None:
+    """'measured on: ...': the machine, its threads, software and measured limits, the context
+    every number in the table needs (ratios to hf move with the CPU). None if nothing is known."""
+    env, lim = data.get("env") or {}, data.get("limits") or {}
+    parts = []
+    if env.get("gpu"):
+        parts.append(str(env["gpu"]))
+    elif env.get("cpu"):
+        isa = env.get("cpu_isa")
+        parts.append(f"{env['cpu']}" + (f" ({isa})" if isa else ""))
+    if env.get("threads"):
+        parts.append(f"{env['threads']} threads")
+    parts += [f"{k} {env[k]}" for k in ("torch", "deepspeed") if env.get(k)]
+    if lim.get("matmul_flops") and lim.get("mem_bw"):
+        parts.append(f"limits {lim['matmul_flops'] / 1e9:,.0f} GFLOP/s matmul, "
+                     f"{lim['mem_bw'] / 1e9:.3g} GB/s read")
+    return f"measured on: {', '.join(parts)}" if parts else None
+
+
+def format_table(df: pd.DataFrame, data: dict | None = None) -> str:
+    """The summary table, its notes, and (given the results) the setup it was measured on."""
     cols = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
             "gen_tokens_per_s", "gen_speedup_vs_hf", "step_speedup_vs_hf",
             "decode_roofline_frac", "peak_mem_mb", "gen_peak_mem_mb", "weight_copies",
@@ -155,7 +175,8 @@ def format_table(df: pd.DataFrame) -> str:
     if tol == tol:
         notes.append(f"parity tolerance: {tol:.3g} nats from hf's log-probs"
                      + (f" (hf's largest top logit {scale:.3g})" if scale == scale else ""))
-    return "\n".join([table, *notes])
+    line = setup_line(data) if data is not None else None
+    return "\n".join([table, *notes, *([line] if line else [])])
 
 
 def plot_phases(df: pd.DataFrame, path: Path) -> None:

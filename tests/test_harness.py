@@ -104,6 +104,22 @@ def test_report_reprints_and_plots(two_engine_run):
     (out / "phases.png").unlink()
     p = cli("report", out, check=0)
     assert "hybrid" in p.stdout and (out / "phases.png").exists()
+    env = json.loads((out / "results.json").read_text())["env"]
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("measured on: "))
+    assert line.startswith(f"measured on: {env['cpu']}") and f"{env['threads']} threads" in line
+    assert f"torch {env['torch']}" in line and "GB/s read" in line
+
+
+def test_setup_line_names_the_gpu_or_the_cpu_and_skips_what_is_unknown():
+    from bench.report import setup_line
+    assert setup_line({}) is None and setup_line({"env": None, "limits": {}}) is None
+    cpu = dict(cpu="AMD EPYC", cpu_isa="avx2 fma avx512f", threads=2, torch="2.13.0+cpu")
+    assert setup_line({"env": cpu, "limits": dict(matmul_flops=1.855e11, mem_bw=3.31e10)}) == (
+        "measured on: AMD EPYC (avx2 fma avx512f), 2 threads, torch 2.13.0+cpu, limits 186 "
+        "GFLOP/s matmul, 33.1 GB/s read")
+    gpu = dict(cpu, gpu="NVIDIA H200", deepspeed="0.19.8")
+    assert setup_line({"env": gpu}) == ("measured on: NVIDIA H200, 2 threads, torch 2.13.0+cpu, "
+                                        "deepspeed 0.19.8")
 
 
 def test_compare_passes_itself_and_catches_injected_slowdown(two_engine_run, tmp_path):
