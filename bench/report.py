@@ -144,8 +144,10 @@ def setup_line(data: dict) -> str | None:
     """'measured on: ...': the machine, its threads, software and measured limits, the context
     every number in the table needs (ratios to hf move with the CPU). None if nothing is known."""
     env, lim = data.get("env") or {}, data.get("limits") or {}
+    # the run's device, not whether the machine has a GPU: a CPU run on a CUDA machine is the CPU's
+    device = str((data.get("options") or {}).get("device") or lim.get("device") or "cpu")
     parts = []
-    if env.get("gpu"):
+    if device.startswith("cuda") and env.get("gpu"):
         parts.append(str(env["gpu"]))
     elif env.get("cpu"):
         isa = env.get("cpu_isa")
@@ -154,9 +156,16 @@ def setup_line(data: dict) -> str | None:
         parts.append(f"{env['threads']} threads")
     parts += [f"{k} {env[k]}" for k in ("torch", "deepspeed") if env.get(k)]
     if lim.get("matmul_flops") and lim.get("mem_bw"):
-        parts.append(f"limits {lim['matmul_flops'] / 1e9:,.0f} GFLOP/s matmul, "
-                     f"{lim['mem_bw'] / 1e9:.3g} GB/s read")
+        parts.append(f"limits {_rate(lim['matmul_flops'], 'FLOP/s')} matmul, "
+                     f"{_rate(lim['mem_bw'], 'B/s')} read")
     return f"measured on: {', '.join(parts)}" if parts else None
+
+
+def _rate(v: float, unit: str) -> str:
+    """185e9 -> '185 GFLOP/s', 4.2e12 -> '4.2 TB/s', 31.3e9 -> '31.3 GB/s'."""
+    scale, prefix = (1e12, "T") if v >= 1e12 else (1e9, "G")
+    x = v / scale
+    return f"{x:.3g} {prefix}{unit}" if x < 100 else f"{x:,.0f} {prefix}{unit}"
 
 
 def format_table(df: pd.DataFrame, data: dict | None = None) -> str:

@@ -118,8 +118,13 @@ def test_setup_line_names_the_gpu_or_the_cpu_and_skips_what_is_unknown():
         "measured on: AMD EPYC (avx2 fma avx512f), 2 threads, torch 2.13.0+cpu, limits 186 "
         "GFLOP/s matmul, 33.1 GB/s read")
     gpu = dict(cpu, gpu="NVIDIA H200", deepspeed="0.19.8")
-    assert setup_line({"env": gpu}) == ("measured on: NVIDIA H200, 2 threads, torch 2.13.0+cpu, "
-                                        "deepspeed 0.19.8")
+    assert setup_line({"env": gpu, "options": {"device": "cuda"}, "limits": dict(
+        matmul_flops=7.9e14, mem_bw=4.3e12)}) == (
+        "measured on: NVIDIA H200, 2 threads, torch 2.13.0+cpu, deepspeed 0.19.8, limits 790 "
+        "TFLOP/s matmul, 4.3 TB/s read")
+    # a CPU run on a machine that has a GPU is the CPU's run
+    assert setup_line({"env": gpu, "options": {"device": "cpu"}}).startswith(
+        "measured on: AMD EPYC (avx2 fma avx512f), 2 threads")
 
 
 def test_compare_passes_itself_and_catches_injected_slowdown(two_engine_run, tmp_path):
