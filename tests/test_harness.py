@@ -195,12 +195,13 @@ def test_compare_notes_runs_from_other_machines_or_software(two_engine_run, tmp_
     data["env"]["git_commit"] = "0" * 40
     (other / "results.json").write_text(json.dumps(data))
     assert "note:" not in cli("compare", other, out, check=0).stderr
-    data["env"].update(cpu="AMD EPYC 9999", cpu_isa="avx2 fma", torch="2.11.0")
+    # values no real run records (an AVX2-only CPU records "avx2 fma": the note would lack it)
+    data["env"].update(cpu="AMD EPYC 9999", cpu_isa="sse4_2", torch="2.11.0")
     (other / "results.json").write_text(json.dumps(data))
     p = cli("compare", other, out, check=0)
     now = json.loads((out / "results.json").read_text())["env"]
     assert (f"note: the runs' setups differ: torch (2.11.0 -> "
-            f"{now['torch']}), cpu (AMD EPYC 9999 -> {now['cpu']}), cpu_isa (avx2 fma -> "
+            f"{now['torch']}), cpu (AMD EPYC 9999 -> {now['cpu']}), cpu_isa (sse4_2 -> "
             f"{now['cpu_isa']})") in p.stderr
     del data["env"]["cpu_isa"]  # results older than the field: not compared
     data["env"].update(cpu=now["cpu"], torch=now["torch"])
