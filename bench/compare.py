@@ -4,8 +4,8 @@ Speeds are compared as ratios to `hf` in the same run (engine time / hf time), w
 across machines of one kind better than raw seconds, but not across CPUs or software: on a
 Zen 4 `hf`'s MKL linears are slow where a Xeon's are not, and the ratios move with it, so a
 difference in the machine or software is noted. `--absolute` compares raw seconds instead
-(same machine only). Memory is the
-engine's peak over hf's. An engine that was ok and now fails (parity included) regresses.
+(same machine only). Memory is the engine's peak over hf's. An engine that was ok and now
+fails (parity included) regresses.
 """
 from __future__ import annotations
 

@@ -125,14 +125,19 @@ def environment() -> dict:
     return env
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor()
 
 
 # instruction-set features that move decode speed (our kernels, MKL, oneDNN's bf16 and AMX)
@@ -142,14 +147,11 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 def _cpu_isa() -> str | None:
     """The CPU's features among _ISA_FLAGS, e.g. 'avx2 fma avx512f': a model name such as
     'AMD EPYC' can stand for CPUs with and without AVX-512, whose speed ratios differ."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in _ISA_FLAGS if f in have) or "none"
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return None
+    have = set(flags.split())
+    return " ".join(f for f in _ISA_FLAGS if f in have) or "none"
 
 
 def available_engines(device: str) -> list[str]:

@@ -114,7 +114,7 @@ def load_results(path) -> dict:
             if k in ("matmul_flops", "mem_bw")):
         raise ResultsError(f"{p}: malformed limits section (matmul_flops and mem_bw must be "
                            f"finite numbers, 0 or more)")
-    if not isinstance(data.get("env", {}) or {}, dict):  # read by compare's note and --resume
+    if not isinstance(data.get("env") or {}, dict):  # read by compare's note and --resume
         raise ResultsError(f"{p}: malformed env section (must map names, such as cpu, to values)")
     return data
 
