@@ -27,12 +27,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile --timeout 900 tests
 
 perf: $(STAMP)
-	$(PY) -m pytest -q bench/benchmarks --benchmark-autosave
+	$(PY) -m pytest -q bench/micro --benchmark-autosave
 
 clean:
 	rm -rf $(VENV) .cache results .benchmarks
 
-# Wheels the GPU machine lacks (DeepSpeed and its pure-Python needs), for bench/gpu_check.sh,
+# Wheels the GPU machine lacks (DeepSpeed and its pure-Python needs), for bench/micro/gpu_check.sh,
 # at the versions .venv runs (the set the tests pass with): unpinned, pydantic and pydantic-core
 # would each come at their newest, and pydantic refuses a core other than the one it pins.
 GPU_DEPS := hjson|ninja|py-cpuinfo|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|msgpack|einops

@@ -196,7 +196,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_project(args) -> int:
-    from . import project
+    from .projection import model as project
     return project.run(args)
 
 
@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     pj = sub.add_parser("project", help="predict PPO step time on GPU clusters")
     try:
-        from . import project
+        from .projection import model as project
         project.add_arguments(pj)
     except ImportError:
         pass

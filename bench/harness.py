@@ -155,12 +155,9 @@ def _cpu_isa() -> str | None:
 
 
 def available_engines(device: str) -> list[str]:
-    """`available`: every engine, minus those that need CUDA when there is none."""
+    """`available`: the engines whose registry entries' needs this machine meets."""
     import engines
-    names = list(engines.REGISTRY)
-    if not device.startswith("cuda"):
-        names.remove("ds-hybrid")  # its own Hybrid Engine loads CUDA kernels unconditionally
-    return names
+    return engines.available(device)
 
 
 class Progress:

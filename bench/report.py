@@ -24,7 +24,7 @@ DEFAULT_PARITY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 # the logits, made in the run's dtype, differently: a log-prob moves by a few spacings of that
 # dtype at the size of the largest logits (measured on CPU, opt-1.3b bf16, top logits in [4, 8),
 # spacing 2^-5: hf's own cached generate against its own scoring differed by 1.5-2 spacings
-# over two runs, hybrid's decode against hf's generate by 2; bench/logit_floor.py). The
+# over two runs, hybrid's decode against hf's generate by 2; bench/micro/logit_floor.py). The
 # tolerance is at least 4 of them.
 LOGIT_SPACINGS = 4
 DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}

@@ -285,7 +285,7 @@ def run(spec: dict) -> int:
     base_rss = rec.base_rss = _rss_mb()  # peaks count above this: the run's, not library code
     rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
     try:
-        engine = engines.get(name, compile=o.compile, lora=o.lora_mode)
+        engine = engines.get(name, **{k: getattr(o, k) for k in engines.REGISTRY[name].options})
         cfg = o.run_config() if dist is None else dist.run_config(o)
         # a generation-only run builds the actor alone: reference, critic and reward would
         # each add the actor's size again to the peak and never be used

@@ -38,7 +38,8 @@ class DSHybridEngine:
     name = "ds-hybrid"
     weight_copies = 1
 
-    def __init__(self, **_):
+    def __init__(self, name: str = "ds-hybrid", inference_tp: int = 1):
+        self.name, self.inference_tp = name, inference_tp
         self.actor = None
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:

@@ -89,7 +89,8 @@ class DSInferenceEngine:
     name = "ds-inference"
     weight_copies = 2
 
-    def __init__(self, **_):
+    def __init__(self, name: str = "ds-inference", inference_tp: int = 1):
+        self.name, self.inference_tp = name, inference_tp
         self.infer = None
         self.sync_bytes = 0
         self.note = ""  # what a reader of the results must know (kept in the summary)

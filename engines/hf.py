@@ -52,7 +52,8 @@ class HFEngine:
     name = "hf"
     weight_copies = 1
 
-    def __init__(self, **_):
+    def __init__(self, name: str = "hf"):
+        self.name = name
         self.models: ModelBundle | None = None
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:

@@ -29,7 +29,7 @@ class HybridEngine:
     name = "hybrid"
     weight_copies = 1
 
-    # fold + restore measured at 30-58 unfused decode steps (bench/lora_cost.py, opt-125m, B 8)
+    # fold + restore measured at 30-58 unfused decode steps (bench/micro/lora_cost.py, opt-125m, B 8)
     LORA_FUSE_MIN_TOKENS = 48
     # prefill chunk: 256 tokens over the batch (its activations are the peak above the cache),
     # and at least 16 positions, so that a large batch is not prefilled in as many eager calls
@@ -37,14 +37,16 @@ class HybridEngine:
     PREFILL_TOKENS = 256
     PREFILL_MIN_POSITIONS = 16
 
-    def __init__(self, compile: bool = True, pack: bool = False, static: bool = False,
-                 lora: str = "auto", **_):
+    def __init__(self, name: str = "hybrid", compile: bool = True, pack: bool = False,
+                 static: bool = False, lora_mode: str = "auto"):
         # compile: torch.compile decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
         # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
-        if lora not in LORA_MODES:
-            raise ValueError(f"lora must be one of {', '.join(LORA_MODES)}, not {lora!r}")
-        self.compile, self.pack, self.static, self.lora = compile, pack, static, lora
+        if lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode must be one of {', '.join(LORA_MODES)}, not "
+                             f"{lora_mode!r}")
+        self.name, self.compile, self.pack, self.static = name, compile, pack, static
+        self.lora = lora_mode
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
@@ -242,11 +244,3 @@ def _versions(module: torch.nn.Module) -> tuple:
     writes) or replaced by another tensor."""
     return tuple((p.data_ptr(), p._version) for p in module.parameters())
 
-
-def packed(**kw) -> HybridEngine:
-    """`hybrid-packed`: `hybrid` plus MKL-packed decode weights, a second, re-laid-out copy of
-    every actor linear, re-packed (timed as sync) after each optimiser step. Shows whether
-    packing pays."""
-    engine = HybridEngine(**{**kw, "pack": True})
-    engine.name = "hybrid-packed"
-    return engine

@@ -82,7 +82,7 @@ def gathered(engine):
     for one generate (DeepSpeed's own `unwrap_model_for_generation`); otherwise nothing.
 
     `GatheredParameters` alone is not enough: the hooks release each layer after its forward,
-    so the next token gathers it again (measured in bench/zero3_gather.py)."""
+    so the next token gathers it again (measured in bench/micro/zero3_gather.py)."""
     if engine.zero_optimization_stage() != 3:
         yield engine.module
         return

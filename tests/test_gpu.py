@@ -1,4 +1,4 @@
-"""GPU checks, run by bench/gpu_check.sh on a lent GPU machine; skipped on CPU-only machines."""
+"""GPU checks, run by bench/micro/gpu_check.sh on a lent GPU machine; skipped on CPU-only machines."""
 from __future__ import annotations
 
 import pytest

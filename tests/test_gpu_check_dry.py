@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh --dry-run runs the GPU check's steps on CPU on a tiny preset."""
+"""bench/micro/gpu_check.sh --dry-run runs the GPU check's steps on CPU on a tiny preset."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), DS_ACCELERATOR="cpu")
-    p = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
+    p = subprocess.run(["bash", "bench/micro/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = pd.read_csv(tmp_path / "summary.csv")

@@ -34,7 +34,7 @@ def _pair(preset, engine, lora=0, mode="auto", **cfg_kw):
     if lora:
         _nudge_lora(b)
     cfg = make_cfg(preset=preset, lora_dim=lora, **cfg_kw)
-    hf, hy = engines.get("hf"), engines.get(engine, lora=mode)
+    hf, hy = engines.get("hf"), engines.get(engine, lora_mode=mode)
     return b, cfg, hf, hf.init(b, cfg, seed=0), hy, hy.init(b, cfg, seed=0)
 
 
@@ -141,7 +141,7 @@ def test_three_ppo_steps_equal_hf(preset, lora, engine, mode):
     if lora:
         _nudge_lora(b1), _nudge_lora(b2)
     cfg = make_cfg(preset=preset, lora_dim=lora, ppo=ppo, gen={"gen_len": 12})
-    hf, hy = engines.get("hf"), engines.get(engine, lora=mode)
+    hf, hy = engines.get("hf"), engines.get(engine, lora_mode=mode)
     lockstep(hf, hf.init(b1, cfg, seed=0), hy, hy.init(b2, cfg, seed=0), b1, cfg, 3, preset)
     moved = 0.0
     for (n, p1), (_, p2), p0 in zip(b1.actor.named_parameters(), b2.actor.named_parameters(),
@@ -404,10 +404,10 @@ def test_lora_auto_fuses_only_long_generations():
     b = make_bundle("tiny-opt", seed=0, lora_dim=4)
     w = D.extract(b.actor)
     assert hy._fuse_lora(w, hy.LORA_FUSE_MIN_TOKENS) and not hy._fuse_lora(w, 2)
-    assert not engines.get("hybrid", lora="unfused")._fuse_lora(w, 1000)
+    assert not engines.get("hybrid", lora_mode="unfused")._fuse_lora(w, 1000)
     assert not hy._fuse_lora(D.extract(make_bundle("tiny-opt", seed=0).actor), 1000)
-    with pytest.raises(ValueError, match="lora must be"):
-        engines.get("hybrid", lora="sometimes")
+    with pytest.raises(ValueError, match="lora_mode must be"):
+        engines.get("hybrid", lora_mode="sometimes")
 
 
 def test_lora_on_bf16_weights_folds_exactly_and_runs_unfused():

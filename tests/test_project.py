@@ -1,4 +1,4 @@
-"""Scale projection (bench/project.py): hand counts on a toy shape, the DeepSpeed-Chat calibration,
+"""Scale projection (bench/projection/model.py): hand counts on a toy shape, the DeepSpeed-Chat calibration,
 and the command line. Pure arithmetic: the whole file runs in a few seconds on CPU."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from bench import project as P
-from bench.project_presets import GPUS, MODELS, Efficiency, Gpu, Shape
+from bench.projection import model as P
+from bench.projection.presets import GPUS, MODELS, Efficiency, Gpu, Shape
 
 # A toy OPT-like shape small enough to count by hand: L=2, d=8, ffn=32, V=16, 16 positions.
 TOY = Shape("toy", layers=2, d_model=8, heads=2, ffn=32, vocab=16, positions=16)

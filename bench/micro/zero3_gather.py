@@ -1,6 +1,6 @@
 """ZeRO-3 generation: gather per layer per token, or gather once per generate?
 
-    torchrun --nproc_per_node 2 -m bench.zero3_gather --preset opt-mini --batch 8 \\
+    torchrun --nproc_per_node 2 -m bench.micro.zero3_gather --preset opt-mini --batch 8 \\
         --prompt-len 32 --gen-len 32 --repeats 3 --out results/zero3_gather
 
 The actor is one ZeRO-3 DeepSpeed engine over all ranks; each rank generates greedily for its

@@ -4,7 +4,7 @@ and print where its ATen time goes. opt-125m shape, batch 8 (or --batch N), 192 
 Each step attends over one more key than the last, as in generation: a step repeated at one
 length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python bench/decode_step.py [--profile] [--bf16] [--sdpa] [--batch N] (numbers in README,
+Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--batch N] (numbers in README,
 Performance notes); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
 import sys
 import time

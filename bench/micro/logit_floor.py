@@ -4,7 +4,7 @@ greedy tokens. The floor the harness's parity tolerance must clear (report.parit
 
 Only the actor is built (build_bundle(actor_only=True), no optimiser state), so opt-1.3b fits
 here.
-Run: python bench/logit_floor.py [PRESET B P G [DTYPE]] (default opt-125m 4 32 32 bfloat16;
+Run: python -m bench.micro.logit_floor [PRESET B P G [DTYPE]] (default opt-125m 4 32 32 bfloat16;
 numbers in README, "What the summary means")."""
 import sys
 import time

@@ -1,4 +1,4 @@
-"""What the scale projection (bench/project.py) starts from: hardware, shapes, efficiencies.
+"""What the scale projection (bench/projection/model.py) starts from: hardware, shapes, efficiencies.
 
 Everything here is data with its source or reason beside it; the arithmetic lives in project.py.
 Units: FLOP/s, bytes, bytes/s, seconds. GiB = 2**30 bytes.

@@ -3,7 +3,7 @@ and prefill time, with the prompt prefilled whole or in chunks of PREFILL_TOKENS
 opt-125m, fp32, batch 16, 128 + 128 tokens, 2 threads; each case in its own process, since
 peak RSS only grows.
 
-Run: python bench/prefill_chunks.py (numbers in README, Performance notes)."""
+Run: python -m bench.micro.prefill_chunks (numbers in README, Performance notes)."""
 import resource
 import subprocess
 import sys

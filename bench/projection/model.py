@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .project_presets import (CALIBRATION, CRITIC_MODEL, DEFAULT_EFFICIENCY, ENGINES, GPUS,
+from .presets import (CALIBRATION, CRITIC_MODEL, DEFAULT_EFFICIENCY, ENGINES, GPUS,
                               HELD_OUT, MAX_GLOBAL_BATCH, MODELS, SWEEP_GPUS, SWEEP_MODELS,
                               Efficiency, Gpu, Shape)
-from .results import atomic_write
+from ..results import atomic_write
 
 BF16 = 2              # bytes per bf16 value (weights, grads, activations, KV cache, logits)
 ADAM_BYTES = 12       # bytes per trainable param of fp32 master copy + Adam m + v
@@ -698,7 +698,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m bench.project`); the rlhf-bench CLI calls run() itself."""
+    """Stand-alone entry (`python -m bench.projection.model`); the rlhf-bench CLI calls run() itself."""
     class OneLine(argparse.ArgumentParser):   # usage mistakes: one line, as rlhf-bench's own
         def error(self, message):
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

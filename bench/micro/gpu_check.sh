@@ -4,15 +4,15 @@
 # ds-inference and ds-hybrid on opt-1.3b at DeepSpeed-Chat's shape (batch 16, prompt 256,
 # answer 256, bf16) plus a short batch sweep of generation.
 #
-#   bash bench/gpu_check.sh            # on the GPU machine (budget: 8 minutes)
-#   bash bench/gpu_check.sh --dry-run  # the same steps on CPU, tiny preset (CI runs this)
+#   bash bench/micro/gpu_check.sh            # on the GPU machine (budget: 8 minutes)
+#   bash bench/micro/gpu_check.sh --dry-run  # the same steps on CPU, tiny preset (CI runs this)
 #
 # $OUT receives at most 6 files, refreshed after every stage so that a run cut short still
 # returns what it measured: log.txt, summary.csv, phases.png, sweep.csv, sweep.png and
 # details.tgz (results.json of the comparison and of every sweep point, every engine's log).
 # Everything else is written under a work folder outside $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT="${OUT:-results/gpu-check}"
