@@ -378,14 +378,14 @@ def test_out_or_plot_naming_a_folder_is_refused_up_front(flag, tmp_path, capsys)
 
 
 def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
-    """The README's table is regenerated from the command printed above it: a change to the
-    model that moves a number must move the README too (it once lagged by 1-3%)."""
+    """docs/projection.md's summary table is regenerated from the command printed above it: a
+    change to the model that moves a number must move the doc too (it once lagged by 1-3%)."""
     import re
     import shlex
     from pathlib import Path
 
     from bench.cli import parser
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "projection.md").read_text()
     cmd = re.search(r"```\n(rlhf-bench project --model opt-1\.3b,.*?)\n```", text, re.S).group(1)
     argv = shlex.split(cmd.replace("\\\n", " "))[1:] + ["--out", str(tmp_path / "p.csv")]
     args = parser().parse_args(argv)
@@ -403,10 +403,11 @@ def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
 
 
 def test_readme_llama_projection_is_what_its_command_prints(tmp_path, capsys):
-    """The README's sentence on llama-3-8b quotes its command's hours, in engine order."""
+    """docs/projection.md's sentence on llama-3-8b quotes its command's hours, in engine order."""
     import re
     from pathlib import Path
-    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "projection.md").read_text()
+                    .split())
     m = re.search(r"`rlhf-bench project (--model llama-3-8b [^`]*)` gives ([\d.]+), ([\d.]+) and "
                   r"([\d.]+) h on 8 H100s .*? and ([\d.]+), ([\d.]+) and ([\d.]+) h on 64", text)
     argv = m.group(1).split() + ["--out", str(tmp_path / "p.csv")]
