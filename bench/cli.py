@@ -20,69 +20,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--config", help="TOML file whose keys are these options with _ for - (compile = false "
-      "for --no-compile); flags override it")
-    a("--engines", help="comma-separated engine names, or 'available' (default hf)")
-    from core.models import PRESETS
-
-    from .config import BenchOptions as D  # the defaults, read where they are defined
-    a("--preset", help=f"model preset ({', '.join(PRESETS)}) or local Hugging Face model "
-      f"folder (default {D.preset})")
-    a("--batch", type=int, help=f"prompts per generation batch (default {D.batch})")
-    a("--prompt-len", type=int, help=f"prompt tokens (default {D.prompt_len})")
-    a("--gen-len", type=int, help=f"answer tokens (default {D.gen_len})")
-    a("--steps", type=int, help=f"measured steps (default {D.steps})")
-    a("--warmup", type=int,
-      help=f"steps run first and left out of the medians (default {D.warmup})")
-    a("--seed", type=int, help=f"(default {D.seed})")
-    a("--greedy", action="store_true", default=None, help="greedy decoding (default: sampled)")
-    a("--stop-at-eos", action="store_true", default=None,
-      help="let answers end at EOS (default: fixed-length answers, equal work per engine)")
-    a("--reward", choices=["model", "rule"],
-      help=f"reward from a reward model or a rule on the answer's tokens (default {D.reward})")
-    a("--lora-dim", type=int,
-      help="LoRA rank on every linear of the actor's layers; only the adapters train "
-           "(default 0: full fine-tuning)")
-    a("--lora-mode", help="hybrid with --lora-dim: fused (fold adapters into the weights for "
-      "generate), unfused, or auto (default: fold for answers of 48+ tokens)")
-    a("--zero-stage", type=int, help="train with DeepSpeed ZeRO 0..3 (default: plain torch)")
-    a("--offload", action="store_true", default=None,
-      help="ZeRO-Offload: optimizer states and step on the CPU (needs --zero-stage 1..3)")
-    a("--grad-ckpt", action="store_true", default=None,
-      help="gradient checkpointing in training (needs --zero-stage 0..3)")
-    a("--inference-tp", type=int, help="ds-inference: tensor-parallel ranks (multi-rank runs)")
-    a("--dtype", help="float32 (default), bfloat16 or float16")
-    a("--device", help="cpu (default) or cuda")
-    a("--threads", type=int, help="torch threads per engine process (default: torch's)")
-    a("--phases", help="comma-separated subset of sync,generate,score,train to measure")
-    a("--ppo-epochs", type=int, help=f"passes over each step's experience (default {D.ppo_epochs})")
-    a("--generation-batches", type=int,
-      help=f"prompt batches generated per step (default {D.generation_batches})")
-    a("--prompts-file", help="JSONL of {\"prompt\": text} rows (needs --tokenizer)")
-    a("--tokenizer", help="local tokenizer path for --prompts-file")
-    a("--parity-tol", type=float,
-      help="max |logprob diff| vs hf (default: by dtype and the size of hf's logits)")
-    a("--no-compile", dest="compile", action="store_false", default=None,
-      help="hybrid: run decode eagerly (no CUDA graphs)")
-    a("--out", help="run directory (default results/latest)")
-    a("--overwrite", action="store_true", default=None, help="replace a run already in --out")
-    a("--engine-timeout", type=float,
-      help="seconds one engine may take before it is stopped and marked failed (default none)")
-    a("--time-budget", type=float,
-      help="seconds for all engines together: each gets an equal share of what is left when it "
-           "starts, so time one leaves unused goes to the next (default none)")
-    a("--resume", action="store_true", default=None,
-      help="continue the run in --out: keep finished engines, run the others")
+    from .options import add_flags
+    p.add_argument("--config", help="TOML file whose keys are these options with _ for - "
+                   "(compile = false for --no-compile); flags override it")
+    add_flags(p)
 
 
 SWEEP_AXES = ("batches", "gen_lens", "presets")
 
 
-def options_from(args, axes: dict | None = None) -> "object":
+def options_from(args, axes: dict | None = None):
     """The run's options: the --config TOML's keys, overridden by the flags given. A sweep
     passes `axes`, which takes the TOML's sweep keys (batches, gen_lens, presets) as strings."""
-    from .config import ConfigError, from_dict, load_toml, validate
+    from .options import OPTIONS, ConfigError, from_dict, load_toml, validate
     d = load_toml(args.config) if getattr(args, "config", None) else {}
     if axes is not None:
         for k in SWEEP_AXES:
@@ -93,10 +43,8 @@ def options_from(args, axes: dict | None = None) -> "object":
                 raise ConfigError(f"config key {k!r}: expected a comma-separated string or a "
                                   f"list, got {v!r}")
             axes[k] = getattr(args, k) or v  # a flag overrides the file
-    for k, v in vars(args).items():
-        if k in ("cmd", "config", "func") + SWEEP_AXES or v is None:
-            continue
-        d[k] = v
+    d.update({o.name: getattr(args, o.name) for o in OPTIONS
+              if getattr(args, o.name) is not None})  # a flag not given reads None
     if d.get("out") == "":
         raise ConfigError("--out is empty: give a folder (default results/latest for run, "
                           "results/sweep for sweep)")
@@ -104,8 +52,8 @@ def options_from(args, axes: dict | None = None) -> "object":
 
 
 def cmd_run(args) -> int:
-    from .harness import run
-    return run(options_from(args))
+    from .harness import run_benchmark
+    return run_benchmark(options_from(args))
 
 
 def cmd_sweep(args) -> int:
@@ -239,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    from .config import ConfigError
+    from .options import ConfigError
     from .results import ResultsError
     try:
         code = args.func(args)

@@ -13,7 +13,8 @@ import math
 
 import pandas as pd
 
-from .config import SETUP_KEYS, WORK_OPTIONS, differing
+from .machine import SETUP_KEYS
+from .options import WORK_OPTIONS, differing
 from .report import summarize
 
 TIME_COLS = ("gen_s", "score_s", "train_s", "step_s")

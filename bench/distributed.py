@@ -5,14 +5,15 @@
 
 Every rank runs the whole harness with the same options, so the ranks start the same engines
 in the same order; each engine's worker processes (one per rank) form their own process group
-on MASTER_PORT + 1 + the engine's registry index, so successive engines never share a
-rendezvous (and never the launcher's own store). In a worker, each rank generates, scores and
-trains on its shard of every prompt batch (rows r*B/N .. (r+1)*B/N) with its own sampling seed;
-DeepSpeed averages the gradients and ZeRO shards the states. At the end of each step the ranks
-send their rows to rank 0, which writes the slowest rank's figure under the usual metric
-(seconds, peak memory; metrics averaged) and every rank's own as `<metric>_rank<r>`, so the
-summary reads the slowest rank's time as the step time. Rank 0 writes results to --out; rank r
-to --out/rank<r> (its worker logs and its own parity probe).
+on MASTER_PORT + 1 + the engine's place in the run's engine list (the worker spec's
+`engine_index`), so successive engines never share a rendezvous (and never the launcher's own
+store). In a worker, each rank generates, scores and trains on its shard of every prompt batch
+(rows r*B/N .. (r+1)*B/N) with its own sampling seed; DeepSpeed averages the gradients and ZeRO
+shards the states. At the end of each step the ranks send their rows to rank 0, which writes
+the slowest rank's figure under the usual metric (seconds, peak memory; metrics averaged) and
+every rank's own as `<metric>_rank<r>`, so the summary reads the slowest rank's time as the step
+time. Rank 0 writes results to --out; rank r to --out/rank<r> (its worker logs and its own
+parity probe).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from .config import BenchOptions, ConfigError
+from .options import BenchOptions, ConfigError
 
 # the slowest / largest rank counts
 _MAX = ("seconds", "peak_rss_mb", "peak_mem_mb", "peak_reserved_mb")
@@ -104,18 +105,18 @@ class Dist:
                 append_jsonl(rec.path, dict(r, metric=f"{r['metric']}_rank{k}", value=x))
 
 
-def setup(o: BenchOptions, engine: str, rec):
-    """In a worker: join this engine's process group when launched on several ranks.
+def setup(o: BenchOptions, engine_index: int, rec):
+    """In a worker: join this engine's process group when launched on several ranks
+    (`engine_index`: the engine's place in the run's engine list).
 
     Returns a Dist, or None for a single-process run. Holds `rec`'s step rows from now on."""
     if world() == 1:
         return None
     import torch
     import torch.distributed as dist
-    import engines
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # our own store, not the launcher's
     base = int(os.environ.get("MASTER_PORT", "29500"))
-    os.environ["MASTER_PORT"] = str(base + 1 + list(engines.REGISTRY).index(engine))
+    os.environ["MASTER_PORT"] = str(base + 1 + engine_index)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = o.device.startswith("cuda")

@@ -7,7 +7,6 @@ results.json / rows.csv atomically as rows arrive; summary.csv and phases.png co
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -15,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import distributed
-from . import limits as L
-from .config import SETUP_KEYS, WORK_OPTIONS, BenchOptions, ConfigError, differing
+import engines
+
+from . import distributed, machine
+from .options import RESUME_OPTIONS, BenchOptions, ConfigError, differing
 from .report import format_table, parity_tolerance, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
 
@@ -53,7 +53,7 @@ def check_model(o: BenchOptions) -> None:
         raise ConfigError(f"--prompt-len {o.prompt_len} + --gen-len {o.gen_len} = "
                           f"{o.prompt_len + o.gen_len} is longer than the model's "
                           f"{limit} positions")
-    check_memory(o, cfg)
+    machine.check_memory(o, cfg)
     width = min(cfg.hidden_size, hidden_out_size(cfg))
     if o.lora_dim > width:
         raise ConfigError(f"--lora-dim {o.lora_dim} is larger than the layer width {width}")
@@ -78,88 +78,6 @@ def check_model(o: BenchOptions) -> None:
                               f"{cfg.vocab_size}: they do not belong together")
 
 
-def check_memory(o: BenchOptions, cfg) -> None:
-    """On the CPU, refuse a run that cannot fit this machine's memory: generation alone needs
-    the actor's KV cache and a row of fp32 logits per sequence, a lower bound that counts no
-    weights, activations or other model (it used to run until the kernel killed the worker)."""
-    if o.device != "cpu":
-        return
-    import psutil
-
-    from core.types import torch_dtype
-
-    from .flops import attention_widths
-    layers, _, kv_width = attention_widths(cfg)
-    rows = o.batch // max(1, distributed.world())  # each rank generates for its shard
-    T = o.prompt_len + o.gen_len
-    need = (2 * layers * rows * T * kv_width * torch_dtype(o.dtype).itemsize
-            + rows * cfg.vocab_size * 4)
-    have = psutil.virtual_memory().total
-    if need > have:
-        raise ConfigError(f"--batch {o.batch} cannot fit: generation alone needs at least "
-                          f"{need / 2 ** 30:,.1f} GiB (the actor's KV cache for {T} positions "
-                          f"and a row of logits per sequence), and this machine has "
-                          f"{have / 2 ** 30:,.1f} GiB")
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-    env = dict(python=platform.python_version(), torch=torch.__version__,
-               transformers=transformers.__version__, platform=platform.platform(),
-               cpu=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(),
-               threads=torch.get_num_threads())
-    try:
-        from importlib.metadata import version
-        env["deepspeed"] = version("deepspeed")
-    except Exception:  # noqa: BLE001
-        env["deepspeed"] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = None
-    return env
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first `field` line's value in /proc/cpuinfo (Linux), else None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor()
-
-
-# instruction-set features that move decode speed (our kernels, MKL, oneDNN's bf16 and AMX)
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-
-
-def _cpu_isa() -> str | None:
-    """The CPU's features among _ISA_FLAGS, e.g. 'avx2 fma avx512f': a model name such as
-    'AMD EPYC' can stand for CPUs with and without AVX-512, whose speed ratios differ."""
-    flags = _cpuinfo("flags")
-    if flags is None:
-        return None
-    have = set(flags.split())
-    return " ".join(f for f in _ISA_FLAGS if f in have) or "none"
-
-
-def available_engines(device: str) -> list[str]:
-    """`available`: the engines whose registry entries' needs this machine meets."""
-    import engines
-    return engines.available(device)
-
-
 class Progress:
     """Progress on stderr: on a terminal one status line redrawn in place at every phase;
     otherwise (a log file, CI) one line per step started."""
@@ -182,17 +100,13 @@ class Progress:
             sys.stderr.flush()
 
 
-# a resumed run must agree with the saved one on the work, and on how it is sampled
-_SAME_WORK = WORK_OPTIONS + ("steps", "warmup", "seed")
-
-
 def resumable(out: Path, o: BenchOptions) -> dict:
     from .results import load_results
     if not (out / "results.json").exists():
         raise ConfigError(f"--resume: {out} holds no run to resume")
     prev = load_results(out)
     saved = prev.get("options", {})
-    diff = differing(saved, o.to_dict(), _SAME_WORK)
+    diff = differing(saved, o.to_dict(), RESUME_OPTIONS)
     if diff:
         raise ConfigError(f"--resume: options differ from the saved run ({', '.join(diff)}); "
                           f"use the same options or another --out")
@@ -205,7 +119,7 @@ def check_same_setup(saved: dict, now: dict) -> None:
     def show(k, v):  # commits shortened; CPU and GPU names differ late in the string
         return str(v)[:12] if k == "git_commit" else str(v)
     diff = [f"{k} {show(k, saved[k])} -> {show(k, now[k])}"
-            for k in differing(saved, now, SETUP_KEYS)]
+            for k in differing(saved, now, machine.SETUP_KEYS)]
     if diff:
         raise ConfigError(f"--resume: the saved run was measured with other code or another "
                           f"machine ({', '.join(diff)}); its rows and new ones would not "
@@ -231,9 +145,13 @@ class Run:
         rows_path = self.out / "engines" / f"{name}.jsonl"
         rows_path.parent.mkdir(parents=True, exist_ok=True)
         rows_path.unlink(missing_ok=True)
+        # its place in the run's engine list (hf's probe alone after them) picks the port of
+        # its ranks' process group: the same on every rank, and never the last engine's
+        names = self.data["options"]["engines_run"]
         spec = dict(options=self.o.to_dict(), engine=name, rows_path=str(rows_path),
                     parity_path=str(self.out / "engines" / "parity_ref.safetensors"),
-                    reference=reference, probe_only=probe_only)
+                    reference=reference, probe_only=probe_only,
+                    engine_index=names.index(name) if name in names else len(names))
         spec_path = self.out / "engines" / f"{name}.spec.json"
         atomic_write_json(spec_path, spec)
         log = open(self.out / "engines" / f"{name}.log", "w")
@@ -313,7 +231,7 @@ def check_out_folder(out: Path, kind: str) -> None:
         raise ConfigError(f"--out {out} holds a {held}, not a {kind}: choose another --out")
 
 
-def run(o: BenchOptions) -> int:
+def run_benchmark(o: BenchOptions) -> int:
     """A whole benchmark run; returns the exit status (0 ok, 1 a failed engine or parity)."""
     out = distributed.run_dir(Path(o.out or "results/latest"))  # rank r > 0: --out/rank<r>
     previous = None
@@ -329,7 +247,7 @@ def run(o: BenchOptions) -> int:
     distributed.check(o)
     names = []
     for e in o.engines:
-        names += available_engines(o.device) if e == "available" else [e]
+        names += engines.available(o.device) if e == "available" else [e]
     names = list(dict.fromkeys(names))
     if "hf" in names:
         names.remove("hf")
@@ -350,7 +268,7 @@ def run(o: BenchOptions) -> int:
     import torch
     if o.threads:  # before environment(), which records the thread count
         torch.set_num_threads(o.threads)
-    r.data["env"] = dict(environment(), **distributed.launch_info())
+    r.data["env"] = dict(machine.environment(), **distributed.launch_info())
     from core.types import torch_dtype
     if previous is not None:
         check_same_setup(previous.get("env") or {}, r.data["env"])
@@ -358,8 +276,8 @@ def run(o: BenchOptions) -> int:
         # the kept engines' fractions of the machine's limits were taken against these
         r.data["limits"] = previous["limits"]
     else:
-        r.data["limits"] = L.measure(o.device, dtype=torch_dtype(o.dtype),
-                                     quick=o.preset.startswith("tiny"))
+        r.data["limits"] = machine.measure_limits(o.device, dtype=torch_dtype(o.dtype),
+                                                  quick=o.preset.startswith("tiny"))
     r.save()
     progress = Progress()
 

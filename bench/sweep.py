@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .harness import check_model, check_out_folder, fair_share, run
+from .harness import check_model, check_out_folder, fair_share, run_benchmark
+from .options import ConfigError
 from .report import plot_sweep, summarize
 from .results import atomic_write_csv, load_results
 
@@ -63,7 +63,7 @@ def sweep(o, batches: str, gen_lens: str, presets: str) -> int:
         oo = dataclasses.replace(o, preset=preset, batch=b, gen_len=g, out=str(sub),
                                  overwrite=not again, resume=again, time_budget=budget)
         print(f"== sweep: preset {preset}, batch {b}, gen_len {g}")
-        worst = max(worst, run(oo))
+        worst = max(worst, run_benchmark(oo))
         df = summarize(load_results(sub))
         df.insert(1, "preset", preset)
         df.insert(2, "batch", b)

@@ -28,7 +28,7 @@ from engines.common import actor_logprobs, answer_logits
 
 from . import distributed
 from . import flops as F
-from .config import from_dict
+from .options import from_dict
 from .results import append_jsonl, atomic_write, row
 
 EXIT_UNAVAILABLE = 3
@@ -274,11 +274,11 @@ def _import_libraries(o, name: str) -> None:
             import deepspeed  # noqa: F401
 
 
-def run(spec: dict) -> int:
+def run_engine_process(spec: dict) -> int:
     o = from_dict(spec["options"])
     name = spec["engine"]
     rec = Recorder(spec["rows_path"], name, o.device, set(o.phases))
-    dist = distributed.setup(o, name, rec)  # None unless launched on several ranks
+    dist = distributed.setup(o, spec["engine_index"], rec)  # None unless on several ranks
     if o.threads:
         torch.set_num_threads(o.threads)
     _import_libraries(o, name)
@@ -343,7 +343,7 @@ def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
     try:
-        code = run(spec)
+        code = run_engine_process(spec)
     except Exception as e:  # noqa: BLE001 - recorded as the engine's failure, then re-raised
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         append_jsonl(spec["rows_path"], dict(event="status", engine=spec["engine"],

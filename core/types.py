@@ -141,7 +141,6 @@ class RunConfig:
     zero_stage: int = -1           # -1: plain torch training; 0..3: DeepSpeed ZeRO
     offload: bool = False
     grad_ckpt: bool = False
-    inference_tp: int = 1          # ds-inference: tensor-parallel ranks that generate together
     dtype: str = "float32"
     device: str = "cpu"
     train: bool = True             # False: nothing trains (a generation-only run), so no

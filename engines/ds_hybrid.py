@@ -24,11 +24,11 @@ from .ds_inference import kernel_blocker
 from .hf import hf_generate
 
 
-def hybrid_config(cfg: RunConfig) -> dict:
+def hybrid_config(cfg: RunConfig, inference_tp: int) -> dict:
     """DeepSpeed-Chat's `hybrid_engine` section (its step-3 defaults)."""
     return {"enabled": True,
             "max_out_tokens": cfg.prompt_len + cfg.gen.gen_len,
-            "inference_tp_size": cfg.inference_tp,
+            "inference_tp_size": inference_tp,
             "release_inference_cache": False,
             "pin_parameters": True,
             "tp_gather_partition_size": 8}
@@ -57,8 +57,8 @@ class DSHybridEngine:
                                     f"{blocker}")
         self.models = models
         self.cfg = cfg if cfg.zero_stage >= 0 else cfg.replace(zero_stage=0)
-        state, self.opts = zero.init_state(models, self.cfg,
-                                           actor_extra={"hybrid_engine": hybrid_config(cfg)})
+        section = hybrid_config(cfg, self.inference_tp)
+        state, self.opts = zero.init_state(models, self.cfg, actor_extra={"hybrid_engine": section})
         self.actor = self.opts[0]
         if not self.actor._inference_containers:
             raise EngineUnavailable(f"DeepSpeed's Hybrid Engine has no inference policy for "

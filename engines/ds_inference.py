@@ -107,7 +107,7 @@ class DSInferenceEngine:
                    "not with LoRA adapters" if cfg.lora_dim else kernel_blocker(models.actor))
         self.inject = why_not is None
         self.note = f"no kernel injection: {why_not}" if why_not else ""
-        self.tp = cfg.inference_tp
+        self.tp = self.inference_tp
         self.group = tp_group(self.tp) if self.tp > 1 else None
         # Copy before ZeRO-3 partitions the training module in place. Kernel injection builds
         # its own layout from this copy, so there it waits on the host: one copy on the device.

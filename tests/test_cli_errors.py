@@ -345,9 +345,9 @@ def test_bare_compare_threshold_of_one_or_more_is_refused(value, saved_run, caps
 
 
 def test_resume_with_other_code_is_refused(saved_run, capsys, monkeypatch):
-    import bench.harness
-    here = bench.harness.environment  # a fixed commit: the test must not depend on a .git
-    monkeypatch.setattr(bench.harness, "environment",
+    import bench.machine
+    here = bench.machine.environment  # a fixed commit: the test must not depend on a .git
+    monkeypatch.setattr(bench.machine, "environment",
                         lambda: dict(here(), git_commit="fedcba9876543210" * 2 + "01234567"))
     data = json.loads((saved_run / "results.json").read_text())
     data["env"] = dict(git_commit="0123456789abcdef0123456789abcdef01234567")

@@ -23,7 +23,7 @@ pytest.importorskip("deepspeed")
 
 import engines  # noqa: E402
 from bench import distributed  # noqa: E402
-from bench.config import BenchOptions, ConfigError  # noqa: E402
+from bench.options import BenchOptions, ConfigError  # noqa: E402
 from conftest import make_bundle, make_cfg, make_prompts  # noqa: E402
 from core.engine import EngineUnavailable  # noqa: E402
 from core.step import ppo_step  # noqa: E402

@@ -97,6 +97,30 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
         for step in (1, 2, 3):
             assert f"{name}: step {step} of 3" in p.stderr, p.stderr
         assert f"{name}: ok" in p.stderr
+    # a multi-rank run's process group per engine takes its port from the run's engine list
+    assert [json.loads((out / "engines" / f"{name}.spec.json").read_text())["engine_index"]
+            for name in ("hf", "hybrid")] == [0, 1]
+
+
+def test_an_engines_ranks_meet_on_the_port_of_its_place_in_the_run(monkeypatch):
+    """MASTER_PORT + 1 + the engine's place in the run's list: registering an engine moves no
+    other engine's port, and successive engines never share a rendezvous."""
+    import types
+
+    import torch.distributed as dist
+
+    from bench import distributed
+    from bench.options import BenchOptions
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(k, v)
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **kw: seen.append(os.environ["MASTER_PORT"]))
+    rec = types.SimpleNamespace(held=None)
+    for index in (0, 3):
+        monkeypatch.setenv("MASTER_PORT", "29600")
+        assert distributed.setup(BenchOptions(threads=1), index, rec) is not None
+    assert seen == ["29601", "29604"] and rec.held == []
 
 
 def test_report_reprints_and_plots(two_engine_run):
@@ -211,7 +235,7 @@ def test_compare_notes_runs_from_other_machines_or_software(two_engine_run, tmp_
 
 def test_workload_differences_skip_options_older_results_lack():
     from bench.compare import workload_differences
-    from bench.config import BenchOptions
+    from bench.options import BenchOptions
     now = BenchOptions().to_dict()
     old = {k: v for k, v in now.items() if k not in ("lora_mode", "inference_tp")}
     assert workload_differences({"options": old}, {"options": now}) == []
@@ -222,7 +246,7 @@ def test_workload_differences_skip_options_older_results_lack():
 
 
 def test_resume_refusals_name_whole_machine_strings_and_every_work_option(tmp_path):
-    from bench.config import BenchOptions, ConfigError
+    from bench.options import BenchOptions, ConfigError
     from bench.harness import check_same_setup, resumable
     with pytest.raises(ConfigError, match=r"cpu Intel\(R\) Xeon\(R\) Gold 6148 -> Intel\(R\) "
                                           r"Xeon\(R\) Gold 6248"):
@@ -283,7 +307,7 @@ def test_killed_engine_is_failed_and_the_other_keeps_its_rows(tmp_path):
 
 
 def test_time_budget_shares_what_is_left():
-    from bench.config import BenchOptions
+    from bench.options import BenchOptions
     from bench.harness import engine_limit
     o = BenchOptions(time_budget=400)
     assert engine_limit(o, spent=0, left=4) == 100
@@ -455,7 +479,7 @@ def test_memory_baseline_comes_after_the_lazy_imports():
     and drawing sampling noise through the CPU kernels must then load (almost) no new modules,
     or library code (the kernels' loader: ~90 modules) would count as the run's memory."""
     code = ("import sys, torch\n"
-            "from bench.config import BenchOptions\n"
+            "from bench.options import BenchOptions\n"
             "from bench.worker import _import_libraries\n"
             "from core.models import build_bundle\n"
             "from core.rng import gumbel\n"
@@ -586,7 +610,7 @@ def test_generation_only_runs_hold_no_optimiser_state(engine):
     """--phases generate trains nothing, so the engines that train with torch skip Adam's
     moments (8-12 bytes a parameter: opt-1.3b's bundle then fits where it did not)."""
     import engines
-    from bench.config import BenchOptions
+    from bench.options import BenchOptions
     from core.models import build_bundle
     from core.types import Experience
     gen_only = BenchOptions(phases=("generate",)).run_config()
@@ -609,7 +633,7 @@ def test_generation_only_bundle_is_the_actor_alone(engine):
     engine generates from it as from the full bundle, and scoring (which needs reference,
     critic and reward) says in one line why it cannot."""
     import engines
-    from bench.config import BenchOptions
+    from bench.options import BenchOptions
     from core.data import synthetic_prompts
     from core.models import build_bundle
     from engines.common import actor_logprobs
@@ -648,7 +672,7 @@ def test_sweep_config_file_takes_the_sweep_axes(tmp_path, monkeypatch):
     """A sweep's TOML holds its grid too (strings or lists); flags override it."""
     import bench.sweep
     from bench import cli as bench_cli
-    from bench.config import ConfigError
+    from bench.options import ConfigError
     seen = {}
     monkeypatch.setattr(bench.sweep, "sweep", lambda o, **axes: seen.update(o=o, **axes) or 0)
     cfg = tmp_path / "sweep.toml"
