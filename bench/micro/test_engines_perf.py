@@ -1,7 +1,7 @@
 """pytest-benchmark timings of generate and train_step per engine (run by `make perf`).
 
 Timings never decide pass/fail in the test suite; here pytest-benchmark records them, and
-`--benchmark-compare-fail` gates them against a saved run (see README).
+`--benchmark-compare-fail` gates them against a saved run (see README, "Gating in CI").
 """
 from __future__ import annotations
 
