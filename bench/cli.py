@@ -144,8 +144,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_project(args) -> int:
-    from .projection import model as project
-    return project.run(args)
+    from .projection.cli import run_projection
+    return run_projection(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -177,8 +177,8 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     pj = sub.add_parser("project", help="predict PPO step time on GPU clusters")
     try:
-        from .projection import model as project
-        project.add_arguments(pj)
+        from .projection.cli import add_arguments
+        add_arguments(pj)
     except ImportError:
         pass
     pj.set_defaults(func=cmd_project)

@@ -4,13 +4,16 @@ Counts are matmul FLOPs (2 per multiply-add): the linear layers and the two atte
 (QK^T and AV). The vocabulary projection is counted only where logits are computed: the last
 prompt position in prefill (generate keeps one), each decode step, and the G+1 positions that
 scoring and training keep (engines/common.answer_logits). Norms, softmax and elementwise work
-are left out; they are a few percent at these sizes.
+are left out; they are a few percent at these sizes. The harness counts a live model's shape
+(shape_of); the scale projection builds the same Shape from an architecture
+(bench/projection/counts.flop_shape), so an efficiency measured here means the same there.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class Shape(NamedTuple):
@@ -23,6 +26,7 @@ class Shape(NamedTuple):
 
 
 def shape_of(model: nn.Module, config) -> Shape:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
     lin = head = nbytes = 0
     head_mod = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -62,24 +66,40 @@ def generate_flops(s: Shape, batch: int, prompt: int, gen: int) -> int:
     return total
 
 
-def score_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
+def score_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int,
+                reference: Shape | None = None) -> int:
     """Actor and reference log-probs (logits at the G+1 answer-emitting positions), critic
-    values and reward: four forwards of P+G tokens."""
+    values and reward: four forwards of P+G tokens. The reference is the actor's shape unless
+    given (an actor with LoRA adapters scores against its base)."""
     T = prompt + gen
-    return 2 * (forward_flops(actor, batch, T, logits=gen + 1)
-                + forward_flops(critic, batch, T, logits=0))
+    return (forward_flops(actor, batch, T, logits=gen + 1)
+            + forward_flops(actor if reference is None else reference, batch, T, logits=gen + 1)
+            + 2 * forward_flops(critic, batch, T, logits=0))
 
 
-def train_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int) -> int:
-    """Forward + backward (~3 forwards) of actor and critic over P+G tokens."""
+def train_flops(actor: Shape, critic: Shape, batch: int, prompt: int, gen: int, *,
+                recompute: bool = False, trained: int | None = None) -> int:
+    """Forward + backward of actor and critic over P+G tokens: the backward is a forward's worth
+    of activation grads and one of weight grads (the 6N per token rule: ~3 forwards). `trained`:
+    only that many of the actor's weights take weight grads (LoRA adapters on a frozen base,
+    counted in actor.linear_params), 2 FLOPs each per token. `recompute`: activation
+    checkpointing runs each forward once more."""
     T = prompt + gen
-    return 3 * (forward_flops(actor, batch, T, logits=gen + 1)
-                + forward_flops(critic, batch, T, logits=0))
+    fa = forward_flops(actor, batch, T, logits=gen + 1)
+    fc = forward_flops(critic, batch, T, logits=0)
+    weight_grads = fa if trained is None else 2 * trained * batch * T
+    return (2 + recompute) * (fa + fc) + weight_grads + fc
 
 
 def kv_bytes(s: Shape, batch: int, ctx: int, dtype_bytes: int) -> int:
     """Bytes of K and V cached for `ctx` positions, all layers."""
-    return 2 * s.n_layers * batch * ctx * s.kv_width * dtype_bytes
+    return batch * ctx * 2 * s.n_layers * s.kv_width * dtype_bytes
+
+
+def decode_step_bytes(s: Shape, batch: int, ctx: int, dtype_bytes: int) -> int:
+    """Bytes one decode step reads: every weight once (shared by the batch) + each row's KV
+    cache of `ctx` earlier positions."""
+    return s.weight_bytes + kv_bytes(s, batch, ctx, dtype_bytes)
 
 
 def decode_roofline_s(s: Shape, batch: int, prompt: int, gen: int, dtype_bytes: int,
@@ -89,6 +109,6 @@ def decode_roofline_s(s: Shape, batch: int, prompt: int, gen: int, dtype_bytes: 
     total = forward_flops(s, batch, prompt, logits=1) / peak_flops
     for t in range(gen - 1):
         ctx = prompt + t
-        step_bytes = s.weight_bytes + kv_bytes(s, batch, ctx, dtype_bytes)
+        step_bytes = decode_step_bytes(s, batch, ctx, dtype_bytes)
         total += max(step_bytes / mem_bw, forward_flops(s, batch, 1, past=ctx) / peak_flops)
     return total

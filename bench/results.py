@@ -26,6 +26,18 @@ def row(engine: str, step: int, phase: str, metric: str, value: float, unit: str
                 unit=unit)
 
 
+def int_list(text: str, what: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16], empty items skipped; anything else a one-line ValueError naming
+    `what` (an option's list as typed: sweep's --batches, project's --gpus)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []   # not integers: the same error as none at all
+    if not values:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}")
+    return values
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

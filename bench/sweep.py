@@ -10,16 +10,12 @@ import pandas as pd
 from .harness import check_model, check_out_folder, fair_share, run_benchmark
 from .options import ConfigError
 from .report import plot_sweep, summarize
-from .results import atomic_write_csv, load_results
+from .results import atomic_write_csv, int_list, load_results
 
 
 def _ints(text: str, default: int) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()] if text else [default]
-    except ValueError:
-        vals = []  # not integers: the same error as none at all
-    if not vals:
-        raise ConfigError(f"expected comma-separated integers, got {text!r}")
+    """A sweep axis: each value once, in order, at least 1; the run's own value when none."""
+    vals = int_list(text, "sweep values") if text else [default]
     if any(v < 1 for v in vals):
         raise ConfigError(f"sweep values must be at least 1, got {text!r}")
     return list(dict.fromkeys(vals))

@@ -1,5 +1,5 @@
-"""Scale projection (bench/projection/model.py): hand counts on a toy shape, the DeepSpeed-Chat calibration,
-and the command line. Pure arithmetic: the whole file runs in a few seconds on CPU."""
+"""Scale projection (bench/projection/): hand counts on a toy shape, the DeepSpeed-Chat
+calibration, and the command line. Pure arithmetic: the whole file runs in a few seconds on CPU."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,18 @@ import dataclasses
 import pandas as pd
 import pytest
 
+from bench.flops import Shape, decode_step_bytes, forward_flops, kv_bytes, train_flops
+from bench.projection import counts as C
 from bench.projection import model as P
-from bench.projection.presets import GPUS, MODELS, Efficiency, Gpu, Shape
+from bench.projection.calibration import calibration_table
+from bench.projection.cli import (add_arguments, configs_from_args, format_projection, main,
+                                  run_projection)
+from bench.projection.measured import load_efficiency
+from bench.projection.presets import ENGINES, GPUS, MODELS, Arch, Efficiency, Gpu
 
 # A toy OPT-like shape small enough to count by hand: L=2, d=8, ffn=32, V=16, 16 positions.
-TOY = Shape("toy", layers=2, d_model=8, heads=2, ffn=32, vocab=16, positions=16)
+TOY = Arch("toy", layers=2, d_model=8, heads=2, ffn=32, vocab=16, positions=16)
+NO_CRITIC = Shape(0, 0, 0, 0, 0, 0)   # a forward of nothing: train_flops of the actor alone
 # Round-number hardware: 1 TFLOP/s, 1 GB/s HBM, 0.1 GB/s NVLink.
 TOY_GPU = Gpu("toy-gpu", bf16_flops=1e12, hbm_bw=1e9, memory=1e9, nvlink_bw=1e8, ib_bw=1e7,
               pcie_bw=1e9, host_bw=1e9)
@@ -35,7 +42,7 @@ def toy(monkeypatch):
 
 def _args(**kw) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    P.add_arguments(parser)
+    add_arguments(parser)
     argv = []
     for key, value in kw.items():
         argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
@@ -47,39 +54,39 @@ def _args(**kw) -> argparse.Namespace:
 def test_param_counts_match_hugging_face_opt():
     # sum(p.numel()) of transformers' OPTForCausalLM built from the real configs (checked once
     # on the meta device; not repeated here to keep the test free of a 6 s import)
-    assert P.param_count(MODELS["opt-350m"]) == 331_196_416
-    assert P.param_count(MODELS["opt-1.3b"]) == 1_315_758_080
+    assert C.param_count(MODELS["opt-350m"]) == 331_196_416
+    assert C.param_count(MODELS["opt-1.3b"]) == 1_315_758_080
     # per layer 4*64 + 2*8*32 + 9*8 + 32 = 872; 2 layers = 1744; embeddings 16*8 = 128;
     # positions (16+2)*8 = 144; final layernorm 2*8 = 16 -> 2032
-    assert P.param_count(TOY) == 2032
+    assert C.param_count(TOY) == 2032
 
 
 # A toy of the Llama family: grouped-query attention (4 heads, 2 K/V heads: kv width 4), a gated
 # MLP, RMSNorm, no biases, an untied head.
-TOY_LLAMA = Shape("toy-llama", layers=2, d_model=8, heads=4, ffn=12, vocab=16, positions=16,
-                  family="llama", kv_heads=2, tied=False)
+TOY_LLAMA = Arch("toy-llama", layers=2, d_model=8, heads=4, ffn=12, vocab=16, positions=16,
+                 family="llama", kv_heads=2, tied=False)
 
 
 def test_llama_family_counts_by_hand():
     s = TOY_LLAMA
     assert s.kv == 4 and s.gated
     # per layer q, o 8x8 each, k, v 8x4 each, gate, up, down 8x12 each: 128 + 64 + 288 = 480
-    assert P.layer_matmul_params(s) == 480
+    assert C.layer_matmul_params(s) == 480
     # 2 layers x (480 + 2 RMSNorms 2*8) + embedding 16*8 + untied head 16*8 + final norm 8
-    assert P.param_count(s) == 2 * 496 + 128 + 128 + 8
+    assert C.param_count(s) == 2 * 496 + 128 + 128 + 8
     # Qwen2's q, k, v biases add 8 + 4 + 4 per layer; a tied head drops 128
     qwen = dataclasses.replace(s, qkv_bias=True, tied=True)
-    assert P.param_count(qwen) == P.param_count(s) + 2 * 16 - 128
-    assert P.matmul_params(s) == 2 * 480 + 128 and P.matmul_params(qwen) == P.matmul_params(s)
+    assert C.param_count(qwen) == C.param_count(s) + 2 * 16 - 128
+    assert C.matmul_params(s) == 2 * 480 + 128 and C.matmul_params(qwen) == C.matmul_params(s)
     # LoRA r=1: q, o r(8+8) each, k, v r(8+4) each, three MLP matrices r(8+12): 116 per layer
-    assert P.lora_param_count(s, 1) == 232
+    assert C.lora_param_count(s, 1) == 232
     # the cache holds K and V 4 wide: batch 3 x 5 positions x 2 x 2 layers x 4 x 2 bytes
-    assert P.kv_cache_bytes(s, 3, 5) == 480
+    assert kv_bytes(C.flop_shape(s), 3, 5, 2) == 480
     # activations of one token: attention 6*8 + 4*4, norms 4*8, gated MLP 2*8 + 8*12, scores 2*4
     # (no dropout in this family: no masks, and the softmax output alone kept of the scores)
-    assert P.layer_activation_bytes(s, 1, 1) == 6 * 8 + 4 * 4 + 32 + 112 + 2 * 4
+    assert C.layer_activation_bytes(s, 1, 1) == 6 * 8 + 4 * 4 + 32 + 112 + 2 * 4
     # for an OPT shape the general terms are Korthikanti's s b d (34 + 5 a s / d)
-    assert P.layer_activation_bytes(TOY, 3, 5) == 3 * 5 * 8 * (34 + 5 * 2 * 5 / 8)
+    assert C.layer_activation_bytes(TOY, 3, 5) == 3 * 5 * 8 * (34 + 5 * 2 * 5 / 8)
 
 
 def test_llama_family_shapes_match_hugging_face():
@@ -103,9 +110,9 @@ def test_llama_family_shapes_match_hugging_face():
         with torch.device("meta"):
             model = T.AutoModelForCausalLM.from_config(config)
         hf = shape_of(model, config)
-        assert P.param_count(s) == sum(p.numel() for p in model.parameters()), name
-        assert P.matmul_params(s) == hf.linear_params and s.kv == hf.kv_width, name
-        assert P.param_count(s) == published.get(name, P.param_count(s)), name
+        assert C.param_count(s) == sum(p.numel() for p in model.parameters()), name
+        assert C.matmul_params(s) == hf.linear_params and s.kv == hf.kv_width, name
+        assert C.param_count(s) == published.get(name, C.param_count(s)), name
         checked += 1
     assert checked == 8
 
@@ -114,52 +121,55 @@ def test_critic_defaults_to_deepspeed_chats_or_the_actor(capsys):
     assert P.Config(model="opt-13b").critic == "opt-350m"
     assert P.Config(model="llama-3-8b").critic == "llama-3-8b"
     assert P.Config(model="llama-3-70b", critic="llama-3-8b").critic == "llama-3-8b"
-    [cfg] = P.configs_from_args(_args(model="llama-2-13b", critic="llama-2-7b", gpus=8,
-                                      gpu="h200"))
+    [cfg] = configs_from_args(_args(model="llama-2-13b", critic="llama-2-7b", gpus=8,
+                                    gpu="h200"))
     assert cfg.critic == "llama-2-7b"
     # a smaller critic takes less memory and less training time
     own = P.predict(P.Config(model="llama-2-13b", gpus=8, gpu="h200", engine="hybrid"))
     small = P.predict(dataclasses.replace(cfg, engine="hybrid"))
     assert own["critic"] == "llama-2-13b" and small["critic"] == "llama-2-7b"
     assert small["mem_gib"] < own["mem_gib"] and small["train_s"] < own["train_s"]
-    assert P.run(_args(model="llama-3-8b,opt-1.3b", gpus=8)) == 0
+    assert run_projection(_args(model="llama-3-8b,opt-1.3b", gpus=8)) == 0
     out = capsys.readouterr().out
     assert "critic and reward model: llama-3-8b -> llama-3-8b, opt-1.3b -> opt-350m" in out
 
 
 def test_flop_and_byte_counts_by_hand():
     # weights a token multiplies through: 2 * (4*8*8 + 2*8*32) + LM head 16*8 = 1536 + 128
-    assert P.matmul_params(TOY) == 1664
-    assert P.matmul_params(TOY, lm_head=False) == 1536 + 8          # value head: 8 -> 1
+    assert C.matmul_params(TOY) == 1664
+    assert C.matmul_params(TOY, lm_head=False) == 1536 + 8          # value head: 8 -> 1
     # one token, 5 positions: 2*1664 + 4 * L2 * d8 * ctx5 = 3328 + 320
-    assert P.flops_per_token_forward(TOY, 5) == 3648
+    toy = C.flop_shape(TOY)
+    assert forward_flops(toy, 1, 1, past=4) == 3648
     # 3 tokens causal: 2*1664*3 + 4*2*8*(1+2+3) = 9984 + 384, the sum of the three tokens
-    assert P.sequence_forward_flops(TOY, 3) == 10368
-    assert P.sequence_forward_flops(TOY, 3) == sum(P.flops_per_token_forward(TOY, t)
-                                                   for t in (1, 2, 3))
+    assert forward_flops(toy, 1, 3) == 10368
+    assert forward_flops(toy, 1, 3) == sum(forward_flops(toy, 1, 1, past=t - 1)
+                                           for t in (1, 2, 3))
     # the LM head (16*8) kept at 1 of the 3 positions: 10368 - 2 * 128 * 2 = 9856
-    assert P.sequence_forward_flops(TOY, 3, logits=1) == 9856
-    assert P.train_flops(TOY, 3, logits=1) == 4 * 9856
+    assert forward_flops(toy, 1, 3, logits=1) == 9856
+    # (prompt 3, answer 0: logits at 1 position; prompt 1, answer 2: at all 3)
+    assert train_flops(toy, NO_CRITIC, 1, 3, 0, recompute=True) == 4 * 9856
     # train, full + checkpointing: fwd + 2 fwd backward + fwd recompute = 4 * 10368
-    assert P.train_flops(TOY, 3) == 41472
+    assert train_flops(toy, NO_CRITIC, 1, 1, 2, recompute=True) == 41472
     # LoRA r=2, adapters only, no checkpointing: 2 * 10368 + 6 * 576 adapter params * 3 tokens,
     # adapters = L2 * r2 * (4 * (8+8) + 2 * (8+32)) = 4 * 144 = 576
-    assert P.lora_param_count(TOY, 2) == 576
-    assert P.train_flops(TOY, 3, lora_dim=2, ckpt=False) == 20736 + 10368
+    assert C.lora_param_count(TOY, 2) == 576
+    lora = C.flop_shape(TOY, adapters=576)
+    assert train_flops(lora, NO_CRITIC, 1, 1, 2, trained=576) == 20736 + 10368
     # KV cache, batch 3 x 5 positions x (k, v) x 2 layers x d8 x 2 bytes = 960
-    assert P.kv_cache_bytes(TOY, 3, 5) == 960
+    assert kv_bytes(toy, 3, 5, 2) == 960
     # a decode step reads all weights once (1664 * 2 bytes) plus the batch's KV cache
-    assert P.decode_bytes_per_step(TOY, 3, 5) == 3328 + 960
+    assert decode_step_bytes(toy, 3, 5, 2) == 3328 + 960
 
 
 def test_communication_counts_by_hand(toy):
     # one bf16 copy 2032 * 2 = 4064 bytes; each of 4 ranks receives 3/4 of it
-    assert P.zero3_gather_bytes(TOY, 4) == 3048
+    assert C.zero3_gather_bytes(TOY, 4) == 3048
     z3 = toy(gpus=4, zero_stage=3)
     # hf gathers for every forward (prefill + 1 decode step = 2); the hybrids once; ds-inference
     # generates from its own copy; nothing is sharded at stage 2 or on one GPU
-    gathers = [P.generate_gathers(dataclasses.replace(z3, engine=e)) for e in P.ENGINES]
-    assert dict(zip(P.ENGINES, gathers)) == {"hf": 2, "ds-inference": 0, "ds-hybrid": 1,
+    gathers = [P.generate_gathers(dataclasses.replace(z3, engine=e)) for e in ENGINES]
+    assert dict(zip(ENGINES, gathers)) == {"hf": 2, "ds-inference": 0, "ds-hybrid": 1,
                                              "hybrid": 1}
     assert P.generate_gathers(dataclasses.replace(z3, zero_stage=2)) == 0
     assert P.generate_gathers(dataclasses.replace(z3, gpus=1)) == 0
@@ -189,11 +199,10 @@ def test_decode_roofline_and_gathers_by_hand(toy):
     # answers of 48+ tokens: hybrid folds the adapters like DeepSpeed, plus ~4 passes over the
     # decoder weights (1544 of them, no LM head): 4 * 1544 * 2 B at 1 GB/s
     from engines.hybrid import HybridEngine
-    assert P.HYBRID_FOLD_MIN_TOKENS == HybridEngine.LORA_FUSE_MIN_TOKENS
-    long = dict(zero_stage=0, lora_dim=2, gen_len=P.HYBRID_FOLD_MIN_TOKENS)
+    long = dict(zero_stage=0, lora_dim=2, gen_len=HybridEngine.LORA_FUSE_MIN_TOKENS)
     folded, _ = P.generate_time(toy(engine="hybrid", **long), b=1)
     ds, _ = P.generate_time(toy(engine="ds-hybrid", **long), b=1)
-    assert folded == pytest.approx(ds + 4 * P.matmul_params(P.model_shape("toy"), False) * 2 / 1e9)
+    assert folded == pytest.approx(ds + 4 * C.matmul_params(C.model_arch("toy"), False) * 2 / 1e9)
     unfused, _ = P.generate_time(toy(engine="hf", **long), b=1)
     assert unfused > folded
     # ZeRO-3 on 4 GPUs: a gather moves 3048 B over 0.1 GB/s = 3.048e-5 s.
@@ -226,18 +235,18 @@ def test_memory_by_hand(toy):
 # ------------------------------------------------------------------ the calibration
 
 def test_calibration_reproduces_deepspeed_chat_within_1_5x(capsys):
-    assert P.run(_args(calibration=True)) == 0
+    assert run_projection(_args(calibration=True)) == 0
     printed = capsys.readouterr().out
     # assumptions beside each prediction
     for column in ("batch", "zero", "tp", "lora", "offload", "efficiency", "hours",
                    "published_hours", "ratio"):
         assert column in printed.splitlines()[0]
-    df = P.calibration_table()
+    df = calibration_table()
     cal = df[df["set"] == "calibration"]
     assert len(cal) == 9 and (cal["engine"] == "ds-hybrid").all() and cal["fits"].all()
     assert cal["efficiency"].nunique() == 1                   # one set of efficiencies for all rows
     bad = cal[(cal["ratio"] > 1.5) | (cal["ratio"] < 1 / 1.5)]
-    assert bad.empty, P.format_table(bad)
+    assert bad.empty, format_projection(bad)
 
 
 def test_token_arithmetic():
@@ -283,7 +292,8 @@ REQUIRED = ["model", "gpus", "gpu", "engine", "batch", "step_s", "generate_s", "
 
 def test_out_csv_has_the_columns_and_is_written_atomically(tmp_path, capsys):
     out = tmp_path / "sub" / "p.csv"
-    assert P.run(_args(model="opt-13b", gpus="8", engine="hf,ds-hybrid,hybrid", out=out)) == 0
+    args = _args(model="opt-13b", gpus="8", engine="hf,ds-hybrid,hybrid", out=out)
+    assert run_projection(args) == 0
     df = pd.read_csv(out)
     assert set(REQUIRED) <= set(df.columns) and len(df) == 3
     assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv"]     # no temp file left
@@ -294,28 +304,27 @@ def test_sweep_writes_a_png(tmp_path, capsys):
     png = tmp_path / "s.png"
     args = _args(sweep=True, model="opt-1.3b,opt-13b", gpus="1,8,64", engine="hf,hybrid",
                  inference_tp="auto", plot=png, out=tmp_path / "s.csv")
-    assert P.run(args) == 0
+    assert run_projection(args) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(tmp_path / "s.csv")) == 12
 
 
-def _run_dir(tmp_path, rows: str, meta: str = '{"device": "NVIDIA H200"}'):
+def _run_dir(tmp_path, rows: str, meta: str = '{"env": {"gpu": "NVIDIA H200"}}'):
     (tmp_path / "summary.csv").write_text(rows)
-    (tmp_path / "meta.json").write_text(meta)
+    (tmp_path / "results.json").write_text(meta)
     return str(tmp_path)
 
 
 def test_efficiency_read_from_a_harness_run(tmp_path):
     run_dir = _run_dir(tmp_path, "engine,status,gen_s,decode_roofline_frac,train_flops_frac\n"
                                  "hybrid,ok,1.0,0.2,\nhf,ok,2.0,0.1,0.3\n")
-    eff, source = P.load_efficiency(run_dir, "hybrid")
+    eff, source = load_efficiency(run_dir, "hybrid")
     assert eff.decode == 0.2 and eff.train == Efficiency().train and "H200" in source
-    assert P.load_efficiency(run_dir, "ds-hybrid")[1].startswith("defaults for ds-hybrid (")
-    assert "has no ok row" in P.load_efficiency(run_dir, "ds-hybrid")[1]      # said, not hidden
-    # the harness's own results.json stands in for meta.json
-    (tmp_path / "meta.json").unlink()
+    assert load_efficiency(run_dir, "ds-hybrid")[1].startswith("defaults for ds-hybrid (")
+    assert "has no ok row" in load_efficiency(run_dir, "ds-hybrid")[1]      # said, not hidden
+    # the machine is the GPU's where the run had one, else the CPU's
     (tmp_path / "results.json").write_text('{"env": {"cpu": "Xeon"}, "rows": []}')
-    assert "Xeon" in P.load_efficiency(run_dir, "hybrid")[1]
+    assert "Xeon" in load_efficiency(run_dir, "hybrid")[1]
     base = P.Config(model="opt-1.3b", engine="hybrid", batch=16)
     slow = dataclasses.replace(base, eff=eff)
     assert P.predict(slow)["generate_s"] > 2 * P.predict(base)["generate_s"]
@@ -342,7 +351,7 @@ def test_efficiency_read_from_a_harness_run(tmp_path):
 ])
 def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
     with pytest.raises(ValueError, match=match) as err:
-        P.run(_args(**kw))
+        run_projection(_args(**kw))
     assert "\n" not in str(err.value)
 
 
@@ -356,16 +365,16 @@ def test_bad_input_is_a_one_line_value_error(kw, match, capsys):
 def test_bad_efficiency_dir_is_a_one_line_value_error(tmp_path, rows, meta, match):
     run_dir = str(tmp_path / "missing") if rows is None else _run_dir(tmp_path, rows, meta)
     with pytest.raises(ValueError, match=match) as err:
-        P.run(_args(engine="hybrid", efficiency=run_dir))
+        run_projection(_args(engine="hybrid", efficiency=run_dir))
     assert "\n" not in str(err.value)
 
 
 def test_stand_alone_entry_exits_2_on_bad_input(capsys):
     with pytest.raises(SystemExit) as exit_:
-        P.main(["--model", "opt-7b"])
+        main(["--model", "opt-7b"])
     assert exit_.value.code == 2 and "unknown model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        P.main(["--nonsense"])  # a usage mistake: one line, as rlhf-bench project gives
+        main(["--nonsense"])  # a usage mistake: one line, as rlhf-bench project gives
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--nonsense" in err, err
 
@@ -373,7 +382,7 @@ def test_stand_alone_entry_exits_2_on_bad_input(capsys):
 @pytest.mark.parametrize("flag", ["out", "plot"])
 def test_out_or_plot_naming_a_folder_is_refused_up_front(flag, tmp_path, capsys):
     with pytest.raises(ValueError, match=f"--{flag} {tmp_path} is a folder; give a file name"):
-        P.run(_args(model="opt-1.3b", **{flag: tmp_path}))
+        run_projection(_args(model="opt-1.3b", **{flag: tmp_path}))
     assert capsys.readouterr().out == ""   # nothing computed or printed first
 
 
@@ -411,7 +420,8 @@ def test_readme_llama_projection_is_what_its_command_prints(tmp_path, capsys):
     m = re.search(r"`rlhf-bench project (--model llama-3-8b [^`]*)` gives ([\d.]+), ([\d.]+) and "
                   r"([\d.]+) h on 8 H100s .*? and ([\d.]+), ([\d.]+) and ([\d.]+) h on 64", text)
     argv = m.group(1).split() + ["--out", str(tmp_path / "p.csv")]
-    assert P.run(_args(**dict(zip([a[2:].replace("-", "_") for a in argv[::2]], argv[1::2])))) == 0
+    flags = dict(zip([a[2:].replace("-", "_") for a in argv[::2]], argv[1::2]))
+    assert run_projection(_args(**flags)) == 0
     capsys.readouterr()
     df = pd.read_csv(tmp_path / "p.csv")
     got = [f"{h:.2f}" for gpus in (8, 64) for h in df[df.gpus == gpus].total_hours]

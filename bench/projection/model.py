@@ -3,31 +3,29 @@
 One PPO step = generate (prefill + G-1 decode steps) -> sync -> score -> train, on a global batch
 of B prompts (prompt P tokens, answer G tokens) split over `gpus` data-parallel ranks. Each phase
 is priced as FLOPs / (peak * efficiency) or bytes / (bandwidth * efficiency), whichever is larger
-(a roofline); collectives by the bytes each GPU receives over its slowest link. Hardware, shapes,
-efficiencies and DeepSpeed-Chat's calibration rows are data in project_presets.py.
+(a roofline); collectives by the bytes each GPU receives over its slowest link. FLOPs and bytes
+are bench/flops.py's, of the shapes counts.py builds; hardware, shapes, efficiencies and
+DeepSpeed-Chat's calibration rows are data in presets.py.
 Units: FLOPs, bytes, seconds; bf16 = 2 bytes.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-from .presets import (CALIBRATION, CRITIC_MODEL, DEFAULT_EFFICIENCY, ENGINES, GPUS,
-                              HELD_OUT, MAX_GLOBAL_BATCH, MODELS, SWEEP_GPUS, SWEEP_MODELS,
-                              Efficiency, Gpu, Shape)
-from ..results import atomic_write
+from ..flops import decode_step_bytes, forward_flops, kv_bytes, score_flops, train_flops
+from .counts import (BF16, all_gather_bytes, default_critic, flop_shape, layer_activation_bytes,
+                     layer_matmul_params, lora_param_count, matmul_params, model_arch,
+                     param_count, train_activation_bytes, zero3_gather_bytes)
+from .presets import DEFAULT_EFFICIENCY, ENGINES, GPUS, MAX_GLOBAL_BATCH, Efficiency, Gpu
 
-BF16 = 2              # bytes per bf16 value (weights, grads, activations, KV cache, logits)
 ADAM_BYTES = 12       # bytes per trainable param of fp32 master copy + Adam m + v
 ADAM_STEP_BYTES = 36  # HBM bytes per param of a fused Adam step: read fp32 p,m,v + grad, write
                       # p,m,v + the bf16 copy
 HOST_ADAM_BYTES = 30  # host bytes per param of CPU Adam: fp32 p,m,v read + write, fp32 grad, bf16 p
 USABLE_MEMORY = 0.90  # of HBM; CUDA context, NCCL buffers and allocator fragmentation take the rest
-PHASES = ("generate", "sync", "score", "train", "comm")
+STEP_PARTS = ("generate", "sync", "score", "train", "comm")   # a step's seconds, split
 
 
 @dataclass(frozen=True)
@@ -60,149 +58,17 @@ class Config:
         return self.eff or DEFAULT_EFFICIENCY[self.engine]
 
 
-# ------------------------------------------------------------------ counts (hand-checkable)
-
-def default_critic(actor: str) -> str:
-    """DeepSpeed-Chat pairs every OPT actor with an OPT-350m critic and reward model; its Llama-2
-    scripts, like most recipes for other families, start them from the actor's own shape (a
-    critic reads the actor's tokens, so it shares its tokenizer)."""
-    shape = MODELS.get(actor)
-    return CRITIC_MODEL if shape is None or shape.family == "opt" else actor
-
-
-def model_shape(name: str) -> Shape:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name]
-
-
-def layer_matmul_params(s: Shape) -> int:
-    """One layer's linear weights: q and o (d x d), k and v (d x kv; kv = d without grouped-query
-    attention), and the MLP's two matrices (d x ffn; three when gated)."""
-    return 2 * s.d_model ** 2 + 2 * s.d_model * s.kv + (3 if s.gated else 2) * s.d_model * s.ffn
-
-
-def param_count(s: Shape) -> int:
-    """OPT: per layer the linears + 4 d (q,k,v,o biases) + ffn + d (fc1, fc2 biases) + 4 d (2
-    layernorms); token embedding V e (tied with the LM head); positions (P_max + 2) d (OPT offsets
-    them by 2); final layernorm 2 d; OPT-350m's projections 2 e d. Llama family: per layer the
-    linears + 2 d (2 RMSNorms) + d + 2 kv (Qwen2's q,k,v biases); embedding V d, and as much
-    again for an untied head; final RMSNorm d."""
-    d, f, L = s.d_model, s.ffn, s.layers
-    if s.family == "llama":
-        per_layer = layer_matmul_params(s) + 2 * d + (d + 2 * s.kv) * s.qkv_bias
-        return L * per_layer + s.vocab * d * (1 if s.tied else 2) + d
-    n = L * (layer_matmul_params(s) + 9 * d + f) + s.vocab * s.e + (s.positions + 2) * d
-    return n + 2 * d * s.final_norm + (2 * s.e * d if s.e != d else 0)
-
-
-# engines.hybrid.HybridEngine.LORA_FUSE_MIN_TOKENS (tests/test_project.py checks they agree)
-HYBRID_FOLD_MIN_TOKENS = 48
-
-
-def matmul_params(s: Shape, lm_head: bool = True) -> int:
-    """Weights each token multiplies through: every layer's linears, the projections, and the
-    LM head (V e) or a value head (e) for critic and reward models."""
-    proj = 2 * s.e * s.d_model if s.e != s.d_model else 0
-    return s.layers * layer_matmul_params(s) + proj + (s.vocab * s.e if lm_head else s.e)
-
-
-def lora_param_count(s: Shape, r: int) -> int:
-    """LoRA on every decoder linear: q and o add r (d + d), k and v r (d + kv), each MLP matrix
-    (two, or three when gated) r (d + ffn)."""
-    d = s.d_model
-    return s.layers * r * (2 * 2 * d + 2 * (d + s.kv) + (3 if s.gated else 2) * (d + s.ffn))
-
-
-def flops_per_token_forward(s: Shape, ctx: int, lm_head: bool = True) -> float:
-    """One token attending to `ctx` positions: 2 FLOPs per weight, plus per layer 2 d ctx for the
-    scores q.k and 2 d ctx for the weighted sum of values."""
-    return 2 * matmul_params(s, lm_head) + 4 * s.layers * s.d_model * ctx
-
-
-def sequence_forward_flops(s: Shape, seq: int, lm_head: bool = True,
-                           logits: int | None = None) -> float:
-    """Causal forward over `seq` tokens (token t attends to t positions), summed in closed form,
-    with the LM head at `logits` of the positions (all by default): generation keeps the last
-    prompt position's, scoring and training the G+1 that emit answer tokens, as the harness's
-    bench/flops.py counts them, so that efficiencies measured there mean the same here."""
-    head = s.vocab * s.e if lm_head else 0
-    kept = seq if logits is None else logits
-    return (2 * (matmul_params(s, lm_head) - head) * seq + 2 * head * kept
-            + 4 * s.layers * s.d_model * seq * (seq + 1) / 2)
-
-
-def train_flops(s: Shape, seq: int, lora_dim: int = 0, lora_only: bool = True, ckpt: bool = True,
-                lm_head: bool = True, logits: int | None = None) -> float:
-    """Forward + backward for one sequence. Backward = activation grads + weight grads = 2x the
-    forward (the 6N per token rule); LoRA-only training skips the frozen weights' grads (4N);
-    checkpointing recomputes the forward (+2N). Adapters run unfused: 2 per adapter weight per
-    token forward, 6 with backward."""
-    fwd = sequence_forward_flops(s, seq, lm_head, logits)
-    base = fwd * (2 if lora_dim and lora_only else 3) + (fwd if ckpt else 0)
-    return base + (6 + 2 * ckpt) * lora_param_count(s, lora_dim) * seq
-
-
-def kv_cache_bytes(s: Shape, batch: float, seq: int, dtype_bytes: int = BF16) -> float:
-    """Keys and values of every layer for `batch` sequences of `seq` positions (kv wide each)."""
-    return batch * seq * 2 * s.layers * s.kv * dtype_bytes
-
-
-def decode_bytes_per_step(s: Shape, batch: float, ctx: int, dtype_bytes: int = BF16) -> float:
-    """HBM bytes one decode step reads: every weight once (shared by the batch) + each sequence's
-    KV cache of `ctx` earlier positions."""
-    return matmul_params(s) * dtype_bytes + kv_cache_bytes(s, batch, ctx, dtype_bytes)
-
-
-def all_gather_bytes(total_bytes: float, n: int) -> float:
-    """Bytes each of n ranks receives in a ring all-gather of `total_bytes` ((n-1)/n of it);
-    a reduce-scatter moves the same, an all-reduce twice that."""
-    return total_bytes * (n - 1) / n
-
-
-def zero3_gather_bytes(s: Shape, n: int) -> float:
-    """Bytes per GPU to all-gather one full bf16 copy of a ZeRO-3-sharded model over n ranks."""
-    return all_gather_bytes(param_count(s) * BF16, n)
-
-
-def link_bw(gpu: Gpu, ranks: int) -> float:
-    """Slowest link a ring over `ranks` GPUs crosses: NVLink in a node, InfiniBand across nodes."""
-    return gpu.nvlink_bw if ranks <= gpu.per_node else gpu.ib_bw
-
-
 # ------------------------------------------------------------------ memory
-
-def layer_activation_bytes(s: Shape, batch: float, seq: int) -> float:
-    """16-bit activations one layer keeps for backward (Korthikanti et al. 2022): s b d (34 +
-    5 a s / d) bytes for an OPT layer. Their terms, written per width: attention 7 d + 4 kv
-    (K and V are kv wide; one d is the output's dropout mask), 2 norms 4 d, MLP 3 d + 4 ffn,
-    scores 5 a s (softmax output, dropout mask and output). The Llama family has no dropout:
-    attention 6 d + 4 kv, scores 2 a s; its gated MLP keeps its input (2 d) and four ffn-wide
-    tensors (gate, up, the activation, the product: 8 ffn)."""
-    d, f, dropout = s.d_model, s.ffn, s.family == "opt"
-    mlp = 2 * d + 8 * f if s.gated else 3 * d + 4 * f
-    attn = (6 + dropout) * d + 4 * s.kv
-    return batch * seq * (attn + 4 * d + mlp) + (5 if dropout else 2) * s.heads * seq * seq * batch
-
-
-def train_activation_bytes(s: Shape, batch: float, seq: int, ckpt: bool,
-                           lm_head: bool = True) -> float:
-    """Checkpointing keeps each layer's input (2 s b d bytes) + the layer being recomputed;
-    without it every layer's activations stay. Logits: bf16 logits, log-softmax, gradient."""
-    layers = (s.layers * BF16 * batch * seq * s.d_model + layer_activation_bytes(s, batch, seq)
-              if ckpt else s.layers * layer_activation_bytes(s, batch, seq))
-    return layers + (3 * BF16 * s.vocab * batch * seq if lm_head else 0)
-
 
 def memory_per_gpu(cfg: Config, b: float) -> dict[str, float]:
     """Bytes per GPU with b prompts per data-parallel rank: persistent states + the worst phase."""
-    a, c = model_shape(cfg.model), model_shape(cfg.critic)
+    a, c = model_arch(cfg.model), model_arch(cfg.critic)
     n, z, tp = cfg.gpus, cfg.zero_stage, cfg.inference_tp
     seq = cfg.prompt_len + cfg.gen_len
     shard = lambda stage: n if z >= stage else 1       # ZeRO stage k shards its state n ways
     na, nc, nl = param_count(a), param_count(c), lora_param_count(a, cfg.lora_dim)
     trainable = trainable_params(cfg) - nc                 # the actor's share
-    kv = kv_cache_bytes(a, b * tp, seq) / tp               # a TP group generates b * tp prompts
+    kv = kv_bytes(flop_shape(a), b * tp, seq, BF16) / tp  # a TP group generates b * tp prompts
     states = {
         "actor_weights": (na + nl) * BF16 / shard(3),
         "actor_grads": 0.0 if cfg.offload else trainable * BF16 / shard(2),
@@ -258,13 +124,13 @@ def score_comm_bytes(cfg: Config) -> float:
     """ZeRO-3 gathers each of actor, reference, critic and reward once for the scoring forwards."""
     if cfg.zero_stage < 3 or cfg.gpus == 1:
         return 0.0
-    a, c, n = model_shape(cfg.model), model_shape(cfg.critic), cfg.gpus
+    a, c, n = model_arch(cfg.model), model_arch(cfg.critic), cfg.gpus
     return 2 * zero3_gather_bytes(a, n) + 2 * zero3_gather_bytes(c, n)
 
 
 def trainable_params(cfg: Config) -> int:
     """Actor params Adam updates (adapters, plus the base unless LoRA-only) + the critic's."""
-    a, c = model_shape(cfg.model), model_shape(cfg.critic)
+    a, c = model_arch(cfg.model), model_arch(cfg.critic)
     base = 0 if cfg.lora_dim and cfg.lora_only else param_count(a)
     return base + lora_param_count(a, cfg.lora_dim) + param_count(c)
 
@@ -279,8 +145,13 @@ def train_comm_bytes(cfg: Config) -> float:
     grads = all_gather_bytes(trainable_params(cfg) * BF16, n)
     if cfg.zero_stage < 3:
         return 2 * grads
-    a, c = model_shape(cfg.model), model_shape(cfg.critic)
+    a, c = model_arch(cfg.model), model_arch(cfg.critic)
     return grads + (2 + cfg.grad_ckpt) * (zero3_gather_bytes(a, n) + zero3_gather_bytes(c, n))
+
+
+def link_bw(gpu: Gpu, ranks: int) -> float:
+    """Slowest link a ring over `ranks` GPUs crosses: NVLink in a node, InfiniBand across nodes."""
+    return gpu.nvlink_bw if ranks <= gpu.per_node else gpu.ib_bw
 
 
 # ------------------------------------------------------------------ time per phase
@@ -296,6 +167,15 @@ def _comm_s(cfg: Config, nbytes: float, calls: int) -> float:
     return nbytes / (link_bw(GPUS[cfg.gpu], cfg.gpus) * e.comm) + calls * e.collective_latency_s
 
 
+def hybrid_folds_lora(cfg: Config) -> bool:
+    """Whether `hybrid` folds the LoRA adapters into the weights for this generate: for answers
+    of the engine's own LORA_FUSE_MIN_TOKENS or more."""
+    if cfg.engine != "hybrid" or cfg.lora_dim == 0:
+        return False
+    from engines.hybrid import HybridEngine   # imports torch: only where the answer depends on it
+    return cfg.gen_len >= HybridEngine.LORA_FUSE_MIN_TOKENS
+
+
 def generate_time(cfg: Config, b: float) -> tuple[float, float]:
     """(seconds of generation work, seconds of exposed communication) for one generate.
 
@@ -305,12 +185,12 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
     plus the generate loop's host work. `hf`'s per-layer gathers are prefetched during the step,
     so only their excess over it is exposed; the gather-once of `hybrid` / `ds-hybrid` blocks.
     LoRA adapters: DeepSpeed fuses them into the weights for generation, and so does `hybrid`
-    for answers of HYBRID_FOLD_MIN_TOKENS or more (folding and restoring cost ~4 passes over the
+    for answers of its LORA_FUSE_MIN_TOKENS or more (folding and restoring cost ~4 passes over the
     adapted weights per generate); `hf` (PEFT), and `hybrid` for shorter answers, run them
     unfused, reading their weights and paying 2 FLOPs per adapter weight."""
-    a, gpu, e, tp = model_shape(cfg.model), GPUS[cfg.gpu], cfg.efficiency, cfg.inference_tp
-    bg, P = b * tp, cfg.prompt_len
-    folds = cfg.engine == "hybrid" and cfg.lora_dim > 0 and cfg.gen_len >= HYBRID_FOLD_MIN_TOKENS
+    a, gpu, e, tp = model_arch(cfg.model), GPUS[cfg.gpu], cfg.efficiency, cfg.inference_tp
+    s, bg, P = flop_shape(a), b * tp, cfg.prompt_len
+    folds = hybrid_folds_lora(cfg)
     unfused = cfg.engine == "hf" or (cfg.engine == "hybrid" and not folds)
     adapters = lora_param_count(a, cfg.lora_dim) if unfused else 0
     gather = _comm_s(cfg, zero3_gather_bytes(a, cfg.gpus), a.layers)
@@ -327,11 +207,10 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
         return t, comm
 
     # prefill reads the weights once for P tokens per prompt; it yields answer token 1
-    work, comm = step(bg * sequence_forward_flops(a, P, logits=1), matmul_params(a) * BF16,
-                      bg * P)
+    work, comm = step(bg * forward_flops(s, 1, P, logits=1), s.weight_bytes, bg * P)
     for j in range(1, cfg.gen_len):   # decode step j feeds answer token j, P + j - 1 cached
-        t, c = step(bg * flops_per_token_forward(a, P + j),
-                    decode_bytes_per_step(a, bg, P + j - 1), bg)
+        t, c = step(bg * forward_flops(s, 1, 1, past=P + j - 1),
+                    decode_step_bytes(s, bg, P + j - 1, BF16), bg)
         work, comm = work + t, comm + c
     if folds:  # read + write the adapted weights to fold, and again to restore
         work += _roofline(0.0, 4 * matmul_params(a, lm_head=False) * BF16 / tp, gpu, e.prefill,
@@ -346,7 +225,7 @@ def sync_time(cfg: Config) -> float:
     then copy its 1/tp of the bf16 weights (an HBM read + write)."""
     if cfg.engine != "ds-inference":
         return 0.0
-    a, gpu, e = model_shape(cfg.model), GPUS[cfg.gpu], cfg.efficiency
+    a, gpu, e = model_arch(cfg.model), GPUS[cfg.gpu], cfg.efficiency
     t = 2 * param_count(a) * BF16 / cfg.inference_tp / (gpu.hbm_bw * e.decode)
     if cfg.zero_stage == 3 and cfg.gpus > 1:
         t += _comm_s(cfg, zero3_gather_bytes(a, cfg.gpus), a.layers)
@@ -357,11 +236,10 @@ def score_time(cfg: Config, b: float) -> tuple[float, float]:
     """No-grad forwards over P + G tokens of actor and reference (LM heads, adapters unfused),
     critic and reward (value heads). ZeRO-3 gathers overlap the forwards (prefetch): only what
     exceeds the compute is exposed."""
-    a, c, gpu, e = model_shape(cfg.model), model_shape(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
-    seq = cfg.prompt_len + cfg.gen_len
-    flops = b * (2 * sequence_forward_flops(a, seq, logits=cfg.gen_len + 1)
-                 + 2 * sequence_forward_flops(c, seq, False)
-                 + 2 * lora_param_count(a, cfg.lora_dim) * seq)
+    a, c, gpu, e = model_arch(cfg.model), model_arch(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
+    actor = flop_shape(a, adapters=lora_param_count(a, cfg.lora_dim))
+    flops = b * score_flops(actor, flop_shape(c, lm_head=False), 1, cfg.prompt_len, cfg.gen_len,
+                            reference=flop_shape(a))
     work = flops / (gpu.bf16_flops * e.score)
     nbytes = score_comm_bytes(cfg)
     comm = _comm_s(cfg, nbytes, 2 * (a.layers + c.layers)) if nbytes else 0.0
@@ -372,12 +250,11 @@ def train_time(cfg: Config, b: float) -> tuple[float, float]:
     """Actor and critic forward + backward (+ recompute) over P + G tokens, then Adam: fused on
     the GPU, or under ZeRO-Offload grads down and bf16 weights up over PCIe while the node's
     CPUs run Adam. Communication overlaps the backward; only the excess is exposed."""
-    a, c, gpu, e = model_shape(cfg.model), model_shape(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
-    n = cfg.gpus
-    seq = cfg.prompt_len + cfg.gen_len
-    flops = b * (train_flops(a, seq, cfg.lora_dim, cfg.lora_only, cfg.grad_ckpt,
-                             logits=cfg.gen_len + 1)
-                 + train_flops(c, seq, ckpt=cfg.grad_ckpt, lm_head=False))
+    a, c, gpu, e = model_arch(cfg.model), model_arch(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
+    n, adapters = cfg.gpus, lora_param_count(a, cfg.lora_dim)
+    flops = b * train_flops(flop_shape(a, adapters=adapters), flop_shape(c, lm_head=False), 1,
+                            cfg.prompt_len, cfg.gen_len, recompute=cfg.grad_ckpt,
+                            trained=adapters if cfg.lora_dim and cfg.lora_only else None)
     per_rank = trainable_params(cfg) / (n if cfg.zero_stage >= 1 else 1)
     if cfg.offload:
         adam = (2 * BF16 * per_rank / (gpu.pcie_bw * e.pcie)
@@ -393,16 +270,16 @@ def train_time(cfg: Config, b: float) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ one prediction
 
-def validate(cfg: Config) -> Config:
+def check_config(cfg: Config) -> Config:
     """Raise ValueError (one line) for a configuration the model cannot price."""
-    actor, critic = model_shape(cfg.model), model_shape(cfg.critic)
+    actor, critic = model_arch(cfg.model), model_arch(cfg.critic)
     if cfg.gpu not in GPUS:
         raise ValueError(f"unknown gpu {cfg.gpu!r}; choose from {', '.join(GPUS)}")
     if cfg.engine not in ENGINES:
         raise ValueError(f"unknown engine {cfg.engine!r}; choose from {', '.join(ENGINES)}")
     if not 1 <= cfg.gpus <= 100_000 or cfg.zero_stage not in (0, 1, 2, 3) or cfg.lora_dim < 0:
         raise ValueError("need --gpus from 1 to 100,000, --zero-stage in 0..3 and --lora-dim >= 0")
-    width = min(actor.d_model, actor.e)                    # as `run` checks
+    width = min(actor.d_model, actor.e)                    # as `rlhf-bench run` checks
     if cfg.lora_dim > width:
         raise ValueError(f"--lora-dim {cfg.lora_dim} is larger than {cfg.model}'s layer width "
                          f"{width}")
@@ -430,7 +307,7 @@ def validate(cfg: Config) -> Config:
 def predict(cfg: Config) -> dict:
     """One row: the batch, seconds per phase of one PPO step, hours for the token budget, and the
     assumptions it rests on."""
-    validate(cfg)
+    check_config(cfg)
     batch = cfg.batch if cfg.batch is not None else largest_batch(cfg)
     b = batch / cfg.gpus                                   # prompts per data-parallel rank
     row = dict(model=cfg.model, critic=cfg.critic, gpus=cfg.gpus, gpu=cfg.gpu, engine=cfg.engine,
@@ -438,7 +315,7 @@ def predict(cfg: Config) -> dict:
                lora_dim=cfg.lora_dim, lora_only=cfg.lora_only, grad_ckpt=cfg.grad_ckpt,
                offload=cfg.offload, fits=batch > 0 and memory_fit(cfg, b),
                mem_gib=round(memory_per_gpu(cfg, max(b, 1))["total"] / 2 ** 30, 1))
-    times = dict.fromkeys(PHASES, math.nan)
+    times = dict.fromkeys(STEP_PARTS, math.nan)
     if batch > 0:
         gen, gen_comm = generate_time(cfg, b)
         score, score_comm = score_time(cfg, b)
@@ -460,255 +337,3 @@ def auto_tp(cfg: Config) -> int:
         return 1
     options = [t for t in (1, 2, 4, 8) if cfg.gpus % t == 0 and t <= GPUS[cfg.gpu].per_node]
     return max(options, key=lambda t: (largest_batch(dataclasses.replace(cfg, inference_tp=t)), -t))
-
-
-# ------------------------------------------------------------------ measured efficiencies
-
-# harness summary.csv column -> Efficiency field (achieved fraction of that phase's roofline)
-EFFICIENCY_COLUMNS = {"prefill_flops_frac": "prefill", "prefill_roofline_frac": "prefill",
-                      "decode_roofline_frac": "decode", "score_flops_frac": "score",
-                      "score_roofline_frac": "score", "train_flops_frac": "train",
-                      "train_roofline_frac": "train"}
-
-
-def load_efficiency(run_dir: str, engine: str) -> tuple[Efficiency, str]:
-    """Efficiencies for `engine` from a harness results dir: summary.csv plus meta.json (or the
-    harness's results.json) for the machine. Measured fractions where the run has them,
-    documented defaults for the rest."""
-    import pandas as pd
-    root = Path(run_dir)
-    meta_path = root / "meta.json" if (root / "meta.json").exists() else root / "results.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        table = pd.read_csv(root / "summary.csv")
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise ValueError(f"--efficiency {run_dir}: cannot read summary.csv and meta.json "
-                         f"({type(err).__name__})") from None
-    if not isinstance(meta, dict) or "engine" not in table.columns:
-        raise ValueError(f"--efficiency {run_dir}: meta.json must be an object and summary.csv "
-                         "needs an 'engine' column")
-    rows = table[table["engine"].astype(str) == engine]
-    if "status" in rows.columns:
-        rows = rows[rows["status"].astype(str).str.startswith("ok")]
-    eff, found = DEFAULT_EFFICIENCY[engine], []
-    for col, fieldname in EFFICIENCY_COLUMNS.items():
-        if rows.empty or col not in rows.columns:
-            continue
-        value = pd.to_numeric(rows[col], errors="coerce").median()
-        if math.isnan(value):
-            continue
-        if not 0 < value <= 1.05:   # a measured fraction above 1 by more than noise is wrong
-            raise ValueError(f"--efficiency {run_dir}: {col}={value:g} for {engine} "
-                             "is not a fraction in (0, 1]")
-        eff = dataclasses.replace(eff, **{fieldname: min(value, 1.0)})
-        found.append(fieldname)
-    if "decode" in found:   # a measured decode fraction already contains launch and loop costs
-        eff = dataclasses.replace(eff, launch_s=0.0, token_sync_s=0.0)
-    env = meta.get("env") if isinstance(meta.get("env"), dict) else meta
-    device = env.get("device") or env.get("gpu") or env.get("cpu") or "unknown device"
-    if not isinstance(device, str):
-        device = "unknown device"
-    if not found:   # said where it is printed: the user asked for measured efficiencies
-        why = "no ok row" if rows.empty else "no efficiency columns in its ok row"
-        return eff, f"defaults for {engine} ({root.name} has {why})"
-    return eff, f"{root.name} ({device}): {', '.join(found)}"
-
-
-# ------------------------------------------------------------------ calibration
-
-def _fit_per_gpu(cfg: Config, per_gpu: int) -> Config:
-    """Halve the prompts per GPU until they fit (DeepSpeed-Chat's rule: the largest that fits)."""
-    while per_gpu > 1 and not memory_fit(cfg, per_gpu):
-        per_gpu //= 2
-    return dataclasses.replace(cfg, batch=per_gpu * cfg.gpus)
-
-
-def held_out_config(gpus: int, gpu: str, model: str) -> Config:
-    """The one rule the held-out rows are priced with (see HELD_OUT in project_presets)."""
-    cfg = Config(model=model, gpus=gpus, gpu=gpu, engine="ds-hybrid", lora_dim=128, lora_only=False)
-    for offload in (False, True):
-        cfg = dataclasses.replace(cfg, offload=offload)
-        cfg = dataclasses.replace(cfg, inference_tp=auto_tp(cfg))
-        if memory_fit(cfg, 1):
-            break
-    return _fit_per_gpu(cfg, min(16, MAX_GLOBAL_BATCH // gpus))
-
-
-def calibration_table():
-    """DeepSpeed-Chat's published step-3 hours beside our `ds-hybrid` predictions: the calibration
-    rows (per-row script settings) and the held-out rows (one rule)."""
-    import pandas as pd
-    rows = []
-    for gpus, gpu, model, hours, settings, script in CALIBRATION:
-        settings = dict(settings)
-        per_gpu = settings.pop("per_gpu")
-        cfg = Config(model=model, gpus=gpus, gpu=gpu, engine="ds-hybrid", lora_only=False,
-                     **settings)
-        rows.append((_fit_per_gpu(cfg, per_gpu), hours, "calibration", script))
-    for gpus, gpu, model, hours in HELD_OUT:
-        rows.append((held_out_config(gpus, gpu, model), hours, "held out", "one rule"))
-    out = []
-    for cfg, hours, kind, note in rows:
-        r = predict(cfg)
-        out.append({**r, "published_hours": hours, "ratio": r["total_hours"] / hours,
-                    "set": kind, "settings": note})
-    return pd.DataFrame(out)
-
-
-# ------------------------------------------------------------------ command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `rlhf-bench project`. --model, --gpus and --engine take comma-separated lists."""
-    a = parser.add_argument
-    a("--model", default=None,
-      help=f"actor(s): {', '.join(MODELS)} (default opt-1.3b; --sweep: 1.3b..175b)")
-    a("--gpus", default=None, help="GPU count(s) (default 1; --sweep: 1,2,4,...,64)")
-    a("--gpu", default="a100-80g", help=f"one of {', '.join(GPUS)}")
-    a("--engine", default="ds-hybrid", help=f"engine(s): {', '.join(ENGINES)}")
-    a("--critic", default=None, help="critic and reward model (default: opt-350m for OPT actors, "
-      "as DeepSpeed-Chat; the actor's own shape for the others)")
-    a("--zero-stage", type=int, default=3, help="ZeRO stage of actor and critic training (0-3)")
-    a("--inference-tp", default="1", help="tensor-parallel degree of generation, or 'auto'")
-    a("--lora-dim", type=int, default=0, help="LoRA rank; > 0 trains only the adapters")
-    a("--offload", action="store_true", help="ZeRO-Offload: Adam states in host memory, CPU Adam")
-    a("--no-grad-ckpt", action="store_true", help="no activation checkpointing")
-    a("--tokens", type=float, default=135e6, help="token budget, prompt + answer tokens")
-    a("--prompt-len", type=int, default=256)
-    a("--gen-len", type=int, default=256)
-    a("--batch", type=int, default=None, help="global batch, prompts (default: largest that fits)")
-    a("--efficiency", default=None, metavar="RUN_DIR",
-      help="harness results dir (summary.csv, meta.json) to read achieved efficiencies from")
-    a("--sweep", action="store_true", help="OPT 1.3B..175B x 1..64 GPUs")
-    a("--calibration", action="store_true", help="DeepSpeed-Chat's published table beside ours")
-    a("--out", default=None, help="write the rows as CSV")
-    a("--plot", default=None, help="write a PNG of hours vs GPUs and the phase shares")
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{what} must be integers, got {text!r}") from None
-
-
-def configs_from_args(args) -> list[Config]:
-    """The configurations a command line asks for (a cartesian product of the lists)."""
-    models = args.model.split(",") if args.model else (
-        list(SWEEP_MODELS) if args.sweep else ["opt-1.3b"])
-    gpu_counts = _ints(args.gpus, "--gpus") if args.gpus else (
-        list(SWEEP_GPUS) if args.sweep else [1])
-    tp_auto = str(args.inference_tp).strip().lower() == "auto"
-    tp = 1 if tp_auto else _ints(str(args.inference_tp), "--inference-tp")[0]
-    efficiencies = {}
-    out = []
-    for engine in args.engine.split(","):
-        if engine in ENGINES and args.efficiency:
-            efficiencies[engine] = load_efficiency(args.efficiency, engine)
-        eff, source = efficiencies.get(engine, (None, "defaults"))
-        for model in models:
-            for n in gpu_counts:
-                if args.sweep and not tp_auto and n % tp:
-                    continue                   # a sweep skips GPU counts the TP degree cannot split
-                cfg = Config(model=model, gpus=n, gpu=args.gpu, engine=engine,
-                             zero_stage=args.zero_stage, inference_tp=tp, lora_dim=args.lora_dim,
-                             tokens=args.tokens, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                             batch=args.batch, grad_ckpt=not getattr(args, "no_grad_ckpt", False),
-                             offload=getattr(args, "offload", False),
-                             critic=getattr(args, "critic", None), eff=eff, eff_source=source)
-                validate(cfg)
-                if tp_auto:
-                    cfg = dataclasses.replace(cfg, inference_tp=auto_tp(cfg))
-                out.append(cfg)
-    return out
-
-
-def plot(df, path: str) -> None:
-    """Left: projected hours vs GPUs per model and engine. Right: each phase's share of the step
-    at the largest GPU count in the table. Rows that do not fit are left out."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ok = df[df["batch"] > 0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for (model, engine), g in ok.groupby(["model", "engine"], sort=False):
-        left.plot(g["gpus"], g["total_hours"], marker="o", label=f"{model} {engine}")
-    left.set_xscale("log", base=2)
-    left.set_xticks(sorted(df["gpus"].unique()), [str(n) for n in sorted(df["gpus"].unique())])
-    left.set(yscale="log", xlabel="GPUs", ylabel="hours for the token budget",
-             title=f"RLHF PPO (step 3) on {', '.join(df['gpu'].unique())}")
-    if not ok.empty:
-        left.legend(fontsize=7)
-        last = ok[ok["gpus"] == ok["gpus"].max()]
-        share = last[[f"{p}_s" for p in PHASES]].div(last["step_s"], axis=0)
-        share.index = last["model"] + " " + last["engine"]
-        share.columns = list(PHASES)
-        share.plot.barh(stacked=True, ax=right)
-        right.set(xlabel="share of step time", title=f"phases at {ok['gpus'].max()} GPUs")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-SHOWN = {"model": "model", "gpus": "gpus", "gpu": "gpu", "engine": "engine", "batch": "batch",
-         "zero_stage": "zero", "inference_tp": "tp", "lora": "lora", "offload": "offload",
-         "fits": "fits", "mem_gib": "GiB/gpu", "generate_s": "gen_s", "sync_s": "sync_s",
-         "score_s": "score_s", "train_s": "train_s", "comm_s": "comm_s", "step_s": "step_s",
-         "total_hours": "hours", "dominant_phase": "dominant", "efficiency": "efficiency"}
-
-
-def format_table(df) -> str:
-    """The rows with their assumptions (batch, ZeRO stage, TP, LoRA, offload, efficiencies)."""
-    import pandas as pd
-    df = df.assign(lora=[f"{d}+base" if d and not only else str(d)
-                         for d, only in zip(df["lora_dim"], df["lora_only"])])
-    cols = {k: v for k, v in SHOWN.items() if k in df.columns}
-    extra = [c for c in ("published_hours", "ratio", "set", "settings") if c in df.columns]
-    with pd.option_context("display.width", 300, "display.max_columns", 40,
-                           "display.max_colwidth", 80):
-        return df[list(cols) + extra].rename(columns=cols).round(2).to_string(index=False)
-
-
-def run(args) -> int:
-    """`rlhf-bench project`: print the projected table, write --out CSV and --plot PNG."""
-    import pandas as pd
-    for flag in ("out", "plot"):
-        path = getattr(args, flag, None)
-        if path and Path(path).is_dir():
-            raise ValueError(f"--{flag} {path} is a folder; give a file name")
-    if getattr(args, "calibration", False):
-        df = calibration_table()
-    else:
-        df = pd.DataFrame([predict(cfg) for cfg in configs_from_args(args)])
-    print(format_table(df))
-    for name in df["gpu"].unique():
-        g = GPUS[name]
-        print(f"{name}: {g.bf16_flops / 1e12:.0f} TFLOP/s bf16, {g.hbm_bw / 1e12:.3g} TB/s HBM, "
-              f"{g.memory / 2 ** 30:.0f} GiB, NVLink {g.nvlink_bw / 1e9:.0f} GB/s, "
-              f"IB {g.ib_bw / 1e9:.0f} GB/s per GPU per direction")
-    pairs = dict.fromkeys(f"{m} -> {c}" for m, c in zip(df["model"], df["critic"]))
-    print(f"critic and reward model: {', '.join(pairs)}")
-    prompts = args.tokens / (args.prompt_len + args.gen_len)
-    print(f"efficiencies: {'; '.join(df['eff_source'].unique())}; tokens {args.tokens:.4g} = "
-          f"{prompts:,.0f} prompts x ({args.prompt_len} + {args.gen_len})")
-    if args.out:
-        atomic_write(args.out, lambda tmp: df.to_csv(tmp, index=False))
-    if args.plot:
-        plot(df, args.plot)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m bench.projection.model`); the rlhf-bench CLI calls run() itself."""
-    class OneLine(argparse.ArgumentParser):   # usage mistakes: one line, as rlhf-bench's own
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-    parser = OneLine(prog="rlhf-bench project", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

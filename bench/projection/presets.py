@@ -1,6 +1,7 @@
-"""What the scale projection (bench/projection/model.py) starts from: hardware, shapes, efficiencies.
+"""What the scale projection starts from: hardware, architectures, efficiencies, published rows.
 
-Everything here is data with its source or reason beside it; the arithmetic lives in project.py.
+Everything here is data with its source or reason beside it; the arithmetic lives in counts.py
+and model.py.
 Units: FLOP/s, bytes, bytes/s, seconds. GiB = 2**30 bytes.
 """
 from __future__ import annotations
@@ -40,11 +41,12 @@ GPUS: dict[str, Gpu] = {
 
 
 @dataclass(frozen=True)
-class Shape:
-    """A decoder-only transformer's shape. family "opt": learned positions, LayerNorm, biases on
-    every linear, a two-matrix MLP (ffn = 4 d), tied head. family "llama" (Llama, Mistral, Qwen2):
-    rotary positions, RMSNorm, no biases (Qwen2: on q, k, v), a gated three-matrix MLP, and
-    grouped-query attention with `kv_heads` K/V heads."""
+class Arch:
+    """A decoder-only transformer's architecture (counts.flop_shape gives bench/flops.py's Shape).
+    family "opt": learned positions, LayerNorm, biases on every linear, a two-matrix MLP (ffn =
+    4 d), tied head. family "llama" (Llama, Mistral, Qwen2): rotary positions, RMSNorm, no biases
+    (Qwen2: on q, k, v), a gated three-matrix MLP, and grouped-query attention with `kv_heads`
+    K/V heads."""
     name: str
     layers: int
     d_model: int
@@ -75,19 +77,19 @@ class Shape:
         return self.family == "llama"
 
 
-def _opt(name: str, layers: int, d: int, heads: int, embed_dim: int = 0) -> Shape:
-    return Shape(name, layers, d, heads, 4 * d, embed_dim=embed_dim, final_norm=not embed_dim)
+def _opt(name: str, layers: int, d: int, heads: int, embed_dim: int = 0) -> Arch:
+    return Arch(name, layers, d, heads, 4 * d, embed_dim=embed_dim, final_norm=not embed_dim)
 
 
 def _llama(name: str, tokenizer: str, layers: int, d: int, heads: int, kv_heads: int, ffn: int,
-           vocab: int, positions: int, qkv_bias: bool = False, tied: bool = False) -> Shape:
-    return Shape(name, layers, d, heads, ffn, vocab, positions, family="llama", kv_heads=kv_heads,
+           vocab: int, positions: int, qkv_bias: bool = False, tied: bool = False) -> Arch:
+    return Arch(name, layers, d, heads, ffn, vocab, positions, family="llama", kv_heads=kv_heads,
                  qkv_bias=qkv_bias, tied=tied, tokenizer=tokenizer)
 
 
 # Shapes from the OPT paper (Zhang et al. 2022, table 1) and the released HF configs (layers,
 # hidden size, heads, K/V heads, intermediate size, vocabulary, max_position_embeddings).
-MODELS: dict[str, Shape] = {s.name: s for s in [
+MODELS: dict[str, Arch] = {s.name: s for s in [
     _opt("opt-125m", 12, 768, 12),
     _opt("opt-350m", 24, 1024, 16, embed_dim=512),
     _opt("opt-1.3b", 24, 2048, 32),
