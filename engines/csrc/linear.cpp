@@ -1,0 +1,177 @@
+// Linears with few rows in x, y = x @ W.T + b, for decode on the CPU in fp32.
+//
+// MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
+// weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of
+// the weights. This kernel reads the training weight W (N, K) as it lies, once: each vector of W
+// is used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in
+// tiles of at most 1024 floats so that a group's tile of x stays in L1, using AVX2 FMA (AVX-512
+// where the CPU has it); the N rows are split across torch's intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "simd.h"
+
+// Prefetch distances in floats: PREFETCH along a row of W into L1 (tuned on a Xeon), and
+// PREFETCH_L2 into L2, in the order W is read (whole rows ahead at the same k when K runs in
+// tiles). The second raised what one core of an AMD Zen 4 read from W from ~10 to
+// ~14-15 GB/s: there, prefetching into L1 alone kept too few lines in flight. Both are kept, so
+// a CPU where the first sufficed still gets it.
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+#ifndef PREFETCH_L2
+#define PREFETCH_L2 4096
+#endif
+
+// One body for both instruction sets, in GCC's vector types: f8 (8 floats, AVX2) and f16
+// (16 floats, AVX-512). `tile` and `span` are always inlined, so they are compiled for their
+// caller's target: span_avx2 for the file's (-mavx2 -mfma), span_avx512 for AVX-512, which
+// runs only where the CPU has it.
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f16 __attribute__((vector_size(64)));
+
+template <typename V>
+__attribute__((always_inline)) static inline V loadv(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+// the 8 floats whose sum is v's: v itself, or the sum of v's two halves
+__attribute__((always_inline)) static inline f8 fold(f8 v) { return v; }
+__attribute__((always_inline)) static inline f8 fold(f16 v) {
+  f8 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(f8));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(f8), sizeof(f8));
+  return lo + hi;
+}
+
+// x leaves L1 (48 KB here) past 8 rows of ~1500 floats; the K dimension goes in equal tiles of
+// at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
+constexpr int64_t KTILE = 1024;
+
+// Partial dot products over k in [k0, k1) of NW rows of W from n with R rows of x, added to
+// acc[j * R + r]. R x NW accumulators in registers: each W vector is loaded once and used R
+// times, each x vector loaded once into a register and used NW times (left to itself, GCC
+// folded the x load into every FMA: NW loads of it). The accumulators are summed 8 at a time
+// with a transpose-and-add tree (hsum8x8), not one by one through memory. pf2: how far ahead of
+// each W load, in floats, the L2 prefetch reaches.
+template <typename V, int R, int NW>
+__attribute__((always_inline)) static inline void tile(
+    const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc,
+    int64_t pf2) {
+  constexpr int L = sizeof(V) / sizeof(float), T = NW * R, T8 = (T + 7) / 8 * 8;
+  V a[NW][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[j][r] = V{};
+  for (int64_t k = k0; k < k1; k += L) {
+    V v[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);  // from DRAM
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
+      v[j] = loadv<V>(w + (n + j) * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      V xv = loadv<V>(x + r * K + k);
+      asm("" : "+v"(xv));  // keeps xv in a register
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) a[j][r] += v[j] * xv;  // contracted to an FMA
+    }
+  }
+  f8 s[T8];
+#pragma GCC unroll 8
+  for (int t = 0; t < T8; ++t) s[t] = t < T ? fold(a[t / R][t % R]) : f8{};
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t += 8) {
+    float h[8];
+    _mm256_storeu_ps(h, hsum8x8(reinterpret_cast<const __m256*>(s + t)));
+    for (int u = 0; u < 8 && t + u < T; ++u) acc[t + u] += h[u];
+  }
+}
+
+// acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
+// k < KL (a multiple of the vector width), tile by tile of K, NW rows of W at a time
+template <typename V, int R>
+__attribute__((always_inline)) static inline void span(
+    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
+    float* acc) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
+  const int64_t kt = (KL / L + tiles - 1) / tiles * L;  // whole vectors
+  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
+    const int64_t k1 = std::min(k0 + kt, KL);
+    const int64_t pf2 = (PREFETCH_L2 + (k1 - k0) - 1) / (k1 - k0) * K;  // whole rows ahead
+    int64_t n = c0;
+    if (nw == 3)
+      for (; n + 3 <= c1; n += 3) tile<V, R, 3>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    if (nw >= 2)
+      for (; n + 2 <= c1; n += 2) tile<V, R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile<V, R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  }
+}
+
+// AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x two rows of W at a
+// time, or three where skinny_linear groups x in 4s (K >= 1536: 8 rows ran at 11 GB/s there)
+template <int R>
+static void span_avx2(const float* x, const float* w, int64_t K, int64_t KL, int64_t c0,
+                      int64_t c1, float* acc) {
+  span<f8, R>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc);
+}
+
+// AVX-512 (32 registers): two rows of W at a time (with x loaded into a register, three
+// measured no faster here)
+template <int R>
+__attribute__((target("avx512f"))) static void span_avx512(
+    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc) {
+  span<f16, R>(x, w, K, KL, c0, c1, 2, acc);
+}
+
+using SpanFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
+  // x (M, K) contiguous float32, w (N, K) contiguous float32, b (N,) or None -> (M, N)
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1
+  const bool wide = use512;  // read once: set_avx512 from another thread cannot split a call
+  const int64_t GS = (wide || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
+  const int64_t KL = K - K % (wide ? 16 : 8);
+  torch::Tensor xpad = x;
+  if (M % GS) {  // zero rows pad M up to a multiple of GS
+    xpad = torch::zeros({groups * GS, K}, x.options());
+    xpad.narrow(0, 0, M).copy_(x);
+  }
+  const float* xp = xpad.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // past one group, the groups take turns over each 48 rows of W while they sit in L2: W comes
+  // from memory once (group by group over a thread's whole share read it once per group)
+  constexpr int64_t CHUNK = 48;
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    float acc[CHUNK * 8];
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+      const int64_t c1 = std::min(c0 + CHUNK, n1);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int rows = (int)std::min(GS, M - g * GS);
+        const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
+        const SpanFn f = wide ? (R == 4 ? span_avx512<4> : span_avx512<8>)
+                              : (R == 4 ? span_avx2<4> : span_avx2<8>);
+        const float* xg = xp + g * GS * K;
+        std::fill(acc, acc + (c1 - c0) * R, 0.f);
+        f(xg, wp, K, KL, c0, c1, acc);
+        for (int64_t n = c0; n < c1; ++n)
+          for (int m = 0; m < rows; ++m) {
+            float s = acc[(n - c0) * R + m];
+            for (int64_t k = KL; k < K; ++k) s += wp[n * K + k] * xg[m * K + k];
+            yp[(g * GS + m) * N + n] = bp ? s + bp[n] : s;
+          }
+      }
+    }
+  });
+  return y;
+}
