@@ -338,14 +338,12 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
-USE_ATTN_KERNEL = True  # off: SDPA for fp32 CPU decode too (for A/B timing and tests)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool."""
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel: bool = True) -> Tensor:
+    """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool.
+    kernel=False: SDPA for fp32 CPU decode too (A/B timing, tests)."""
     B, H, S, D = q.shape
     KV = k.shape[1]
-    if S == 1 and USE_ATTN_KERNEL and _cpu_kernels_apply(q.device, q.dtype):
+    if S == 1 and kernel and _cpu_kernels_apply(q.device, q.dtype):
         # fp32 decode on the CPU: engines/kernels.py reads K and V once per KV head
         out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
         if out is not None:
@@ -391,12 +389,13 @@ def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:
 
 
 def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor,
-             logits: bool = True) -> Tensor | None:
+             logits: bool = True, *, attn_kernel: bool = True) -> Tensor | None:
     """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V),
     or None with logits=False (a prefill chunk that only fills the cache).
 
     pos: (B, S) position ids (padding skipped). key_mask: (B, >= start+S) bool, True on real
     keys. Attention reads only the filled part of the cache (shapes change every step).
+    attn_kernel=False: fp32 CPU decode attends through SDPA, not engines/kernels.py.
     """
     B, S = ids.shape
     end = start + S
@@ -412,11 +411,11 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
         cache.v[i][:, :, start:end] = v
         return cache.k[i][:, :, :end], cache.v[i][:, :, :end]
 
-    return _run(w, ids, pos, mask, kv, logits)
+    return _run(w, ids, pos, mask, kv, logits, attn_kernel)
 
 
 def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
-                   key_mask: Tensor) -> Tensor:
+                   key_mask: Tensor, *, attn_kernel: bool = True) -> Tensor:
     """One token per row (ids (B, 1)) written at cache slot `slot` (a 0-d int64 tensor);
     key_mask (B, T_max) covers the whole cache.
 
@@ -433,11 +432,11 @@ def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: T
         cache.v[i].index_copy_(2, where, v)
         return cache.k[i], cache.v[i]
 
-    return _run(w, ids, pos, mask, kv)
+    return _run(w, ids, pos, mask, kv, True, attn_kernel)
 
 
-def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = True
-         ) -> Tensor | None:
+def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = True,
+         attn_kernel: bool = True) -> Tensor | None:
     """The decoder stack; `kv(layer, k, v)` stores the new keys/values and returns the keys and
     values to attend over."""
     B, S = ids.shape
@@ -466,7 +465,7 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
         if cos is not None:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         keys, values = kv(i, k, v)
-        a = attention(q, keys, values, mask)
+        a = attention(q, keys, values, mask, attn_kernel)
         a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x

@@ -31,22 +31,22 @@ class HybridEngine:
 
     # fold + restore measured at 30-58 unfused decode steps (bench/micro/lora_cost.py, opt-125m, B 8)
     LORA_FUSE_MIN_TOKENS = 48
-    # prefill chunk: 256 tokens over the batch (its activations are the peak above the cache),
-    # and at least 16 positions, so that a large batch is not prefilled in as many eager calls
-    # as it has prompt tokens
-    PREFILL_TOKENS = 256
-    PREFILL_MIN_POSITIONS = 16
 
     def __init__(self, name: str = "hybrid", compile: bool = True, pack: bool = False,
-                 static: bool = False, lora_mode: str = "auto"):
+                 static: bool = False, lora_mode: str = "auto", prefill_tokens: int = 256,
+                 prefill_min_positions: int = 16):
         # compile: torch.compile decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
         # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
+        # prefill chunk: prefill_tokens over the batch (its activations are the peak above the
+        # cache), and at least prefill_min_positions, so that a large batch is not prefilled in
+        # as many eager calls as it has prompt tokens
         if lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {', '.join(LORA_MODES)}, not "
                              f"{lora_mode!r}")
         self.name, self.compile, self.pack, self.static = name, compile, pack, static
         self.lora = lora_mode
+        self.prefill_tokens, self.prefill_min_positions = prefill_tokens, prefill_min_positions
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
@@ -72,7 +72,7 @@ class HybridEngine:
         self.weight_copies = 2 if self.pack else 1
         if cfg.device.startswith("cuda") and self.compile:
             # fixed shapes every step (static decode) -> CUDA graphs replay the whole step.
-            # Prefill stays eager: a few calls per generate (chunks of PREFILL_TOKENS), of
+            # Prefill stays eager: a few calls per generate (chunks of prefill_tokens), of
             # GEMMs of hundreds of rows that launch overhead does not dominate, and compiling
             # it would double the cold compile time.
             self._decode = torch.compile(D.decode_static_, mode="reduce-overhead",
@@ -187,7 +187,7 @@ class HybridEngine:
             # prefill in chunks of positions: the whole cache is already allocated, so the
             # activations of one chunk, not the whole prompt's, are the peak above it; only the
             # last chunk computes logits (B, V)
-            step = max(self.PREFILL_MIN_POSITIONS, self.PREFILL_TOKENS // B)
+            step = max(self.prefill_min_positions, self.prefill_tokens // B)
             for s0 in range(0, P, step):
                 logits = self._prefill(w, cache, ids[:, s0:s0 + step], pos[:, s0:s0 + step], s0,
                                        key_mask, s0 + step >= P)

@@ -9,7 +9,6 @@ from core.engine import EngineUnavailable
 from core.models import _vary_constants_, position_ids
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
-from engines.hybrid import HybridEngine
 
 from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
 
@@ -307,17 +306,15 @@ def _count_prefill_positions(hy) -> list:
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_chunked_prefill_equals_whole_prefill(preset, monkeypatch):
+def test_chunked_prefill_equals_whole_prefill(preset):
     """Prefill in chunks of 2 positions (left padding fills whole chunks of some rows) gives
     the tokens and log-probs of one whole-prompt prefill."""
     b, cfg = make_bundle(preset), make_cfg(preset=preset, batch=4, prompt_len=8)
     prompts = make_prompts(b, cfg, seed=3)
     assert not prompts.attention_mask[:, :2].all()  # some row starts with padding
     runs, chunks = [], []
-    monkeypatch.setattr(HybridEngine, "PREFILL_MIN_POSITIONS", 1)
-    for tokens in (HybridEngine.PREFILL_TOKENS, 2 * cfg.batch):
-        monkeypatch.setattr(HybridEngine, "PREFILL_TOKENS", tokens)
-        hy = engines.get("hybrid")
+    for tokens in (256, 2 * cfg.batch):
+        hy = engines.get("hybrid", prefill_tokens=tokens, prefill_min_positions=1)
         s = hy.init(b, cfg, seed=0)
         calls = _count_prefill_positions(hy)
         greedy = hy.generate(s, prompts, GenerationConfig(gen_len=12, greedy=True), seed=0)

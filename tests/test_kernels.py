@@ -168,7 +168,7 @@ def test_decode_attention_propagates_nan_and_inf_like_sdpa():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_step_runs_sdpa_flash_kernel(dtype, monkeypatch):
+def test_decode_step_runs_sdpa_flash_kernel(dtype):
     """A decode step on the CPU reaches SDPA's flash kernel, not its math fallback, which
     copies K and V every layer: in bf16 it took the fallback while the decode linears returned
     a transposed layout (q's last dimension strided), and generate ran 1.2x slower. fp32 decode
@@ -178,7 +178,6 @@ def test_decode_step_runs_sdpa_flash_kernel(dtype, monkeypatch):
     from core.data import synthetic_prompts
     from core.models import build_bundle, position_ids
     from engines import decoder as D
-    monkeypatch.setattr(D, "USE_ATTN_KERNEL", False)
     b = build_bundle("tiny-opt", seed=0, dtype=dtype, actor_only=True)
     w = D.extract(b.actor)
     B, P = 2, 6
@@ -191,13 +190,13 @@ def test_decode_step_runs_sdpa_flash_kernel(dtype, monkeypatch):
         D.forward_(w, cache, p.input_ids, pos, 0, key_mask)
         with profile() as prof:
             D.forward_(w, cache, torch.zeros(B, 1, dtype=torch.long), pos[:, -1:] + 1, P,
-                       key_mask)
+                       key_mask, attn_kernel=False)
     ran = {e.name for e in prof.events() if "attention" in e.name}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran, ran
     assert "aten::_scaled_dot_product_attention_math" not in ran, ran
 
 
-def test_fp32_decode_step_runs_the_attention_kernel(monkeypatch):
+def test_fp32_decode_step_runs_the_attention_kernel():
     """fp32 decode attention on the CPU goes to engines/kernels.py (no SDPA call at all), and the
     step's logits are SDPA's within float32 rounding."""
     from torch.profiler import profile
@@ -215,13 +214,12 @@ def test_fp32_decode_step_runs_the_attention_kernel(monkeypatch):
     pos = position_ids(p.attention_mask)
     out = {}
     for use in (True, False):
-        monkeypatch.setattr(D, "USE_ATTN_KERNEL", use)
         cache = D.new_cache(w, B, P + 1, torch.float32, "cpu")
         with torch.no_grad():
             D.forward_(w, cache, p.input_ids, pos, 0, key_mask)
             with profile() as prof:
                 out[use] = D.forward_(w, cache, torch.full((B, 1), 5), pos[:, -1:] + 1, P,
-                                      key_mask)
+                                      key_mask, attn_kernel=use)
         sdpa = {e.name for e in prof.events() if "scaled_dot_product" in e.name}
         assert bool(sdpa) != use, sdpa
     assert (out[True] - out[False]).abs().max() < 1e-4 * out[False].abs().max()

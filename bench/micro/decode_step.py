@@ -4,8 +4,8 @@ and print where its ATen time goes. opt-125m shape, batch 8 (or --batch N), 192 
 Each step attends over one more key than the last, as in generation: a step repeated at one
 length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--batch N] (numbers in README,
-Performance notes); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
+Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--batch N] (numbers in
+docs/performance.md); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
 import sys
 import time
 
@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 B = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
 P, WARM, TIMED, PROFILED = 192, 3, 20, 10
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
-D.USE_ATTN_KERNEL = "--sdpa" not in sys.argv
+ATTN_KERNEL = "--sdpa" not in sys.argv
 b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
 w = D.extract(b.actor)
 prompts = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
@@ -35,7 +35,8 @@ with torch.no_grad():
 
     def step():
         i = next(steps)
-        return D.forward_(w, cache, tok, pos[:, -1:] + 1 + i, P + i, key_mask)
+        return D.forward_(w, cache, tok, pos[:, -1:] + 1 + i, P + i, key_mask,
+                          attn_kernel=ATTN_KERNEL)
 
     for _ in range(WARM):
         step()

@@ -1,9 +1,10 @@
 """What chunked prefill buys `hybrid`: generation's peak memory above the process's baseline,
-and prefill time, with the prompt prefilled whole or in chunks of PREFILL_TOKENS, beside `hf`.
+and prefill time, with the prompt prefilled whole or in chunks (hybrid's prefill_tokens, 256
+tokens by default), beside `hf`.
 opt-125m, fp32, batch 16, 128 + 128 tokens, 2 threads; each case in its own process, since
 peak RSS only grows.
 
-Run: python -m bench.micro.prefill_chunks (numbers in README, Performance notes)."""
+Run: python -m bench.micro.prefill_chunks (numbers in docs/performance.md)."""
 import resource
 import subprocess
 import sys
@@ -23,13 +24,10 @@ def measure(engine: str, chunk) -> str:
     from core.data import synthetic_prompts
     from core.models import build_bundle
     from core.types import GenerationConfig, RunConfig
-    from engines.hybrid import HybridEngine
     torch.set_num_threads(2)
-    if chunk:
-        HybridEngine.PREFILL_TOKENS = chunk
     b = build_bundle("opt-125m", seed=0)
     cfg = RunConfig(preset="opt-125m", batch=B, prompt_len=P, gen=GenerationConfig(gen_len=G))
-    e = engines.get(engine)
+    e = engines.get(engine, **({"prefill_tokens": chunk} if chunk else {}))
     s = e.init(b, cfg, seed=0)
     p = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
     small = synthetic_prompts(1, 4, b.config.vocab_size, b.pad_id, seed=0)
