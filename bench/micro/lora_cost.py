@@ -21,7 +21,7 @@ for name, lora, mode in (("no adapters", 0, "auto"), ("unfused", R, "unfused"),
     b = build_bundle("opt-125m", seed=0, lora_dim=lora)
     cfg = RunConfig(preset="opt-125m", batch=B, prompt_len=P, lora_dim=lora,
                     gen=GenerationConfig(gen_len=G))
-    e = engines.get("hybrid", lora=mode)
+    e = engines.get("hybrid", lora_mode=mode)
     s = e.init(b, cfg, seed=0)
     pr = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
     e.generate(s, pr, cfg.gen, seed=0)
