@@ -23,6 +23,7 @@ from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Pro
 from . import common
 from . import decoder as D
 from . import kernels as K
+from . import lora_fold
 
 
 class HybridEngine:
@@ -122,7 +123,7 @@ class HybridEngine:
     def _fuse_lora(self, w: D.Weights, gen_len: int) -> bool:
         """Fold LoRA into the weights for this generate? Packed decode keeps its own packed
         base copy, so it stays unfused; `auto` fuses when enough tokens share the cost."""
-        if self.pack or self.lora == "unfused" or not D.has_lora(w):
+        if self.pack or self.lora == "unfused" or not lora_fold.has_lora(w):
             return False
         return self.lora == "fused" or gen_len >= self.LORA_FUSE_MIN_TOKENS
 
@@ -174,7 +175,7 @@ class HybridEngine:
             stack.enter_context(self._gathered())
             w = D.extract(self.models.actor)
             if self._fuse_lora(w, G):
-                w = stack.enter_context(D.lora_fused(w))
+                w = stack.enter_context(lora_fold.lora_fused(w))
             if self.pack and B == self.cfg.batch:
                 w = self._packed_now()
             D.check_window(w, P + G)

@@ -9,6 +9,7 @@ from core.engine import EngineUnavailable
 from core.models import _vary_constants_, position_ids
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
+from engines import lora_fold as LF
 
 from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
 
@@ -357,13 +358,13 @@ def test_parity_probe_replays_the_compiled_decode_step():
     assert len(compiles) == 1
 
 
-@pytest.mark.parametrize("block", [D.FOLD_BLOCK, 97])   # whole weights, and many row blocks
+@pytest.mark.parametrize("block", [LF.FOLD_BLOCK, 97])   # whole weights, and many row blocks
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monkeypatch):
     """Inside lora_fused the base weights hold W + scale * B @ A (a fused linear equals the
     unfused one); afterwards every parameter is bit-identical to before, also when the
     generate inside raises."""
-    monkeypatch.setattr(D, "FOLD_BLOCK", block)
+    monkeypatch.setattr(LF, "FOLD_BLOCK", block)
     b = make_bundle(preset, seed=0, lora_dim=4)
     _nudge_lora(b)
     with torch.no_grad():  # adapters as large as the weights: many inexact W + d - d
@@ -378,19 +379,19 @@ def test_lora_fused_for_generation_then_restored_bit_for_bit(preset, block, monk
     with torch.no_grad():
         unfused = D.lin(x, L)
     with torch.no_grad():  # the fix-up path really runs: some W + d - d differ from W
-        inexact = sum(int(((Lo.w + d) - d != Lo.w).sum()) for Lo in D._lins(w)
+        inexact = sum(int(((Lo.w + d) - d != Lo.w).sum()) for Lo in D.lins(w)
                       if Lo is not None and Lo.a is not None
-                      for d in [D._delta(Lo, 0, Lo.w.shape[0], D._Scratch())])
+                      for d in [LF._delta(Lo, 0, Lo.w.shape[0], LF._Scratch())])
     assert inexact > 0
-    with D.lora_fused(w) as fw:
-        assert not D.has_lora(fw) and D.has_lora(w)
+    with LF.lora_fused(w) as fw:
+        assert not LF.has_lora(fw) and LF.has_lora(w)
         assert not torch.equal(L.w, w0)
         with torch.no_grad():
             assert (D.lin(x, fw.layers[0].qkv[0]) - unfused).abs().max() < 1e-4
     for n, p in b.actor.named_parameters():
         assert torch.equal(p, before[n]), n
     with pytest.raises(RuntimeError, match="boom"):
-        with D.lora_fused(w):
+        with LF.lora_fused(w):
             raise RuntimeError("boom")
     for n, p in b.actor.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -422,7 +423,7 @@ def test_lora_on_bf16_weights_folds_exactly_and_runs_unfused():
         unfused = D.lin(x, L)
         assert unfused.dtype == torch.bfloat16
         assert (unfused.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
-        with D.lora_fused(w) as fw:
+        with LF.lora_fused(w) as fw:
             folded = D.lin(x, fw.layers[0].qkv[0])
             assert (folded.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
     for n, p in b.actor.named_parameters():

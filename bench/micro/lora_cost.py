@@ -12,6 +12,7 @@ from core.data import synthetic_prompts
 from core.models import build_bundle
 from core.types import GenerationConfig, RunConfig
 from engines import decoder as D
+from engines import lora_fold
 
 torch.set_num_threads(2)
 B, P, G, R = 8, 128, 64, 16
@@ -38,7 +39,7 @@ w = D.extract(setups["fused"][4].actor)
 fold = []
 for _ in range(3):
     t = time.perf_counter()
-    with D.lora_fused(w):
+    with lora_fold.lora_fused(w):
         pass
     fold.append(time.perf_counter() - t)
 per_tok = (min(res["unfused"]) - min(res["fused"])) / G
