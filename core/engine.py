@@ -17,24 +17,39 @@ class EngineUnavailable(RuntimeError):
 
 @runtime_checkable
 class Engine(Protocol):
-    """Optional members, read with getattr by the harness: `note: str` (how the engine ran,
-    kept in the results) and `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own
-    generation path's log-probs of a rollout's tokens, checked by the parity probe)."""
+    """State in, state out. A TrainState holds the trainable tensors (actor and critic, name ->
+    tensor) and the optimiser state; the frozen reference and reward models are the bundle's.
+
+    Optional members, read with getattr by the harness: `note: str` (how the engine ran, kept
+    in the results) and `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own generation
+    path's log-probs of a rollout's tokens, checked by the parity probe)."""
     name: str
     weight_copies: int  # full-size copies of the actor's weights the engine holds
 
-    def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState: ...
+    def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
+        """The state over the bundle's own trainable tensors (no copy)."""
 
     def sync(self, state: TrainState) -> None:
-        """Refresh any second copy of the weights from the training copy (no-op for one copy)."""
+        """Refresh any second copy of the weights from the state's (no-op for one copy)."""
 
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
-                 seed: int) -> Rollout: ...
+                 seed: int) -> Rollout:
+        """Answers sampled with the state's actor weights: the bundle's own tensors (nothing
+        extra happens) or another state's over a bundle built alike (one loaded from a
+        checkpoint, say), bound for the call; a second copy made from other weights is
+        refreshed first. An engine that cannot bind another state's tensors (partitioned by
+        ZeRO-3, held by DeepSpeed's inference containers) refuses it in one line."""
 
-    def score(self, state: TrainState, rollout: Rollout) -> Experience: ...
+    def score(self, state: TrainState, rollout: Rollout) -> Experience:
+        """The rollout scored with the state's actor and critic, taken as generate takes them
+        (the frozen reference and reward are the bundle's). A generation-only bundle (the
+        actor alone) has nothing to score with: ValueError."""
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *,
-                   seed: int) -> tuple[TrainState, Metrics]: ...
+                   seed: int) -> tuple[TrainState, Metrics]:
+        """One optimiser step of actor and critic on the state this engine's init (or its last
+        train_step) returned, which it donates. Training is deterministic (the models have no
+        dropout) and no engine reads `seed`: it is reserved for training that draws noise."""
 
     def release(self) -> None: ...
 

@@ -1,5 +1,9 @@
-"""Plain functions every torch-trained engine shares: scoring and the functional train step."""
+"""Plain functions every torch-trained engine shares: the state's weights bound to the modules,
+scoring and the functional train step."""
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 from torch.func import functional_call, grad_and_value
@@ -49,27 +53,93 @@ def finish_rollout(prompts, answer: torch.Tensor, pad_id: int, eos_id: int,
     return Rollout(seq, attn, amask, prompts.input_ids.shape[1])
 
 
+@contextlib.contextmanager
+def bound(module, params: dict):
+    """`module` computes with `params` (a state's name -> tensor: every trainable parameter's
+    name) inside the block, and with its own tensors again after it, however the block ends. A
+    state from this engine's init or train_step holds the module's own tensors: then nothing
+    moves (no copy, no swap). Tied slots (an lm_head sharing the embedding) take the same
+    tensor; binding what is already bound changes nothing."""
+    if module is None:
+        yield
+        return
+    # the trainable ones, and any other the state names (a bound tensor need not require grad)
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad or n in params}
+    if params.keys() != own.keys():
+        odd = sorted(params.keys() ^ own.keys())
+        raise ValueError(f"this state's parameters are not this model's ({len(odd)} names "
+                         f"differ, e.g. {odd[0]!r}); pass a state over a bundle built as this "
+                         f"engine's")
+    new = {id(p): params[k] for k, p in own.items() if params[k] is not p}
+    if not new:
+        yield
+        return
+    for k, p in own.items():
+        t = params[k]
+        if t is not p and hasattr(p, "ds_id"):
+            raise ValueError("another state's weights cannot be bound under ZeRO-3 (its "
+                             "parameters are partitioned): pass the state this engine's init "
+                             "or train_step returned")
+        if t is not p and (t.shape, t.dtype, t.device) != (p.shape, p.dtype, p.device):
+            raise ValueError(f"this state's {k} is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                             f"the model's {tuple(p.shape)} {p.dtype} on {p.device}")
+    swapped = []   # (submodule, slot, own tensor)
+    try:
+        for m in module.modules():
+            for slot, p in m._parameters.items():
+                if p is not None and id(p) in new:
+                    swapped.append((m, slot, p))
+                    m._parameters[slot] = new[id(p)]
+        yield
+    finally:
+        for m, slot, p in reversed(swapped):
+            m._parameters[slot] = p
+
+
+def owns(module, params: dict) -> bool:
+    """Whether `params` are the module's own tensors (a state from this engine's init or
+    train_step), so that `bound` would move nothing."""
+    own = dict(module.named_parameters())
+    return all(own.get(k) is t for k, t in params.items())
+
+
+def stamp(tensors) -> tuple:
+    """Which tensors, and how often each was written in place (torch counts it): a copy made
+    from `tensors` is current while `unchanged(stamp, tensors)`. Weak references: a stamp
+    keeps nothing alive, and a new tensor at a freed one's address is another tensor."""
+    return tuple((weakref.ref(t), t._version) for t in tensors)
+
+
+def unchanged(old: tuple, tensors) -> bool:
+    ts = list(tensors)
+    return len(ts) == len(old) and all(r() is t and v == t._version
+                                       for (r, v), t in zip(old, ts))
+
+
 GENERATION_ONLY = ("score: this bundle has the actor alone (a generation-only run): no "
                    "reference, critic or reward model to score with")
 
 
 @torch.no_grad()
 def actor_logprobs(models: ModelBundle, rollout: Rollout) -> torch.Tensor:
-    """(B, G) log-probs of the rollout's answer tokens under the actor: scoring's first part,
-    and all of it that a generation-only bundle can compute."""
+    """(B, G) log-probs of the rollout's answer tokens under the actor (as bound): scoring's
+    first part, and all of it that a generation-only bundle can compute."""
     seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len
     return P.logprobs_from_logits(answer_logits(models.actor, seq, am, P_), seq[:, P_:])
 
 
 @torch.no_grad()
-def score(models: ModelBundle, rollout: Rollout, reward: str) -> Experience:
+def score(models: ModelBundle, state: TrainState, rollout: Rollout, reward: str) -> Experience:
+    """The rollout scored with the state's actor and critic (the frozen reference and reward
+    are the bundle's)."""
     if models.ref is None:
         raise ValueError(GENERATION_ONLY)
     seq, am, P_ = rollout.seq, rollout.attention_mask, rollout.prompt_len
     answer = seq[:, P_:]
-    logprobs = actor_logprobs(models, rollout)
+    with bound(models.actor, state.actor_params), bound(models.critic, state.critic_params):
+        logprobs = actor_logprobs(models, rollout)
+        values = answer_values(models.critic, seq, am, P_)
     ref_logprobs = P.logprobs_from_logits(answer_logits(models.ref, seq, am, P_), answer)
-    values = answer_values(models.critic, seq, am, P_)
     if reward == "rule":
         scores = rule_score(answer, rollout.answer_mask)
     else:

@@ -6,6 +6,9 @@ ZeRO-3 with `pin_parameters`, all layers are gathered once per generate), `train
 back. The critic is a plain DeepSpeed engine (engines.zero). Training is always DeepSpeed:
 `--zero-stage -1` means ZeRO-0 here.
 
+Generation runs DeepSpeed's inference containers, which hold the engine's own parameters: a
+state over other tensors is refused there (one line); scoring binds it as every engine does.
+
 It runs only where DeepSpeed's kernels do: on CPU, or for a model DeepSpeed has no inference
 policy for, `init` raises EngineUnavailable (the harness records one "unavailable" row); it
 never falls back to plain HF generation under the ds-hybrid name.
@@ -74,6 +77,10 @@ class DSHybridEngine:
                  seed: int) -> Rollout:
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
+        if not common.owns(m.actor, state.actor_params):
+            raise ValueError("ds-hybrid generates with the weights DeepSpeed's engine holds, "
+                             "not another state's: pass the state this engine's init or "
+                             "train_step returned")
         self.actor.eval()  # inference containers in; `module.generate` is now the engine's
         try:
             return hf_generate(self.actor.module, prompts, gen, seed=seed, pad_id=m.pad_id,
@@ -84,7 +91,7 @@ class DSHybridEngine:
             self.actor.train()
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
-        return common.score(self.models, rollout, self.cfg.reward)
+        return common.score(self.models, state, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
         return zero.train_step(self.models, self.opts, state, exp, ppo)

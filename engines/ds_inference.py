@@ -13,7 +13,9 @@ tensor is gathered on its own, never the whole model at once.
   note; with `inference_tp` > 1, AutoTP shards its linears over the tensor-parallel group and
   sync copies each rank's slice.
 Generation is `engines.hf.hf_generate` on the inference engine: the same Gumbel-max sampling
-as `hf`, so the same seed gives the same tokens. Scoring and training are `hf`'s.
+as `hf`, so the same seed gives the same tokens. A generate given a state whose tensors the copy
+was not synced from (another state's, or these written in place since) syncs from them first.
+Scoring and training are `hf`'s.
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ class DSInferenceEngine:
         self.name, self.inference_tp = name, inference_tp
         self.infer = None
         self.sync_bytes = 0
+        self.synced = ()  # common.stamp of the tensors the inference copy was made from
         self.note = ""  # what a reader of the results must know (kept in the summary)
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
@@ -120,6 +123,7 @@ class DSInferenceEngine:
         self.slices = self._tp_slices() if self.tp > 1 and not self.inject else {}
         self.backend = zero.backend_for(cfg)
         state, self.opts = self.backend.init_state(models, cfg)
+        self.synced = common.stamp(state.actor_params.values())  # the copy holds these now
         return state
 
     def _build(self):
@@ -178,11 +182,14 @@ class DSInferenceEngine:
             gc.collect()
             torch.cuda.empty_cache()
             self.infer = self._build()
+        self.synced = common.stamp(state.actor_params.values())
 
     def generate(self, state: TrainState, prompts: Prompts, gen: GenerationConfig, *,
                  seed: int) -> Rollout:
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
+        if not common.unchanged(self.synced, state.actor_params.values()):
+            self.sync(state)  # the copy holds other weights than this state's
 
         def run(p: Prompts, s: int) -> Rollout:
             # No ZeRO inside: each rank (or TP group) generates on its own copy.
@@ -204,7 +211,7 @@ class DSInferenceEngine:
         return out
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
-        return common.score(self.models, rollout, self.cfg.reward)
+        return common.score(self.models, state, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
         return self.backend.train_step(self.models, self.opts, state, exp, ppo)

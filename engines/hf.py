@@ -70,11 +70,12 @@ class HFEngine:
                  seed: int) -> Rollout:
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
-        return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id,
-                           **self.gen_kw)
+        with common.bound(m.actor, state.actor_params):
+            return hf_generate(m.actor, prompts, gen, seed=seed, pad_id=m.pad_id,
+                               eos_id=m.eos_id, **self.gen_kw)
 
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
-        return common.score(self.models, rollout, self.cfg.reward)
+        return common.score(self.models, state, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
         return self.backend.train_step(self.models, self.opts, state, exp, ppo)

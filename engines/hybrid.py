@@ -51,7 +51,7 @@ class HybridEngine:
         self.cache: D.KVCache | None = None
         self.packed: D.Weights | None = None   # stale (None) after every optimiser step
         self.packed_bytes = 0
-        self._packed_from = ()                 # parameter versions the packed copy was made from
+        self._packed_from = ()                 # common.stamp of the tensors it was packed from
         self._prefill = D.forward_
         self._decode = None  # decode_static_(w, cache, ids, pos, slot tensor, key_mask) or None
         self.note = ""       # what a reader of the results must know (kept in the summary)
@@ -87,18 +87,24 @@ class HybridEngine:
 
     def sync(self, state: TrainState) -> None:
         """One-copy mode: nothing to do. Packed mode: re-pack the decode weights (a copy), from
-        the weights as they are now, however they changed."""
+        the state's weights as they are now, however they changed."""
         if self.pack:
-            self.packed, self.packed_bytes = D.pack(D.extract(self.models.actor),
-                                                    self.cfg.batch)
-            self._packed_from = _versions(self.models.actor)
+            with common.bound(self.models.actor, state.actor_params):
+                self._repack()
+
+    def _repack(self) -> None:
+        """Pack the actor's weights as bound now."""
+        self.packed, self.packed_bytes = D.pack(D.extract(self.models.actor), self.cfg.batch)
+        self._packed_from = common.stamp(self.models.actor.parameters())
 
     def _packed_now(self) -> D.Weights:
-        """The packed copy, re-packed first if a parameter was written in place or replaced
-        since it was made (a generate without the sync before it). A write through `.data`
-        leaves torch's version counter alone: only an explicit sync sees that one."""
-        if self.packed is None or _versions(self.models.actor) != self._packed_from:
-            self.sync(None)
+        """The packed copy, re-packed first if it was made from other tensors (another state's)
+        or a parameter was written in place since (a generate without the sync before it). A
+        write through `.data` leaves torch's version counter alone: only an explicit sync sees
+        that one."""
+        if self.packed is None or not common.unchanged(self._packed_from,
+                                                       self.models.actor.parameters()):
+            self._repack()
         return self.packed
 
     def _gathered(self):
@@ -173,6 +179,8 @@ class HybridEngine:
         B, P = ids.shape
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._gathered())
+            # the state's weights: the module's own (nothing moves) or another state's
+            stack.enter_context(common.bound(self.models.actor, state.actor_params))
             w = D.extract(self.models.actor)
             if self._fuse_lora(w, G):
                 w = stack.enter_context(lora_fold.lora_fused(w))
@@ -228,7 +236,7 @@ class HybridEngine:
     def score(self, state: TrainState, rollout: Rollout) -> Experience:
         # full-sequence forwards: ZeRO-3's hooks gather each layer once per forward, which is
         # what a forward costs anyway
-        return common.score(self.models, rollout, self.cfg.reward)
+        return common.score(self.models, state, rollout, self.cfg.reward)
 
     def train_step(self, state: TrainState, exp: Experience, ppo: PPOConfig, *, seed: int):
         self.packed = None  # packed copies are stale once the weights move
@@ -238,10 +246,3 @@ class HybridEngine:
         """Free the KV cache (DeepSpeed's release_inference_cache); the next generate
         allocates a new one."""
         self.cache = None
-
-
-def _versions(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter is written in place (torch counts a tensor's in-place
-    writes) or replaced by another tensor."""
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
-
