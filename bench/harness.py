@@ -16,29 +16,10 @@ from pathlib import Path
 
 import engines
 
-from . import distributed, machine
+from . import distributed, machine, parity
 from .options import RESUME_OPTIONS, BenchOptions, ConfigError, differing
-from .report import format_table, parity_tolerance, plot_phases, summarize
+from .report import format_table, plot_phases, summarize
 from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
-
-# A greedy answer may leave hf's only at a near-tie: the two tokens within this many times the
-# log-prob tolerance (each path's logits may be off by the tolerance, in opposite directions).
-TIE_FACTOR = 2.0
-
-
-def parity_failure(d, tol: float) -> str:
-    """The failed status of a summary row whose parity with hf is out of bounds, else "".
-    A NaN (not measured: an engine without a generation path of its own) never fails."""
-    def known(x):
-        return x if x == x else 0.0
-    worst = max(d.parity_max_abs_diff, known(d.gen_parity_max_abs_diff))
-    tie = TIE_FACTOR * tol
-    if not (worst > tol or known(d.parity_divergence_margin) > tie):
-        return ""
-    return (f"failed: parity with hf: max |logprob diff| {worst:.3g} (scoring "
-            f"{d.parity_max_abs_diff:.3g}, generation {d.gen_parity_max_abs_diff:.3g}; "
-            f"tol {tol:g}), greedy divergence margin {d.parity_divergence_margin:.3g} "
-            f"(max {tie:g}; token agreement {d.parity_token_agreement:.3f})")
 
 
 def check_model(o: BenchOptions) -> None:
@@ -336,17 +317,10 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
                          timeout=timeout)
     progress.done()
     df = summarize(r.data)
-    for i, d in df.iterrows():
-        why = parity_failure(d, d.parity_tol) if d.status == "ok" else ""
-        if why:
-            df.loc[i, "status"] = why
-            r.data["engines"][d.engine]["status"] = why
-    # every engine reads the same reference, so one scale (hf's largest |top logit|) and one
-    # tolerance serve the run
-    scale = df.parity_logit_scale.max()  # NaN where none was recorded
-    tol = parity_tolerance(o.dtype, scale, o.parity_tol)
-    r.data["parity_tolerance"] = dict(max_abs_diff=tol, max_divergence_margin=TIE_FACTOR * tol,
-                                      logit_scale=scale if scale == scale else None)
+    failed, r.data["parity_tolerance"] = parity.verdict(df, o.dtype, o.parity_tol)
+    for engine, why in failed.items():
+        df.loc[df.engine == engine, "status"] = why
+        r.data["engines"][engine]["status"] = why
     r.save()
     atomic_write_csv(out / "summary.csv", df)
     try:

@@ -1,11 +1,11 @@
 """Tidy rows -> the summary table (one row per engine), printing and PNG plots."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 
+from .parity import parity_tolerance
 from .results import atomic_write
 
 SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
@@ -19,33 +19,6 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "parity_token_agreement", "parity_divergence_margin", "parity_tol",
                    "parity_logit_scale", "compile_s", "reward",
                    "kl", "actor_loss", "critic_loss", "note"]
-DEFAULT_PARITY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
-# Two correct paths (cached decode against a full-sequence forward, or another kernel) round
-# the logits, made in the run's dtype, differently: a log-prob moves by a few spacings of that
-# dtype at the size of the largest logits (measured on CPU, opt-1.3b bf16, top logits in [4, 8),
-# spacing 2^-5: hf's own cached generate against its own scoring differed by 1.5-2 spacings
-# over two runs, hybrid's decode against hf's generate by 2; bench/micro/logit_floor.py). The
-# tolerance is at least 4 of them.
-LOGIT_SPACINGS = 4
-DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
-
-
-def dtype_spacing(dtype: str, x: float) -> float:
-    """The gap between neighbouring values of `dtype` at magnitude x (x finite, above 0)."""
-    return DTYPE_EPS[dtype] * 2.0 ** math.floor(math.log2(x))
-
-
-def parity_tolerance(dtype: str, logit_scale: float, override: float = 0.0) -> float:
-    """Max |log-prob difference| from hf: --parity-tol when given, else the dtype's default or
-    LOGIT_SPACINGS spacings of the dtype at the reference's largest |top logit|, whichever is
-    larger (a scale not measured, as in runs before it was, leaves the default)."""
-    if override:
-        return float(override)
-    base = DEFAULT_PARITY_TOL[dtype]
-    if not 0 < logit_scale < math.inf:  # NaN fails too
-        return base
-    return max(base, LOGIT_SPACINGS * dtype_spacing(dtype, logit_scale))
-
 
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
              "step": "step_s"}

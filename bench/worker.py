@@ -24,12 +24,11 @@ from core.models import build_bundle, weight_bytes
 from core.rng import fold_in
 from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
-from engines.common import actor_logprobs, answer_logits
 
-from . import distributed
+from . import distributed, parity
 from . import flops as F
 from .options import from_dict
-from .results import append_jsonl, atomic_write, row
+from .results import append_jsonl, row
 
 EXIT_UNAVAILABLE = 3
 EXIT_ORPHANED = 4
@@ -153,93 +152,6 @@ def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
         rec.emit("setup", f"shape_{field}", value, "", step=-1)
 
 
-def parity_probe(rec: Recorder, o, bundle, engine, state, ref_path: str, reference: bool):
-    """Greedy rollout on probe prompts with the initial weights. The reference engine saves its
-    rollout and log-probs; every other engine scores that same rollout and compares, and an
-    engine whose generation runs its own forward (`answer_logprobs`) compares that too."""
-    from safetensors.torch import load_file, save_file
-    prompts = make_prompts(o, bundle, step=-1, i=0)
-    gen = GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos)
-    rollout = engine.generate(state, prompts, gen, seed=fold_in(o.seed, 999))
-
-    def scored(r):  # the engine's scoring; a generation-only bundle has the actor's part only
-        if bundle.ref is None:
-            return actor_logprobs(bundle, r)
-        return engine.score(state, r).logprobs
-
-    if reference:
-        logprobs = scored(rollout)
-        scale = top_logit_scale(bundle.actor, rollout)
-        tensors = {"seq": rollout.seq.cpu().contiguous(),
-                   "attention_mask": rollout.attention_mask.cpu().contiguous(),
-                   "answer_mask": rollout.answer_mask.cpu().contiguous(),
-                   "logprobs": logprobs.float().cpu().contiguous(),
-                   "logit_scale": torch.tensor(scale)}
-        atomic_write(ref_path, lambda tmp: save_file(tensors, tmp))
-        rec.emit("parity", "logit_scale", scale, "", step=-1)
-        rec.emit("parity", "max_abs_diff", 0.0, "nat", step=-1)
-        rec.emit("parity", "token_agreement", 1.0, "", step=-1)
-        rec.emit("parity", "divergence_margin", 0.0, "nat", step=-1)
-        return
-    ref = load_file(ref_path)
-    if "logit_scale" in ref:  # the tolerance the harness applies grows with it
-        rec.emit("parity", "logit_scale", float(ref["logit_scale"]), "", step=-1)
-    ref_rollout = type(rollout)(ref["seq"].to(o.device), ref["attention_mask"].to(o.device),
-                                ref["answer_mask"].to(o.device), o.prompt_len)
-
-    def gap(logprobs):
-        return max_gap(logprobs, ref["logprobs"], ref["answer_mask"])
-
-    on_ref = scored(ref_rollout)
-    same = rollout.seq.cpu()[:, o.prompt_len:] == ref["seq"][:, o.prompt_len:]
-    rec.emit("parity", "max_abs_diff", gap(on_ref), "nat", step=-1)
-    rec.emit("parity", "token_agreement", float(same.float().mean()), "", step=-1)
-    rec.emit("parity", "divergence_margin",
-             divergence_margin(same, on_ref, scored(rollout)), "nat",
-             step=-1)
-    if hasattr(engine, "answer_logprobs"):  # its own generation path, fed hf's tokens
-        rec.emit("parity", "gen_max_abs_diff", gap(engine.answer_logprobs(state, ref_rollout)),
-                 "nat", step=-1)
-
-
-@torch.no_grad()
-def top_logit_scale(model, rollout) -> float:
-    """The largest |top logit| over the rollout's answer positions, from the reference's own
-    forward: log-probs of two correct paths disagree by a few spacings of the dtype at that
-    size (report.parity_tolerance). The logits are scoring's own (answer positions only), so
-    the probe's peak memory stays scoring's."""
-    logits = answer_logits(model, rollout.seq, rollout.attention_mask, rollout.prompt_len)
-    top = logits.amax(-1).float().abs()
-    return _worst(torch.where(rollout.answer_mask.bool(), top, 0.0))
-
-
-def _worst(x: torch.Tensor) -> float:
-    """The largest value, a NaN counting as the worst (+inf): a broken forward must not pass
-    for one that was not measured."""
-    return float(torch.nan_to_num(x.float(), nan=float("inf")).max())
-
-
-def max_gap(logprobs, ref_logprobs, answer_mask) -> float:
-    """max |difference| from the reference's log-probs over the valid answer tokens."""
-    diff = (logprobs.float().cpu() - ref_logprobs.float().cpu()).abs()
-    return _worst(torch.where(answer_mask.cpu().bool(), diff, 0.0))
-
-
-def divergence_margin(same, on_ref, on_own) -> float:
-    """Where a row's greedy answer first leaves hf's, how far apart the two chosen tokens are
-    in log-prob (the engine's scoring of both rollouts: the prefixes are equal up to there).
-    A correct engine leaves hf's path only at a near-tie, which low-precision rounding flips;
-    after that the rest of the row differs, so token agreement alone would blame the engine
-    for the tie. The largest margin over rows (0 if no row diverged)."""
-    same, on_ref, on_own = same.cpu(), on_ref.float().cpu(), on_own.float().cpu()
-    diverged = ~same.all(1)
-    if not diverged.any():
-        return 0.0
-    first = (~same).int().argmax(1, keepdim=True)
-    margin = on_ref.gather(1, first) - on_own.gather(1, first)
-    return _worst(margin.abs()[diverged.unsqueeze(1)])
-
-
 def _note(rec: Recorder, engine) -> None:
     """Pass on the engine's note (set at init, or later: a fallback it took) when new."""
     note = getattr(engine, "note", "")
@@ -301,7 +213,11 @@ def run_engine_process(spec: dict) -> int:
         return EXIT_UNAVAILABLE
     emit_model_counts(rec, o, bundle, engine)
     t0 = time.perf_counter()
-    parity_probe(rec, o, bundle, engine, state, spec["parity_path"], spec["reference"])
+    parity.probe(lambda metric, value, unit: rec.emit("parity", metric, value, unit, step=-1),
+                 engine, state, bundle, make_prompts(o, bundle, step=-1, i=0),
+                 GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos),
+                 seed=fold_in(o.seed, 999), ref_path=spec["parity_path"],
+                 reference=spec["reference"])
     rec.emit("parity", "probe_s", time.perf_counter() - t0, "s", step=-1)
     _note(rec, engine)
     if spec.get("probe_only"):

@@ -37,9 +37,7 @@ def test_bf16_parity_with_hf(engine):
     the logits are large), and greedy answers leave hf's only at near-ties (margin within the
     harness's bound, twice that): bf16 rounding flips near-tied argmaxes, after which the rest
     of a row differs."""
-    from bench.harness import TIE_FACTOR
-    from bench.report import parity_tolerance
-    from bench.worker import divergence_margin, top_logit_scale
+    from bench.parity import TIE_FACTOR, divergence_margin, parity_tolerance, top_logit_scale
     b, cfg, hf, s1, prompts = _setup("hf")
     _, _, other, s2, _ = _setup(engine)
     gen = GenerationConfig(gen_len=32, greedy=True)

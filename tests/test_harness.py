@@ -378,7 +378,7 @@ def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
 
 
 def test_top_logit_scale_is_the_largest_top_logit_over_answer_positions():
-    from bench.worker import top_logit_scale
+    from bench.parity import top_logit_scale
     from core.data import synthetic_prompts
     from core.models import build_bundle
     from core.types import Rollout
@@ -399,7 +399,7 @@ def test_top_logit_scale_is_the_largest_top_logit_over_answer_positions():
 
 
 def test_parity_tolerance_grows_with_the_dtype_spacing_at_the_largest_logit():
-    from bench.report import parity_tolerance
+    from bench.parity import parity_tolerance
     nan = float("nan")
     # bf16 spacing in [4, 8) is 2^-5: 4 spacings = 0.125 > 5e-2; in [1, 2) 2^-7: the default
     assert parity_tolerance("bfloat16", 6.9) == 0.125
@@ -418,7 +418,7 @@ def test_divergence_margin_tells_a_near_tie_from_a_wrong_token():
     """On a real model: a rollout that leaves hf's greedy path for a token the model finds much
     less likely has a large margin; the same rollout kept on hf's path has none."""
     import engines
-    from bench.worker import divergence_margin
+    from bench.parity import divergence_margin
     from core.data import synthetic_prompts
     from core.models import build_bundle
     from core.types import GenerationConfig, RunConfig
@@ -444,7 +444,7 @@ def test_divergence_margin_tells_a_near_tie_from_a_wrong_token():
 
 
 def test_parity_gate_fails_wrong_tokens_not_near_ties():
-    from bench.harness import parity_failure
+    from bench.parity import parity_failure
     row = dict(parity_max_abs_diff=0.01, gen_parity_max_abs_diff=0.02,
                parity_token_agreement=0.3, parity_divergence_margin=0.008)
     # bf16: low agreement after near-ties is no failure; the tolerance is 5e-2, ties 1e-1
@@ -458,8 +458,7 @@ def test_parity_gate_fails_wrong_tokens_not_near_ties():
 
 
 def test_a_nan_log_prob_fails_parity_instead_of_passing_as_unmeasured():
-    from bench.harness import parity_failure
-    from bench.worker import divergence_margin, max_gap
+    from bench.parity import divergence_margin, max_gap, parity_failure
     ref = torch.zeros(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     padded = torch.tensor([[0.0, 0.01, 0.0], [0.0, 0.0, float("nan")]])  # NaN at padding

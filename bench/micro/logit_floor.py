@@ -1,6 +1,6 @@
 """How far two correct generation paths disagree in a low-precision dtype: hf's own cached
 `generate` and `hybrid`'s cached decode, each against hf's full-sequence scoring of the same
-greedy tokens. The floor the harness's parity tolerance must clear (report.parity_tolerance).
+greedy tokens. The floor the harness's parity tolerance must clear (parity.parity_tolerance).
 
 Only the actor is built (build_bundle(actor_only=True), no optimiser state), so opt-1.3b fits
 here.
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench.report import dtype_spacing, parity_tolerance
+from bench.parity import dtype_spacing, parity_tolerance
 from core import ppo as P
 from core.data import synthetic_prompts
 from core.models import build_bundle
