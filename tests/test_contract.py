@@ -1,6 +1,8 @@
-"""The engine contract as a user's own loop meets it: donated states, second copies that follow
-the weights however they moved, re-initialising an engine, and one-line errors for arguments
-the engines cannot use (before they reach torch)."""
+"""The engine contract as a user's own loop meets it: every registered engine runs the checks in
+tests/engine_checks.py (states that compute with the weights they hold, donated states,
+re-initialising, one-line errors for arguments the engines cannot use); second copies follow
+the weights however they moved; `engines.common.bound` moves nothing for an engine's own state
+and restores every slot after another's."""
 from __future__ import annotations
 
 import re
@@ -9,12 +11,20 @@ import pytest
 import torch
 
 import engines
-from core.step import add_advantages, ppo_step
+from core.step import ppo_step
 from core.types import GenerationConfig, Prompts
+from engines import common
 from tests.conftest import make_bundle, make_cfg, make_prompts
+from tests.engine_checks import CONTRACT, registry_names
 from tests.test_hybrid import _pair   # hf and the engine on one bundle
 
 GREEDY = dict(gen={"greedy": True})
+
+
+@pytest.mark.parametrize("check", CONTRACT, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", registry_names())
+def test_engine_keeps_the_contract(name, check, tmp_path):
+    check(name, tmp_path)
 
 
 def _scale_(bundle, factor, through_data):
@@ -57,48 +67,6 @@ def test_a_second_init_packs_afresh():
     _agree(pk, ps, hf, hs, prompts, cfg.gen)
 
 
-@pytest.mark.parametrize("name", ["hybrid", "hybrid-packed"])
-def test_a_second_init_serves_the_second_model(name):
-    cfg = make_cfg(**GREEDY)
-    a, b = make_bundle(seed=0), make_bundle(seed=1)
-    engine = engines.get(name)
-    sa = engine.init(a, cfg, seed=0)
-    prompts = make_prompts(a, cfg, seed=2)
-    engine.sync(sa)
-    engine.generate(sa, prompts, cfg.gen, seed=0)
-    sb = engine.init(b, cfg, seed=0)
-    engine.sync(sb)
-    got = engine.generate(sb, prompts, cfg.gen, seed=0)
-    hf = engines.get("hf")
-    want = hf.generate(hf.init(b, cfg, seed=0), prompts, cfg.gen, seed=0)
-    assert torch.equal(got.seq, want.seq)
-
-
-@pytest.mark.parametrize("name", ["hf", "hybrid"])
-def test_a_donated_state_is_refused_and_the_new_one_trains(name, tmp_path):
-    cfg = make_cfg()
-    bundle = make_bundle()
-    engine = engines.get(name)
-    s0 = engine.init(bundle, cfg, seed=0)
-    prompts = make_prompts(bundle, cfg, seed=0)
-    exp = add_advantages(engine.score(s0, engine.generate(s0, prompts, cfg.gen, seed=0)),
-                         cfg.ppo)
-    s1, _ = engine.train_step(s0, exp, cfg.ppo, seed=0)
-    count = int(s1.actor_opt.count)
-    with pytest.raises(ValueError, match="this state was donated to an earlier train_step"):
-        engine.train_step(s0, exp, cfg.ppo, seed=0)
-    assert int(s1.actor_opt.count) == count               # refused before anything moved
-    s2, _ = engine.train_step(s1, exp, cfg.ppo, seed=0)
-    assert int(s2.step) == 2 and int(s2.actor_opt.count) == count + 1
-    with pytest.raises(ValueError, match="has no advantages or returns; pass it through "
-                                         "core.step.add_advantages"):
-        engine.train_step(s2, exp._replace(advantages=None), cfg.ppo, seed=0)
-    from core.checkpoint import CheckpointError, save
-    with pytest.raises(CheckpointError, match="donated to a train_step"):
-        save(str(tmp_path), s1, bundle, seed=0, step=1, config_dict={})
-    save(str(tmp_path), s2, bundle, seed=0, step=2, config_dict={})   # the live one saves
-
-
 @pytest.mark.parametrize("kw, match", [
     (dict(temperature=0.0), "temperature must be a positive finite number"),
     (dict(temperature=-1.0), "temperature must be a positive finite number"),
@@ -109,43 +77,6 @@ def test_a_donated_state_is_refused_and_the_new_one_trains(name, tmp_path):
 def test_generation_config_refuses_what_no_engine_can_do(kw, match):
     with pytest.raises(ValueError, match=match):
         GenerationConfig(**kw)
-
-
-def _bad_prompts(bundle, cfg):
-    good = make_prompts(bundle, cfg, seed=0)
-    ids, am = good
-    V = bundle.config.vocab_size
-    return {
-        "a tuple": ((ids, am), "prompts must be core.types.Prompts"),
-        "float ids": (Prompts(ids.float(), am), "input_ids must be integer token ids"),
-        "1-D": (Prompts(ids[0], am[0]), "must be (B, P) tensors of one shape"),
-        "shapes differ": (Prompts(ids, am[:, 1:]), "must be (B, P) tensors of one shape"),
-        "id too large": (Prompts(ids.clone().fill_(V), am), f"token ids must lie in [0, {V})"),
-        "negative id": (Prompts(ids.clone().fill_(-1), am), f"token ids must lie in [0, {V})"),
-        "empty batch": (Prompts(ids[:0], am[:0]), "at least one row and one position"),
-        "right-padded": (Prompts(ids, torch.cat([am[:, 1:], torch.zeros_like(am[:, :1])], 1)),
-                         "prompts must be left-padded"),
-        "too long": (Prompts(ids.repeat(1, 40), torch.ones_like(am).repeat(1, 40)),
-                     "is longer than the model's 256 positions"),
-    }
-
-
-@pytest.mark.parametrize("name", ["hf", "hybrid", "ds-inference"])
-def test_generate_arguments_are_checked_in_one_line(name):
-    cfg = make_cfg()
-    bundle = make_bundle()
-    engine = engines.get(name)
-    state = engine.init(bundle, cfg, seed=0)
-    engine.sync(state)
-    for case, (prompts, match) in _bad_prompts(bundle, cfg).items():
-        with pytest.raises(ValueError, match=re.escape(match)) as err:
-            engine.generate(state, prompts, cfg.gen, seed=0)
-        assert "\n" not in str(err.value), case
-    with pytest.raises(ValueError, match="seed must be an int, got None"):
-        engine.generate(state, make_prompts(bundle, cfg, seed=0), cfg.gen, seed=None)
-    import numpy as np   # a numpy integer is an integer
-    engine.generate(state, make_prompts(bundle, cfg, seed=0),
-                    GenerationConfig(gen_len=np.int64(2)), seed=np.int64(3))
 
 
 def test_ppo_step_wants_one_prompt_batch_per_generation_batch():
@@ -160,19 +91,6 @@ def test_ppo_step_wants_one_prompt_batch_per_generation_batch():
     with pytest.raises(ValueError, match=re.escape("the prompt batches differ in shape ((4, 6), "
                                                    "(4, 8))")):
         ppo_step(engine, state, [p, short], cfg, seed=0)
-
-
-def test_a_state_over_another_bundle_is_refused():
-    cfg = make_cfg()
-    a, b = make_bundle(seed=0), make_bundle(seed=1)
-    ea, eb = engines.get("hf"), engines.get("hf")
-    sa, sb = ea.init(a, cfg, seed=0), eb.init(b, cfg, seed=0)
-    exp = add_advantages(eb.score(sb, eb.generate(sb, make_prompts(b, cfg, seed=0), cfg.gen,
-                                                  seed=0)), cfg.ppo)
-    before = {k: v.clone() for k, v in sa.actor_params.items()}
-    with pytest.raises(ValueError, match="this state holds another model's parameters"):
-        eb.train_step(sa, exp, cfg.ppo, seed=0)
-    assert all(torch.equal(before[k], v) for k, v in sa.actor_params.items())
 
 
 def test_core_imports_nothing_else_of_the_project():
@@ -190,3 +108,49 @@ def test_core_imports_nothing_else_of_the_project():
             found += [f"{path.name}: {n}" for n in names
                       if n.split(".")[0] in ("engines", "bench", "baselines", "tests")]
     assert not found, found
+
+
+def test_bound_moves_nothing_for_the_modules_own_tensors():
+    b = make_bundle()
+    slots = [(m, k, p) for m in b.actor.modules() for k, p in m._parameters.items()]
+    with common.bound(b.actor, dict(b.actor.named_parameters())):
+        assert all(m._parameters[k] is p for m, k, p in slots)
+    assert common.owns(b.actor, dict(b.actor.named_parameters()))
+
+
+def test_bound_swaps_every_slot_tied_ones_too_and_restores_them_on_error():
+    b = make_bundle()
+    own = dict(b.actor.named_parameters())
+    embed = next(k for k in own if "embed_tokens" in k)
+    assert b.actor.lm_head.weight is own[embed]                 # tiny-opt ties its lm_head
+    other = {k: v.detach() * 2 for k, v in own.items()}
+    slots = [(m, k, p) for m in b.actor.modules() for k, p in m._parameters.items()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with common.bound(b.actor, other):
+            assert b.actor.lm_head.weight is other[embed]
+            assert all(p is other[n] for n, p in b.actor.named_parameters())
+            assert not common.owns(b.actor, own)
+            raise RuntimeError("inside")
+    assert all(m._parameters[k] is p for m, k, p in slots)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("names", "this state's parameters are not this model's"),
+    ("shape", "the model's (512, 64)"),
+    ("zero3", "cannot be bound under ZeRO-3"),
+])
+def test_bound_refuses_what_it_cannot_bind_in_one_line(case, match):
+    b = make_bundle()
+    own = dict(b.actor.named_parameters())
+    k = next(iter(own))
+    other = {n: v.detach().clone() for n, v in own.items()}
+    if case == "names":
+        other["no.such.weight"] = other.pop(k)
+    elif case == "shape":
+        other[k] = other[k][:-1]
+    else:
+        own[k].ds_id = 0          # as DeepSpeed marks a partitioned parameter
+    with pytest.raises(ValueError, match=re.escape(match)) as err:
+        with common.bound(b.actor, other):
+            pass
+    assert "\n" not in str(err.value)
