@@ -162,7 +162,7 @@ def extract(model: nn.Module) -> Weights:
                            f"(supported: opt, llama, qwen2, mistral, gpt2)")
 
 
-SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: PERF notes in README)
+SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: docs/performance.md)
 
 
 def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:

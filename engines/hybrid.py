@@ -38,7 +38,7 @@ class HybridEngine:
                  prefill_min_positions: int = 16):
         # compile: torch.compile decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and
-        # ran 6x slower than eager (README, "Performance notes"), so CPU stays eager.
+        # ran 6x slower than eager (docs/performance.md), so CPU stays eager.
         # prefill chunk: prefill_tokens over the batch (its activations are the peak above the
         # cache), and at least prefill_min_positions, so that a large batch is not prefilled in
         # as many eager calls as it has prompt tokens

@@ -5,7 +5,7 @@ greedy tokens. The floor the harness's parity tolerance must clear (parity.parit
 Only the actor is built (build_bundle(actor_only=True), no optimiser state), so opt-1.3b fits
 here.
 Run: python -m bench.micro.logit_floor [PRESET B P G [DTYPE]] (default opt-125m 4 32 32 bfloat16;
-numbers in README, "What the summary means")."""
+numbers in docs/performance.md, "Parity in low precision")."""
 import sys
 import time
 

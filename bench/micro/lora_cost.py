@@ -2,7 +2,7 @@
 adapters run unfused, and the same adapters folded into the weights for the generate.
 Also times one fold + exact restore alone.
 
-Run: python -m bench.micro.lora_cost (numbers in README, Performance notes)."""
+Run: python -m bench.micro.lora_cost (numbers in docs/performance.md)."""
 import time
 
 import torch
