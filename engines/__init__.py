@@ -30,6 +30,7 @@ REGISTRY: dict[str, Entry] = {
                           needs=("deepspeed",)),
     "ds-hybrid": Entry("engines.ds_hybrid:DSHybridEngine", options=("inference_tp",),
                        needs=("cuda", "deepspeed")),
+    "vllm": Entry("engines.vllm:VLLMEngine", options=("compile",), needs=("vllm",)),
 }
 
 
