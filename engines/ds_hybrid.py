@@ -38,7 +38,6 @@ def hybrid_config(cfg: RunConfig, inference_tp: int) -> dict:
 
 
 class DSHybridEngine:
-    name = "ds-hybrid"
     weight_copies = 1
 
     def __init__(self, name: str = "ds-hybrid", inference_tp: int = 1):

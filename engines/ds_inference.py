@@ -88,7 +88,6 @@ def tp_group(tp: int):
 
 
 class DSInferenceEngine:
-    name = "ds-inference"
     weight_copies = 2
 
     def __init__(self, name: str = "ds-inference", inference_tp: int = 1):

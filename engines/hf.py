@@ -49,7 +49,6 @@ def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pa
 
 
 class HFEngine:
-    name = "hf"
     weight_copies = 1
 
     def __init__(self, name: str = "hf"):

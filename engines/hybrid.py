@@ -27,7 +27,6 @@ from . import lora_fold
 
 
 class HybridEngine:
-    name = "hybrid"
     weight_copies = 1
 
     # fold + restore measured at 30-58 unfused decode steps (bench/micro/lora_cost.py, opt-125m, B 8)

@@ -63,6 +63,20 @@ def lockstep(e1, s1, e2, s2, bundle, cfg: RunConfig, steps: int, label: str = ""
     return s1, s2
 
 
+def record_sequences(engine) -> list:
+    """Every sequence `engine.generate` returns from now on, appended to the returned list (an
+    instance attribute shadows the method: ppo_step calls through it; `del engine.generate`
+    ends it)."""
+    seqs, generate = [], engine.generate
+
+    def recording(*a, **kw):
+        r = generate(*a, **kw)
+        seqs.append(r.seq)
+        return r
+    engine.generate = recording
+    return seqs
+
+
 def params_of(module: torch.nn.Module) -> dict:
     """name -> detached clone of every parameter (a snapshot)."""
     return {n: p.detach().clone() for n, p in module.named_parameters()}

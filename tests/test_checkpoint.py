@@ -19,7 +19,7 @@ from core.checkpoint import CheckpointError
 from core.rng import fold_in
 from core.step import ppo_step
 
-from conftest import make_bundle, make_cfg, make_prompts
+from conftest import make_bundle, make_cfg, make_prompts, record_sequences
 
 BASE = 7
 # Large learning rates so every step moves the weights well past float32 rounding; two epochs
@@ -36,14 +36,7 @@ def fresh(name: str):
 
 def run(eng, bundle, state, steps, seed_of=lambda s: fold_in(BASE, s)):
     """PPO steps `steps`; returns the state, each step's metrics and sampled tokens."""
-    metrics, tokens = [], []
-    generate = eng.generate
-
-    def recording(*a, **kw):
-        r = generate(*a, **kw)
-        tokens.append(r.seq)
-        return r
-    eng.generate = recording  # instance attribute: ppo_step calls through it
+    metrics, tokens = [], record_sequences(eng)
     for s in steps:
         prompts = make_prompts(bundle, CFG, seed=fold_in(BASE, 100, s, 0))
         state, m = ppo_step(eng, state, prompts, CFG, seed=seed_of(s))

@@ -16,7 +16,7 @@ from core.engine import EngineUnavailable
 from core.rng import fold_in
 from core.step import ppo_step
 
-from conftest import make_bundle, make_cfg, make_prompts
+from conftest import make_bundle, make_cfg, make_prompts, record_sequences
 
 SEED, STEPS = 3, 2
 TOLERANCE: dict[str, float] = {}  # engine -> atol, with the reason next to it
@@ -31,14 +31,7 @@ def run_once(name: str):
         state = eng.init(bundle, CFG, seed=SEED)
     except EngineUnavailable as e:
         pytest.skip(f"{name}: {e}")
-    tokens, metrics = [], []
-    generate = eng.generate
-
-    def recording(*a, **kw):
-        r = generate(*a, **kw)
-        tokens.append(r.seq)
-        return r
-    eng.generate = recording
+    tokens, metrics = record_sequences(eng), []
     for step in range(STEPS):  # per-step seeds as in bench.worker
         prompts = [make_prompts(bundle, CFG, seed=fold_in(SEED, 100, step, i)) for i in range(2)]
         state, m = ppo_step(eng, state, prompts, CFG, seed=fold_in(SEED, step))
