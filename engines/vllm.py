@@ -14,7 +14,6 @@ import contextlib
 import copy
 import math
 import os
-import shutil
 import tempfile
 
 import torch
@@ -130,7 +129,7 @@ class VLLMEngine:
         # compile: vLLM's default mode (torch.compile, and CUDA graphs on a GPU); False runs
         # it eager (enforce_eager)
         self.name, self.compile = name, compile
-        self.llm, self.dir = None, None
+        self.llm = None
         self.note, self.sync_bytes, self.kv_pool_bytes = "", 0, 0
         self._pushed = ()   # common.stamp of the tensors vLLM's copy was made from
 
@@ -145,18 +144,9 @@ class VLLMEngine:
 
     def _start(self, seed: int) -> None:
         """vLLM over a folder of the actor's current weights (config + safetensors)."""
-        from safetensors.torch import save_file
         from vllm import LLM
         m, cfg = self.models, self.cfg
         self.device = device = torch.device(cfg.device).type
-        weights = hf_weights(m.actor)
-        self.dir = tempfile.mkdtemp(prefix="rlhf-bench-vllm-")
-        config = copy.deepcopy(m.config)
-        base = m.actor.get_base_model() if hasattr(m.actor, "get_base_model") else m.actor
-        config.architectures = [type(base).__name__]
-        config.save_pretrained(self.dir)
-        save_file({n: t.contiguous().cpu() for n, t in weights}, f"{self.dir}/model.safetensors")
-        del weights
         length = cfg.prompt_len + cfg.gen.gen_len
         dtype_bytes = torch.finfo(next(m.actor.parameters()).dtype).bits // 8
         self.kv_pool_bytes = kv_pool_bytes(m.config, cfg.batch, length, dtype_bytes,
@@ -169,9 +159,12 @@ class VLLMEngine:
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             # VLLM_CPU_KVCACHE_SPACE (whole GiB) would override the pool's size in bytes; vLLM
-            # seeds torch's global generator, which stays the caller's
-            with _env_without("VLLM_CPU_KVCACHE_SPACE"), torch.random.fork_rng(devices=[]):
-                self.llm = LLM(model=self.dir, skip_tokenizer_init=True, dtype=cfg.dtype,
+            # seeds torch's global generator, which stays the caller's; the folder is read
+            # once, here (later weights come in by sync)
+            with _env_without("VLLM_CPU_KVCACHE_SPACE"), torch.random.fork_rng(devices=[]), \
+                    tempfile.TemporaryDirectory(prefix="rlhf-bench-vllm-") as folder:
+                _save_hf_folder(m, folder)
+                self.llm = LLM(model=folder, skip_tokenizer_init=True, dtype=cfg.dtype,
                                max_model_len=length, seed=seed, enforce_eager=not self.compile,
                                kv_cache_memory_bytes=self.kv_pool_bytes,
                                block_size=BLOCK[device], generation_config="vllm", **extra)
@@ -274,14 +267,22 @@ class VLLMEngine:
         return common.train_step(self.models, self.opts, state, exp, ppo)
 
     def release(self) -> None:
-        """Shut vLLM down (its weights, KV pool and torch.distributed group) and remove the
-        folder it loaded from."""
+        """Shut vLLM down: its weights, KV pool and torch.distributed group."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+
+
+def _save_hf_folder(models: ModelBundle, folder: str) -> None:
+    """The actor as a Hugging Face model folder (config + safetensors), LoRA merged."""
+    from safetensors.torch import save_file
+    base = models.actor.get_base_model() if hasattr(models.actor, "get_base_model") \
+        else models.actor
+    config = copy.deepcopy(models.config)
+    config.architectures = [type(base).__name__]
+    config.save_pretrained(folder)
+    save_file({n: t.contiguous().cpu() for n, t in hf_weights(models.actor)},
+              f"{folder}/model.safetensors")
 
 
 def _repack_tied_head(model) -> None:
