@@ -122,7 +122,6 @@ def _env_without(key: str):
 
 
 class VLLMEngine:
-    name = "vllm"
     weight_copies = 2   # vLLM's copy of the actor, beside the trained one
 
     def __init__(self, name: str = "vllm", compile: bool = True):
