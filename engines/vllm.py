@@ -82,32 +82,31 @@ def _import_vllm():
 def check_runnable(models: ModelBundle, cfg: RunConfig) -> None:
     """EngineUnavailable, in one line, for what vLLM cannot run, before anything is built."""
     if cfg.zero_stage >= 0:
-        raise EngineUnavailable("vllm: not with DeepSpeed ZeRO (vLLM in the process takes "
-                                "over, then destroys, torch.distributed's group)")
+        raise EngineUnavailable("DeepSpeed ZeRO cannot share a process with vLLM (vLLM "
+                                "takes over, then destroys, torch.distributed's group)")
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise EngineUnavailable("vllm: not in a multi-rank run (one whole vLLM per process "
-                                "here)")
+        raise EngineUnavailable("vLLM runs here on one rank, not in a multi-rank run")
     vllm = _import_vllm()
     from vllm.platforms import current_platform
     device = torch.device(cfg.device).type
     if current_platform.device_type != device:
-        raise EngineUnavailable(f"vllm: this vLLM build runs on {current_platform.device_type}"
-                                f", the run is on {cfg.device}")
+        raise EngineUnavailable(f"this vLLM build runs on {current_platform.device_type}, "
+                                f"the run is on {cfg.device}")
     base = models.actor.get_base_model() if hasattr(models.actor, "get_base_model") \
         else models.actor
     arch = type(base).__name__
     if arch not in vllm.ModelRegistry.get_supported_archs():
-        raise EngineUnavailable(f"vllm: no vLLM model for {arch}")
+        raise EngineUnavailable(f"vLLM has no model for {arch}")
     if getattr(torch, cfg.dtype, None) not in current_platform.supported_dtypes:
-        raise EngineUnavailable(f"vllm: no {cfg.dtype} on this {device}")
+        raise EngineUnavailable(f"vLLM has no {cfg.dtype} on this {device}")
     c = models.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if device == "cpu":
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
         sizes = CPUAttentionBackend.get_supported_head_sizes()
         if head_dim not in sizes:
-            raise EngineUnavailable(f"vllm: its CPU attention takes head sizes "
+            raise EngineUnavailable(f"vLLM's CPU attention takes head sizes "
                                     f"{', '.join(map(str, sizes))}; this model's is {head_dim}")
 
 

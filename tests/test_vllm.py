@@ -177,7 +177,7 @@ def test_a_model_vllm_cannot_run_is_unavailable_in_one_line(monkeypatch):
     with pytest.raises(EngineUnavailable, match="head sizes .*; this model's is 16$") as err:
         e.init(make_bundle("tiny-opt"), make_cfg(), seed=0)
     assert "\n" not in str(err.value) and e.llm is None
-    with pytest.raises(EngineUnavailable, match="not with DeepSpeed ZeRO"):
+    with pytest.raises(EngineUnavailable, match="DeepSpeed ZeRO cannot share a process with vLLM"):
         e.init(make_bundle("opt-mini", actor_only=True), make_cfg(zero_stage=0), seed=0)
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)   # import vllm fails
     with pytest.raises(EngineUnavailable, match="vllm cannot be imported: ModuleNotFoundError"):
