@@ -219,3 +219,18 @@ def test_a_llama_family_model_equals_hf_and_after_training(engine, opt, tmp_path
     state = engine.init(b, cfg, seed=0)
     hf = engines.get("hf")
     _greedy_equal_hf_before_and_after_training(engine, b, cfg, state, hf, hf.init(b, cfg, seed=0))
+
+
+def test_deepspeed_still_starts_after_vllm_shut_down_the_group_it_joined():
+    """vLLM joins the process group DeepSpeed made and destroys it at shutdown; DeepSpeed's
+    next start in the process must not use its clone of that group."""
+    cfg = make_cfg(zero_stage=0)
+    engines.get("hf").init(make_bundle("tiny-opt", seed=0), cfg, seed=0)
+    v = VLLMEngine(compile=False)
+    v.init(make_bundle("opt-mini", seed=0), make_cfg(preset="opt-mini", gen=GREEDY), seed=0)
+    v.release()
+    hf = engines.get("hf")
+    b = make_bundle("tiny-opt", seed=0)
+    state = hf.init(b, cfg, seed=0)
+    rollout = hf.generate(state, make_prompts(b, cfg, seed=1), cfg.gen, seed=0)
+    assert rollout.seq.shape == (cfg.batch, cfg.prompt_len + cfg.gen.gen_len)

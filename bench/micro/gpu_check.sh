@@ -92,12 +92,19 @@ ship
 # (--time-budget), so time one leaves unused goes to the next (hybrid, whose cold compile is
 # the longest, runs last); the sweep runs only if enough is left after
 if [[ $DRY == 1 ]]; then budget=1200; else budget=$(( $(left) - 50 )); (( budget < 180 )) && budget=180; fi
-say "comparison: hf, ds-inference, ds-hybrid, hybrid (at most ${budget} s together)"
+ENGINES=hf,ds-inference,ds-hybrid,hybrid
+# vllm where the GPU machine's python has the vllm package (its wheels are too large to carry);
+# the dry run's tiny preset has a head size vLLM's CPU attention refuses
+if [[ $DRY == 0 ]]; then
+  if $PY -c "import vllm" > /dev/null 2>&1; then ENGINES+=,vllm
+  else say "no vllm row: the vllm package does not import on this machine"; fi
+fi
+say "comparison: ${ENGINES//,/, } (at most ${budget} s together)"
 # the harness's own start and wrap-up are outside --time-budget: past the whole budget, SIGINT
 # stops it cleanly (it ends the running engine and saves what was measured), 30 s before the
 # end, so that the grace before a SIGKILL also fits in the budget
 timeout -s INT -k 30 $(( $(left) - 30 > 60 ? $(left) - 30 : 60 )) \
-  $PY -m bench run --engines hf,ds-inference,ds-hybrid,hybrid "${RUN[@]}" \
+  $PY -m bench run --engines "$ENGINES" "${RUN[@]}" \
     --time-budget $budget --out "$WORK/compare" --overwrite
 rc=$?  # 2: an engine is unavailable here (its row says why); the rest ran
 [[ $rc == 0 || $rc == 2 ]] || status=1
