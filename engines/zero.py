@@ -61,12 +61,16 @@ def init_dist() -> None:
         dist.init_process_group(get_accelerator().communication_backend_name(),
                                 init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
-        # DeepSpeed keeps a clone of the world group; one cloned from a group destroyed since
-        # (vLLM's shutdown destroys the group it joined) names a group torch has forgotten
-        from deepspeed.utils import groups
-        groups._WORLD_GROUP = None
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(verbose=False)
+    # DeepSpeed keeps a clone of the world group; one cloned from a group destroyed since
+    # (vLLM's shutdown destroys the group it joined) names a group torch has forgotten
+    from deepspeed.utils import groups
+    if groups._WORLD_GROUP is not None:
+        try:
+            dist.get_process_group_ranks(groups._WORLD_GROUP)
+        except KeyError:
+            groups._WORLD_GROUP = None
 
 
 def world_size() -> int:
