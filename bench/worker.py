@@ -162,7 +162,7 @@ def _note(rec: Recorder, engine) -> None:
         rec.event(kind="note", note=note)
 
 
-def _import_libraries(o, name: str) -> None:
+def _import_libraries(o, name: str, engine) -> None:
     """Load, before the memory baseline, the code the run loads anyway: building a model pulls
     in ~1100 modules lazily (transformers' model code, torch._dynamo, sympy, accelerate), about
     95 MB resident. Building the preset's architecture on the meta device does that and
@@ -186,6 +186,9 @@ def _import_libraries(o, name: str) -> None:
     if name.startswith("ds-") or o.zero_stage >= 0:
         with contextlib.suppress(ImportError):  # an engine without DeepSpeed says so itself
             import deepspeed  # noqa: F401
+    if hasattr(engine, "preload"):
+        with contextlib.suppress(EngineUnavailable):  # its init says why, in the results
+            engine.preload()
 
 
 def run_engine_process(spec: dict) -> int:
@@ -195,11 +198,11 @@ def run_engine_process(spec: dict) -> int:
     dist = distributed.setup(o, spec["engine_index"], rec)  # None unless on several ranks
     if o.threads:
         torch.set_num_threads(o.threads)
-    _import_libraries(o, name)
+    engine = engines.get(name, **{k: getattr(o, k) for k in engines.REGISTRY[name].options})
+    _import_libraries(o, name, engine)
     base_rss = rec.base_rss = _rss_mb()  # peaks count above this: the run's, not library code
     rec.emit("setup", "threads", torch.get_num_threads(), "", step=-1)
     try:
-        engine = engines.get(name, **{k: getattr(o, k) for k in engines.REGISTRY[name].options})
         cfg = o.run_config() if dist is None else dist.run_config(o)
         # a generation-only run builds the actor alone: reference, critic and reward would
         # each add the actor's size again to the peak and never be used

@@ -22,7 +22,9 @@ class Engine(Protocol):
 
     Optional members, read with getattr by the harness: `note: str` (how the engine ran, kept
     in the results) and `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own generation
-    path's log-probs of a rollout's tokens, checked by the parity probe)."""
+    path's log-probs of a rollout's tokens, checked by the parity probe), and `preload()` (import
+    the engine's own heavy libraries; the harness calls it before its memory baseline, so their
+    code does not count in the engine's peaks)."""
     name: str
     weight_copies: int  # full-size copies of the actor's weights the engine holds
 

@@ -87,6 +87,9 @@ def check_runnable(models: ModelBundle, cfg: RunConfig) -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise EngineUnavailable("vLLM runs here on one rank, not in a multi-rank run")
+    if torch.device(cfg.device).index not in (None, 0):
+        raise EngineUnavailable(f"vllm: in this process vLLM takes the first GPU, not "
+                                f"{cfg.device}")
     vllm = _import_vllm()
     from vllm.platforms import current_platform
     device = torch.device(cfg.device).type
@@ -130,6 +133,10 @@ class VLLMEngine:
         self.llm = None
         self.note, self.sync_bytes, self.kv_pool_bytes = "", 0, 0
         self._pushed = ()   # common.stamp of the tensors vLLM's copy was made from
+
+    def preload(self) -> None:
+        """Import vLLM (~340 MB resident) before the harness's memory baseline."""
+        _import_vllm()
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         self.release()   # an earlier init's vLLM

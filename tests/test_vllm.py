@@ -250,3 +250,20 @@ def test_deepspeed_still_starts_after_vllm_shut_down_the_group_it_joined():
                        timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "generated (4, 14)" in p.stdout
+
+
+def test_the_worker_imports_vllm_before_its_memory_baseline():
+    """vLLM's ~340 MB of library code is loaded by the engine's preload, which the worker calls
+    before the baseline its peaks count from."""
+    code = ("import sys\n"
+            "from bench.options import BenchOptions\n"
+            "from bench.worker import _import_libraries\n"
+            "from engines.vllm import VLLMEngine\n"
+            "assert 'vllm' not in sys.modules\n"
+            "_import_libraries(BenchOptions(preset='opt-mini'), 'vllm', VLLMEngine())\n"
+            "print('vllm' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-1] == "True"
