@@ -3,7 +3,7 @@
 Counts are matmul FLOPs (2 per multiply-add): the linear layers and the two attention products
 (QK^T and AV). The vocabulary projection is counted only where logits are computed: the last
 prompt position in prefill (generate keeps one), each decode step, and the G+1 positions that
-scoring and training keep (engines/common.answer_logits). Norms, softmax and elementwise work
+scoring and training keep (core.models.answer_logits). Norms, softmax and elementwise work
 are left out; they are a few percent at these sizes. The harness counts a live model's shape
 (shape_of); the scale projection builds the same Shape from an architecture
 (bench/projection/counts.flop_shape), so an efficiency measured here means the same there.

@@ -16,7 +16,7 @@ import math
 import torch
 
 from core.ppo import logprobs_from_logits
-from core.models import position_ids
+from core.models import answer_logits
 from core.types import Rollout
 
 from .results import atomic_write
@@ -46,7 +46,7 @@ def probe(emit, engine, state, bundle, prompts, gen, *, seed: int, ref_path: str
 
     def scored(r):  # the engine's scoring; a generation-only bundle has the actor's part only
         if bundle.ref is None:
-            return logprobs_from_logits(answer_logits(bundle.actor, r), r.seq[:, r.prompt_len:])
+            return logprobs_from_logits(_logits(bundle.actor, r), r.seq[:, r.prompt_len:])
         return engine.score(state, r).logprobs
 
     if reference:
@@ -84,19 +84,17 @@ def probe(emit, engine, state, bundle, prompts, gen, *, seed: int, ref_path: str
 
 
 @torch.no_grad()
-def answer_logits(model, rollout) -> torch.Tensor:
-    """(B, G, V) logits at the positions that emit the answer, from the module's own forward
-    (kept at those positions only, as scoring keeps them: the probe's peak stays scoring's)."""
-    am, G = rollout.attention_mask, rollout.seq.shape[1] - rollout.prompt_len
-    return model(input_ids=rollout.seq, attention_mask=am, position_ids=position_ids(am),
-                 use_cache=False, logits_to_keep=G + 1).logits[:, :-1]
+def _logits(model, rollout) -> torch.Tensor:
+    """(B, G, V): the module's own forward at the answer positions only, as scoring keeps them
+    (the probe's peak stays scoring's)."""
+    return answer_logits(model, rollout.seq, rollout.attention_mask, rollout.prompt_len)
 
 
 def top_logit_scale(model, rollout) -> float:
     """The largest |top logit| over the rollout's answer positions, from the reference's own
     forward: log-probs of two correct paths disagree by a few spacings of the dtype at that
     size (parity_tolerance)."""
-    top = answer_logits(model, rollout).amax(-1).float().abs()
+    top = _logits(model, rollout).amax(-1).float().abs()
     return _worst(torch.where(rollout.answer_mask.bool(), top, 0.0))
 
 

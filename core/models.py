@@ -107,6 +107,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def answer_logits(model, seq, attention_mask, prompt_len: int, params=None):
+    """Logits at the positions that emit answer tokens: (B, G, V), i.e. positions P-1..T-2,
+    kept at those positions only. `params`: name -> tensor to compute with instead of the
+    module's own (torch.func.functional_call)."""
+    from torch.func import functional_call
+    G = seq.shape[1] - prompt_len
+    kw = dict(input_ids=seq, attention_mask=attention_mask,
+              position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=G + 1)
+    out = model(**kw) if params is None else functional_call(model, params, (), kw, strict=False)
+    return out.logits[:, :-1]
+
+
 class ValueModel(nn.Module):
     """Base decoder + a scalar head: values (B, T) for critic and reward models."""
 

@@ -11,20 +11,11 @@ from torch.func import functional_call, grad_and_value
 from core import ppo as P
 from core.engine import check_train_args, donate_
 from core.guards import check_finite, check_grads
-from core.models import ModelBundle, position_ids, trainable
+from core.models import ModelBundle, answer_logits, trainable
 from core.optim import adamw, global_norm
 from core.rewards import model_score, rule_score
 from core.step import experience_stats, split_rows
 from core.types import Experience, Metrics, PPOConfig, Rollout, RunConfig, TrainState
-
-
-def answer_logits(model, seq, attention_mask, prompt_len: int, params=None):
-    """Logits at the positions that emit answer tokens: (B, G, V), i.e. positions P-1..T-2."""
-    G = seq.shape[1] - prompt_len
-    kw = dict(input_ids=seq, attention_mask=attention_mask,
-              position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=G + 1)
-    out = model(**kw) if params is None else functional_call(model, params, (), kw, strict=False)
-    return out.logits[:, :-1]
 
 
 def answer_values(model, seq, attention_mask, prompt_len: int, params=None):

@@ -33,7 +33,9 @@ from core.step import experience_stats, split_rows, take
 from core.types import Experience, Metrics, PPOConfig, RunConfig, TrainState
 
 from . import common
-from .common import answer_logits, answer_values
+from core.models import answer_logits
+
+from .common import answer_values
 
 
 def backend_for(cfg: RunConfig):

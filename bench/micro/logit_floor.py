@@ -16,7 +16,7 @@ from core import ppo as P
 from core.data import synthetic_prompts
 from core.models import build_bundle
 from core.types import GenerationConfig, Rollout, RunConfig, torch_dtype
-from engines.common import answer_logits
+from core.models import answer_logits
 from engines.hybrid import HybridEngine
 
 
