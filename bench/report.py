@@ -32,6 +32,23 @@ def summarize(data: dict) -> pd.DataFrame:
         return _summarize(data)
 
 
+def step_samples(data: dict, engine: str) -> pd.DataFrame:
+    """Seconds per measured step of `engine`: one row per step, indexed by the round it ran in
+    (its step number in results without rounds), a column per phase (generate summed over the
+    step's generation batches; "step" the whole step)."""
+    o = data["options"]
+    rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
+                                               "unit"])
+    r = rows[(rows.engine == engine) & (rows.step >= o["warmup"])]
+    secs = r[r.metric == "seconds"].pivot_table(index="step", columns="phase", values="value",
+                                                aggfunc="sum")
+    rounds = r[(r.phase == "step") & (r.metric == "round")].set_index("step").value
+    if len(secs) and secs.index.isin(rounds.index).all():
+        secs.index = [int(rounds[s]) for s in secs.index]
+    secs.index.name = "round"
+    return secs
+
+
 def _summarize(data: dict) -> pd.DataFrame:
     o, limits = data["options"], data.get("limits", {})
     rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
