@@ -426,3 +426,12 @@ def test_readme_llama_projection_is_what_its_command_prints(tmp_path, capsys):
     df = pd.read_csv(tmp_path / "p.csv")
     got = [f"{h:.2f}" for gpus in (8, 64) for h in df[df.gpus == gpus].total_hours]
     assert got == list(m.groups()[1:])
+
+
+def test_docs_generated_parts_are_what_their_commands_print():
+    """docs/projection.md is rebuilt by `python -m bench.projection.docs`; every part but the
+    date stamp must be what its command prints now."""
+    from bench.projection.docs import DOC, RENDER, regenerate
+    text = DOC.read_text(encoding="utf-8")
+    assert regenerate(text, tuple(k for k in RENDER if k != "stamp")) == text
+    assert "<!-- generated: stamp -->" in text

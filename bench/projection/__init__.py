@@ -6,4 +6,5 @@ model.py      one configuration: memory per GPU, the largest batch, seconds per 
 calibration.py  DeepSpeed-Chat's published hours beside the model's
 measured.py   efficiencies a harness run measured (--efficiency)
 cli.py        options, the printed table, --out CSV, --plot PNG (run_projection, main)
+docs.py       regenerates docs/projection.md's tables and outputs from their commands
 """
