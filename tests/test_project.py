@@ -400,10 +400,11 @@ def test_readme_projection_table_is_what_its_command_prints(tmp_path, capsys):
     args = parser().parse_args(argv)
     assert args.func(args) == 0
     capsys.readouterr()
-    df = pd.read_csv(tmp_path / "p.csv")
+    df = pd.read_csv(tmp_path / "p.csv", dtype={"chosen": str}).fillna({"chosen": ""})
     want = []
-    for (model, gpus), g in df.groupby(["model", "gpus"], sort=False):
-        cells = ["does not fit" if not r.fits else f"{r.total_hours:.3g} h ({r.dominant_phase})"
+    for (model, gpus), g in df.groupby(["model", "gpus"], sort=False):   # * the search chose
+        cells = ["does not fit" if not r.fits else
+                 f"{r.total_hours:.3g} h ({r.dominant_phase})" + "*" * bool(r.chosen)
                  for r in (g[g.engine == e].iloc[0] for e in ("hf", "ds-hybrid", "hybrid"))]
         want.append(f"| {model} | {gpus} | " + " | ".join(cells) + " |")
     table = text.split(cmd, 1)[1]
@@ -434,4 +435,4 @@ def test_docs_generated_parts_are_what_their_commands_print():
     from bench.projection.docs import DOC, RENDER, regenerate
     text = DOC.read_text(encoding="utf-8")
     assert regenerate(text, tuple(k for k in RENDER if k != "stamp")) == text
-    assert "<!-- generated: stamp -->" in text
+    assert "<!-- generated: stamp -->" in text and "<!-- generated: published -->" in text

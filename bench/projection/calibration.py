@@ -1,12 +1,13 @@
 """DeepSpeed-Chat's published step-3 hours beside the projection's `ds-hybrid` predictions: the
-calibration rows with their scripts' settings, the held-out rows priced by one rule (the rows and
-their sources are in presets.py)."""
+calibration rows with their scripts' settings, and every published cell as a user would ask for
+it, with only model, GPU count and GPU kind (the rows and their sources are in presets.py)."""
 from __future__ import annotations
 
 import dataclasses
 
-from .model import Config, auto_tp, memory_fit, predict
-from .presets import CALIBRATION, HELD_OUT, MAX_GLOBAL_BATCH
+from .model import Config, memory_fit, predict
+from .presets import CALIBRATION, PUBLISHED
+from .search import resolve
 
 
 def _fit_per_gpu(cfg: Config, per_gpu: int) -> Config:
@@ -16,20 +17,14 @@ def _fit_per_gpu(cfg: Config, per_gpu: int) -> Config:
     return dataclasses.replace(cfg, batch=per_gpu * cfg.gpus)
 
 
-def held_out_config(gpus: int, gpu: str, model: str) -> Config:
-    """The one rule the held-out rows are priced with (see HELD_OUT in presets.py)."""
-    cfg = Config(model=model, gpus=gpus, gpu=gpu, engine="ds-hybrid", lora_dim=128, lora_only=False)
-    for offload in (False, True):
-        cfg = dataclasses.replace(cfg, offload=offload)
-        cfg = dataclasses.replace(cfg, inference_tp=auto_tp(cfg))
-        if memory_fit(cfg, 1):
-            break
-    return _fit_per_gpu(cfg, min(16, MAX_GLOBAL_BATCH // gpus))
+def as_asked(gpus: int, gpu: str, model: str):
+    """What `rlhf-bench project --model MODEL --gpus GPUS --gpu GPU` prices (search.Choice)."""
+    return resolve(Config(model=model, gpus=gpus, gpu=gpu), frozenset())
 
 
 def calibration_table():
     """DeepSpeed-Chat's published step-3 hours beside our `ds-hybrid` predictions: the calibration
-    rows (per-row script settings) and the held-out rows (one rule)."""
+    rows (per-row script settings), then every published cell as asked (model, GPUs, GPU kind)."""
     import pandas as pd
     rows = []
     for gpus, gpu, model, hours, settings, script in CALIBRATION:
@@ -37,12 +32,14 @@ def calibration_table():
         per_gpu = settings.pop("per_gpu")
         cfg = Config(model=model, gpus=gpus, gpu=gpu, engine="ds-hybrid", lora_only=False,
                      **settings)
-        rows.append((_fit_per_gpu(cfg, per_gpu), hours, "calibration", script))
-    for gpus, gpu, model, hours in HELD_OUT:
-        rows.append((held_out_config(gpus, gpu, model), hours, "held out", "one rule"))
+        rows.append((_fit_per_gpu(cfg, per_gpu), (), hours, "calibration", script))
+    for gpus, gpu, model, hours in PUBLISHED:
+        choice = as_asked(gpus, gpu, model)
+        rows.append((choice.cfg, choice.chosen, hours, "as asked",
+                     f"--model {model} --gpus {gpus} --gpu {gpu}"))
     out = []
-    for cfg, hours, kind, note in rows:
+    for cfg, chosen, hours, kind, note in rows:
         r = predict(cfg)
-        out.append({**r, "published_hours": hours, "ratio": r["total_hours"] / hours,
-                    "set": kind, "settings": note})
+        out.append({**r, "chosen": ",".join(chosen), "published_hours": hours,
+                    "ratio": r["total_hours"] / hours, "set": kind, "settings": note})
     return pd.DataFrame(out)

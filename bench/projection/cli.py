@@ -11,6 +11,7 @@ from .calibration import calibration_table
 from .measured import load_efficiency
 from .model import STEP_PARTS, Config, auto_tp, check_config, predict
 from .presets import ENGINES, GPUS, MODELS, SWEEP_GPUS, SWEEP_MODELS
+from .search import fits, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--engine", default="ds-hybrid", help=f"engine(s): {', '.join(ENGINES)}")
     a("--critic", default=None, help="critic and reward model (default: opt-350m for OPT actors, "
       "as DeepSpeed-Chat; the actor's own shape for the others)")
-    a("--zero-stage", type=int, default=3, help="ZeRO stage of actor and critic training (0-3)")
-    a("--inference-tp", default="1", help="tensor-parallel degree of generation, or 'auto'")
-    a("--lora-dim", type=int, default=0, help="LoRA rank; > 0 trains only the adapters")
+    # the knobs: left out, 3 / 1 / 0 / no offload / the largest batch, or where that does not
+    # fit, the fastest setting that does (search.py); a knob given is never changed
+    a("--zero-stage", type=int, default=None,
+      help="ZeRO stage of actor and critic training (0-3; default 3)")
+    a("--inference-tp", default=None,
+      help="tensor-parallel degree of generation, or 'auto' (default 1)")
+    a("--lora-dim", type=int, default=None, help="LoRA rank; > 0 trains only the adapters "
+      "(default 0: full training)")
     a("--offload", action="store_true", help="ZeRO-Offload: Adam states in host memory, CPU Adam")
     a("--no-grad-ckpt", action="store_true", help="no activation checkpointing")
     a("--tokens", type=float, default=135e6, help="token budget, prompt + answer tokens")
@@ -41,14 +47,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--plot", default=None, help="write a PNG of hours vs GPUs and the phase shares")
 
 
+def given_knobs(args) -> frozenset[str]:
+    """The knobs (search.KNOBS) the command line sets; `--inference-tp auto` leaves TP open."""
+    tp = args.inference_tp
+    given = {"zero_stage": args.zero_stage is not None, "lora_dim": args.lora_dim is not None,
+             "inference_tp": tp is not None and str(tp).strip().lower() != "auto",
+             "offload": getattr(args, "offload", False), "batch": args.batch is not None}
+    return frozenset(k for k, v in given.items() if v)
+
+
 def configs_from_args(args) -> list[Config]:
-    """The configurations a command line asks for (a cartesian product of the lists)."""
+    """The configurations a command line asks for (a cartesian product of the lists), each with
+    the knobs it leaves open at their defaults."""
     models = args.model.split(",") if args.model else (
         list(SWEEP_MODELS) if args.sweep else ["opt-1.3b"])
     gpu_counts = int_list(args.gpus, "--gpus") if args.gpus else (
         list(SWEEP_GPUS) if args.sweep else [1])
-    tp_auto = str(args.inference_tp).strip().lower() == "auto"
-    tp = 1 if tp_auto else int_list(str(args.inference_tp), "--inference-tp")[0]
+    tp_text = "1" if args.inference_tp is None else str(args.inference_tp)
+    tp_auto = tp_text.strip().lower() == "auto"
+    tp = 1 if tp_auto else int_list(tp_text, "--inference-tp")[0]
     efficiencies = {}
     out = []
     for engine in args.engine.split(","):
@@ -60,7 +77,8 @@ def configs_from_args(args) -> list[Config]:
                 if args.sweep and not tp_auto and n % tp:
                     continue                   # a sweep skips GPU counts the TP degree cannot split
                 cfg = Config(model=model, gpus=n, gpu=args.gpu, engine=engine,
-                             zero_stage=args.zero_stage, inference_tp=tp, lora_dim=args.lora_dim,
+                             zero_stage=3 if args.zero_stage is None else args.zero_stage,
+                             inference_tp=tp, lora_dim=args.lora_dim or 0,
                              tokens=args.tokens, prompt_len=args.prompt_len, gen_len=args.gen_len,
                              batch=args.batch, grad_ckpt=not getattr(args, "no_grad_ckpt", False),
                              offload=getattr(args, "offload", False),
@@ -107,10 +125,17 @@ SHOWN = {"model": "model", "gpus": "gpus", "gpu": "gpu", "engine": "engine", "ba
 
 
 def format_projection(df) -> str:
-    """The rows with their assumptions (batch, ZeRO stage, TP, LoRA, offload, efficiencies)."""
+    """The rows with their assumptions (batch, ZeRO stage, TP, LoRA, offload, efficiencies); a
+    setting the search chose because the given ones did not fit is marked `*`."""
     import pandas as pd
     df = df.assign(lora=[f"{d}+base" if d and not only else str(d)
                          for d, only in zip(df["lora_dim"], df["lora_only"])])
+    if "chosen" in df.columns:
+        chosen = df["chosen"].fillna("").str.split(",")
+        for knob, col in (("batch", "batch"), ("zero_stage", "zero_stage"),
+                          ("inference_tp", "inference_tp"), ("lora_dim", "lora"),
+                          ("offload", "offload")):
+            df[col] = [f"{v}*" if knob in c else str(v) for v, c in zip(df[col], chosen)]
     cols = {k: v for k, v in SHOWN.items() if k in df.columns}
     extra = [c for c in ("published_hours", "ratio", "set", "settings") if c in df.columns]
     with pd.option_context("display.width", 300, "display.max_columns", 40,
@@ -125,11 +150,23 @@ def run_projection(args) -> int:
         path = getattr(args, flag, None)
         if path and Path(path).is_dir():
             raise ValueError(f"--{flag} {path} is a folder; give a file name")
+    notes = []
     if getattr(args, "calibration", False):
         df = calibration_table()
     else:
-        df = pd.DataFrame([predict(cfg) for cfg in configs_from_args(args)])
+        given = given_knobs(args)
+        choices = [resolve(cfg, given) for cfg in configs_from_args(args)]
+        if not any(fits(c.cfg) for c in choices):   # no answer to the question asked
+            raise ValueError(choices[0].note)
+        df = pd.DataFrame([{**predict(c.cfg), "chosen": ",".join(c.chosen), "note": c.note}
+                           for c in choices])
+        notes = [c.note for c in choices if c.note]
     print(format_projection(df))
+    if notes:
+        print("* chosen because the settings as given do not fit:" if df["chosen"].any()
+              else "settings that do not fit:")
+        for note in dict.fromkeys(notes):
+            print(f"  {note}")
     for name in df["gpu"].unique():
         g = GPUS[name]
         print(f"{name}: {g.bf16_flops / 1e12:.0f} TFLOP/s bf16, {g.hbm_bw / 1e12:.3g} TB/s HBM, "

@@ -5,8 +5,9 @@ from `rlhf-bench project ARGS`; the prose around the parts is kept as written. K
   stamp      the day, commit and machine of this regeneration, and its command
   output     the command and all it prints
   summary    the command, then hours (dominant phase) per model and GPU count, one column per
-             engine
+             engine; `*` where the search chose settings
   hours      a sentence: the command's hours on each GPU count, in engine order
+  published  DeepSpeed-Chat's published hours beside `project` given only model, GPUs, GPU kind
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def project(args: str):
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             run_projection(parser.parse_args([*shlex.split(args), "--out", str(out)]))
-        return printed.getvalue(), pd.read_csv(out)
+        df = pd.read_csv(out, dtype={"chosen": str})
+    return printed.getvalue(), df.assign(chosen=df["chosen"].fillna(""))
 
 
 def wrapped(args: str) -> str:
@@ -53,7 +55,7 @@ def wrapped(args: str) -> str:
 def cell(row) -> str:
     if not row.fits:
         return "does not fit"
-    return f"{row.total_hours:.3g} h ({row.dominant_phase})"
+    return f"{row.total_hours:.3g} h ({row.dominant_phase})" + ("*" if row.chosen else "")
 
 
 def output(args: str) -> str:
@@ -80,6 +82,25 @@ def hours(args: str) -> str:
     return f"`rlhf-bench project {args}` gives {' and '.join(said)}.\n"
 
 
+def published(_: str = "") -> str:
+    from .calibration import calibration_table
+    from .search import KNOBS
+    df = calibration_table()
+    df = df[df["set"] == "as asked"]
+    lines = ["| GPUs | GPU | model | published | projected | ratio | batch | settings "
+             "(* chosen: the defaults do not fit) |", "|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        star = {k: "*" if k in r.chosen.split(",") else "" for k in KNOBS}
+        settings = [f"ZeRO-{r.zero_stage}{star['zero_stage']}"]
+        settings += [f"offload{star['offload']}"] if r.offload else []
+        settings += [f"TP {r.inference_tp}{star['inference_tp']}"] if r.inference_tp > 1 else []
+        settings += [f"LoRA {r.lora_dim}{star['lora_dim']}"] if r.lora_dim else []
+        lines.append(f"| {r.gpus} | {r.gpu} | {r.model} | {r.published_hours:.3g} h | "
+                     f"{r.total_hours:.3g} h | {r.ratio:.2f} | {r.batch}{star['batch']} | "
+                     f"{', '.join(settings)} |")
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -104,7 +125,8 @@ def stamp(_: str = "") -> str:
     return textwrap.fill(text, 100) + "\n"
 
 
-RENDER = {"stamp": stamp, "output": output, "summary": summary, "hours": hours}
+RENDER = {"stamp": stamp, "output": output, "summary": summary, "hours": hours,
+          "published": published}
 
 
 def regenerate(text: str, kinds=tuple(RENDER)) -> str:

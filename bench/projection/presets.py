@@ -195,11 +195,16 @@ CALIBRATION: tuple[tuple[int, str, str, float, dict, str], ...] = (
      "single_node/run_30b_lora.sh + offload, TP 4"),
 )
 
-# Held out (not used to choose efficiencies or settings): the same README's 8x and 64x A100-80G
-# rows, priced with one rule instead of per-row script settings: ZeRO-3, LoRA-128 adapters on a
-# trained base, inference TP chosen by `auto`, ZeRO-Offload only where nothing fits without it,
-# 16 prompts per GPU (at most 1024 per step) halved until they fit.
-HELD_OUT: tuple[tuple[int, str, str, float], ...] = (
+# Every A100 cell of DeepSpeed-Chat's step-3 table (its README's "Table 1. End-to-end RLHF
+# training (Step 3)", April 2023), hours; its 1x V100 and 1x A6000 cells are GPUs we do not model.
+# `project --calibration` prices each with only model, GPU count and GPU kind given, as a user
+# would ask: the defaults, or the fastest setting that fits.
+PUBLISHED: tuple[tuple[int, str, str, float], ...] = (
+    (1, "a100-40g", "opt-1.3b", 15.4), (1, "a100-40g", "opt-6.7b", 3.4 * 24),
+    (1, "a100-80g", "opt-1.3b", 11.7), (1, "a100-80g", "opt-6.7b", 1.7 * 24),
+    (1, "a100-80g", "opt-13b", 4.9 * 24),
+    (8, "a100-40g", "opt-1.3b", 2.0), (8, "a100-40g", "opt-6.7b", 5.7),
+    (8, "a100-40g", "opt-13b", 10.8), (8, "a100-40g", "opt-30b", 1.85 * 24),
     (8, "a100-80g", "opt-1.3b", 1.4), (8, "a100-80g", "opt-6.7b", 4.1),
     (8, "a100-80g", "opt-13b", 9.0), (8, "a100-80g", "opt-30b", 18.0),
     (8, "a100-80g", "opt-66b", 2.1 * 24),
