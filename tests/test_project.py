@@ -25,7 +25,8 @@ TOY_GPU = Gpu("toy-gpu", bf16_flops=1e12, hbm_bw=1e9, memory=1e9, nvlink_bw=1e8,
               pcie_bw=1e9, host_bw=1e9)
 # Every roofline reached, no fixed costs: times are exactly bytes / bandwidth or FLOPs / peak.
 UNIT = Efficiency(prefill=1, decode=1, score=1, train=1, comm=1, pcie=1, host=1,
-                  launch_s=0, token_sync_s=0, collective_latency_s=0)
+                  launch_s=0, token_sync_s=0, collective_latency_s=0, ring_base_s=0, ring_hop_s=0,
+                  ring_net_hop_s=0)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 presets.py    hardware, architectures, efficiencies, DeepSpeed-Chat's published rows (data)
 counts.py     parameters, FLOP shapes (priced by bench/flops.py), activations, collective bytes
+overlap.py    collectives with their latency; what ZeRO-3's fetches leave exposed
 model.py      one configuration: memory per GPU, the largest batch, seconds per phase, a row
 search.py     settings that do not fit: the fastest that do, or one line on what would
 calibration.py  DeepSpeed-Chat's published hours beside the model's

@@ -90,6 +90,24 @@ def train_activation_bytes(s: Arch, batch: float, seq: int, ckpt: bool,
     return layers + (3 * BF16 * s.vocab * batch * seq if lm_head else 0)
 
 
+def zero3_fetches(s: Arch, lm_head: bool = True) -> list[tuple[int, int]]:
+    """(values, count) of each weight ZeRO-3 all-gathers on its own in one forward, the token
+    embedding first. DeepSpeed-Chat's config keeps tensors under 1e4 values whole
+    (stage3_param_persistence_threshold), so norms and biases are never fetched and every weight
+    matrix is: q and o (d x d), k and v (d x kv), the MLP's two or three (d x ffn); OPT's
+    positions and, at OPT-350m, its two projections (e x d); an untied head."""
+    d, L = s.d_model, s.layers
+    out = [(s.vocab * s.e, 1), (d * d, 2 * L), (d * s.kv, 2 * L),
+           (d * s.ffn, (3 if s.gated else 2) * L)]
+    if s.family == "opt":
+        out.append(((s.positions + 2) * d, 1))
+    if s.e != d:
+        out.append((s.e * d, 2))
+    if lm_head and not s.tied:
+        out.append((s.vocab * d, 1))
+    return out
+
+
 def all_gather_bytes(total_bytes: float, n: int) -> float:
     """Bytes each of n ranks receives in a ring all-gather of `total_bytes` ((n-1)/n of it);
     a reduce-scatter moves the same, an all-reduce twice that."""

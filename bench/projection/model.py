@@ -3,9 +3,10 @@
 One PPO step = generate (prefill + G-1 decode steps) -> sync -> score -> train, on a global batch
 of B prompts (prompt P tokens, answer G tokens) split over `gpus` data-parallel ranks. Each phase
 is priced as FLOPs / (peak * efficiency) or bytes / (bandwidth * efficiency), whichever is larger
-(a roofline); collectives by the bytes each GPU receives over its slowest link. FLOPs and bytes
-are bench/flops.py's, of the shapes counts.py builds; hardware, shapes, efficiencies and
-DeepSpeed-Chat's calibration rows are data in presets.py.
+(a roofline); collectives by their latency and the bytes each GPU receives over its slowest
+link, less what compute hides (overlap.py). FLOPs and bytes are bench/flops.py's, of the shapes
+counts.py builds; hardware, shapes, efficiencies and DeepSpeed-Chat's published rows are data in
+presets.py.
 Units: FLOPs, bytes, seconds; bf16 = 2 bytes.
 """
 from __future__ import annotations
@@ -14,10 +15,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..flops import decode_step_bytes, forward_flops, kv_bytes, score_flops, train_flops
+from ..flops import decode_step_bytes, forward_flops, kv_bytes, train_flops
 from .counts import (BF16, all_gather_bytes, default_critic, flop_shape, layer_activation_bytes,
                      layer_matmul_params, lora_param_count, matmul_params, model_arch,
                      param_count, train_activation_bytes, zero3_gather_bytes)
+from .overlap import comm_s, gather_model_s, pass_exposed, reduce_scatter_s
 from .presets import DEFAULT_EFFICIENCY, ENGINES, GPUS, MAX_GLOBAL_BATCH, Efficiency, Gpu
 
 ADAM_BYTES = 12       # bytes per trainable param of fp32 master copy + Adam m + v
@@ -149,22 +151,11 @@ def train_comm_bytes(cfg: Config) -> float:
     return grads + (2 + cfg.grad_ckpt) * (zero3_gather_bytes(a, n) + zero3_gather_bytes(c, n))
 
 
-def link_bw(gpu: Gpu, ranks: int) -> float:
-    """Slowest link a ring over `ranks` GPUs crosses: NVLink in a node, InfiniBand across nodes."""
-    return gpu.nvlink_bw if ranks <= gpu.per_node else gpu.ib_bw
-
-
 # ------------------------------------------------------------------ time per phase
 
 def _roofline(flops: float, nbytes: float, gpu: Gpu, flop_eff: float, bw_eff: float) -> float:
     """Seconds for work bound by whichever of compute or memory traffic takes longer."""
     return max(flops / (gpu.bf16_flops * flop_eff), nbytes / (gpu.hbm_bw * bw_eff))
-
-
-def _comm_s(cfg: Config, nbytes: float, calls: int) -> float:
-    """Seconds for `nbytes` per GPU over the slowest link, plus a latency per collective call."""
-    e = cfg.efficiency
-    return nbytes / (link_bw(GPUS[cfg.gpu], cfg.gpus) * e.comm) + calls * e.collective_latency_s
 
 
 def hybrid_folds_lora(cfg: Config) -> bool:
@@ -181,7 +172,7 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
 
     A TP group of `inference_tp` GPUs generates for b * tp prompts, each GPU holding 1/tp of the
     weights and KV cache, with 2 all-reduces of the hidden states per layer per forward. A
-    token step costs its roofline or the CPU time to launch its layers, whichever is longer,
+    token step costs its roofline or the host's time to issue its layers, whichever is longer,
     plus the generate loop's host work. `hf`'s per-layer gathers are prefetched during the step,
     so only their excess over it is exposed; the gather-once of `hybrid` / `ds-hybrid` blocks.
     LoRA adapters: DeepSpeed fuses them into the weights for generation, and so does `hybrid`
@@ -193,7 +184,7 @@ def generate_time(cfg: Config, b: float) -> tuple[float, float]:
     folds = hybrid_folds_lora(cfg)
     unfused = cfg.engine == "hf" or (cfg.engine == "hybrid" and not folds)
     adapters = lora_param_count(a, cfg.lora_dim) if unfused else 0
-    gather = _comm_s(cfg, zero3_gather_bytes(a, cfg.gpus), a.layers)
+    gather = gather_model_s(cfg, a)
     per_forward = cfg.engine == "hf" and generate_gathers(cfg) > 0
 
     def step(flops: float, nbytes: float, tokens: float) -> tuple[float, float]:
@@ -228,44 +219,70 @@ def sync_time(cfg: Config) -> float:
     a, gpu, e = model_arch(cfg.model), GPUS[cfg.gpu], cfg.efficiency
     t = 2 * param_count(a) * BF16 / cfg.inference_tp / (gpu.hbm_bw * e.decode)
     if cfg.zero_stage == 3 and cfg.gpus > 1:
-        t += _comm_s(cfg, zero3_gather_bytes(a, cfg.gpus), a.layers)
+        t += gather_model_s(cfg, a)
     return t
 
 
 def score_time(cfg: Config, b: float) -> tuple[float, float]:
     """No-grad forwards over P + G tokens of actor and reference (LM heads, adapters unfused),
-    critic and reward (value heads). ZeRO-3 gathers overlap the forwards (prefetch): only what
-    exceeds the compute is exposed."""
+    critic and reward (value heads). Each reads its weights at least once: with few tokens a
+    forward is bound by that, not by its FLOPs (a matmul of M rows does ~M FLOPs per weight
+    byte; an A100 needs 153 to be compute-bound: NVIDIA's matrix multiplication background
+    guide). Under ZeRO-3 each forward's fetches hide as overlap.pass_exposed prices."""
     a, c, gpu, e = model_arch(cfg.model), model_arch(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
+    T, logits = cfg.prompt_len + cfg.gen_len, cfg.gen_len + 1
     actor = flop_shape(a, adapters=lora_param_count(a, cfg.lora_dim))
-    flops = b * score_flops(actor, flop_shape(c, lm_head=False), 1, cfg.prompt_len, cfg.gen_len,
-                            reference=flop_shape(a))
-    work = flops / (gpu.bf16_flops * e.score)
-    nbytes = score_comm_bytes(cfg)
-    comm = _comm_s(cfg, nbytes, 2 * (a.layers + c.layers)) if nbytes else 0.0
-    return work, max(0.0, comm - work)
+    critic = flop_shape(c, lm_head=False)
+    passes = [(a, actor, logits, True), (a, flop_shape(a), logits, True),
+              (c, critic, 0, False), (c, critic, 0, False)]    # actor, reference, critic, reward
+    work = comm = 0.0
+    for arch, shape, kept, head in passes:
+        t = _roofline(b * forward_flops(shape, 1, T, logits=kept), shape.weight_bytes, gpu,
+                      e.score, e.decode)
+        work += t
+        if score_comm_bytes(cfg):
+            comm += pass_exposed(cfg, arch, t, lm_head=head)[0]
+    return work, comm
 
 
 def train_time(cfg: Config, b: float) -> tuple[float, float]:
-    """Actor and critic forward + backward (+ recompute) over P + G tokens, then Adam: fused on
-    the GPU, or under ZeRO-Offload grads down and bf16 weights up over PCIe while the node's
-    CPUs run Adam. Communication overlaps the backward; only the excess is exposed."""
+    """Actor and critic forward + backward (+ recompute) over P + G tokens, at least one read of
+    the weights per pass, then Adam: fused on the GPU, or under ZeRO-Offload grads down and bf16
+    weights up over PCIe while the node's CPUs run Adam. ZeRO-3 fetches hide pass by pass
+    (overlap.pass_exposed), the gradient reduce-scatter in what the backward leaves; stages 0-2
+    all-reduce the gradients behind the whole backward."""
     a, c, gpu, e = model_arch(cfg.model), model_arch(cfg.critic), GPUS[cfg.gpu], cfg.efficiency
     n, adapters = cfg.gpus, lora_param_count(a, cfg.lora_dim)
-    flops = b * train_flops(flop_shape(a, adapters=adapters), flop_shape(c, lm_head=False), 1,
-                            cfg.prompt_len, cfg.gen_len, recompute=cfg.grad_ckpt,
-                            trained=adapters if cfg.lora_dim and cfg.lora_only else None)
+    T, ckpt = cfg.prompt_len + cfg.gen_len, cfg.grad_ckpt
+    actor, critic = flop_shape(a, adapters=adapters), flop_shape(c, lm_head=False)
+    trained = adapters if cfg.lora_dim and cfg.lora_only else None
+    flops = b * train_flops(actor, critic, 1, cfg.prompt_len, cfg.gen_len, recompute=ckpt,
+                            trained=trained)
+    fa = b * forward_flops(actor, 1, T, logits=cfg.gen_len + 1)
+    fc = b * forward_flops(critic, 1, T, logits=0)
+    wgrad = fa if trained is None else 2 * trained * b * T
+    # (model, forward FLOPs, backward FLOPs): forward, recompute, and backward passes
+    models = [(a, actor, fa, fa + wgrad, True), (c, critic, fc, 2 * fc, False)]
+    reads = sum((3 + ckpt) * shape.weight_bytes for _, shape, *_ in models)   # + grads written
     per_rank = trainable_params(cfg) / (n if cfg.zero_stage >= 1 else 1)
     if cfg.offload:
         adam = (2 * BF16 * per_rank / (gpu.pcie_bw * e.pcie)
                 + per_rank * min(n, gpu.per_node) * HOST_ADAM_BYTES / (gpu.host_bw * e.host))
     else:
         adam = per_rank * ADAM_STEP_BYTES / (gpu.hbm_bw * e.decode)
-    work = flops / (gpu.bf16_flops * e.train) + adam
-    nbytes = train_comm_bytes(cfg)
-    calls = (3 + cfg.grad_ckpt) * (a.layers + c.layers) if cfg.zero_stage == 3 else 2
-    comm = _comm_s(cfg, nbytes, calls) if nbytes else 0.0
-    return work, max(0.0, comm - work)
+    work = _roofline(flops, reads, gpu, e.train, e.decode) + adam
+    if n == 1:
+        return work, 0.0
+    if cfg.zero_stage < 3:
+        return work, max(0.0, comm_s(cfg, train_comm_bytes(cfg), 2) - work)
+    rate = gpu.bf16_flops * e.train
+    comm = slack = 0.0
+    for arch, _, fwd, bwd, head in models:
+        for pass_flops in [fwd] * (1 + ckpt):
+            comm += pass_exposed(cfg, arch, pass_flops / rate, lm_head=head)[0]
+        exposed, left = pass_exposed(cfg, arch, bwd / rate, lm_head=head)
+        comm, slack = comm + exposed, slack + left
+    return work, comm + max(0.0, reduce_scatter_s(cfg, trainable_params(cfg)) - slack)
 
 
 # ------------------------------------------------------------------ one prediction

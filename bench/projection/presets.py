@@ -23,6 +23,8 @@ class Gpu:
     pcie_bw: float       # bytes/s per direction, host <-> device
     host_bw: float       # bytes/s of the node's host DRAM (CPU Adam under ZeRO-Offload)
     per_node: int = 8    # GPUs behind one NVLink switch (DGX/HGX node)
+    net_post_s: float = 2e-6  # s the host CPU takes to post one network send (NCCL's cost model:
+                              # 2 us on AMD hosts, 1 us on Intel; see Efficiency.ring_hop_s)
 
 
 GPUS: dict[str, Gpu] = {
@@ -34,9 +36,9 @@ GPUS: dict[str, Gpu] = {
     # H100 SXM: 989 TFLOP/s bf16, HBM3 3.35 TB/s; NVLink 4: 900 GB/s total = 450 each way;
     # DGX H100: 8x NDR 400 Gb/s = 50 GB/s per GPU; PCIe gen5 x16 64 GB/s;
     # host 2x Xeon 8480C, 8 channels of DDR5-4800 each = 2 x 307.2 GB/s.
-    "h100": Gpu("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 50e9, 64e9, 614.4e9),
+    "h100": Gpu("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 50e9, 64e9, 614.4e9, net_post_s=1e-6),
     # H200 SXM: H100's compute with 141 GB of HBM3e at 4.8 TB/s (nvidia-smi shows ~140 GiB).
-    "h200": Gpu("h200", 989e12, 4.8e12, 140 * GiB, 450e9, 50e9, 64e9, 614.4e9),
+    "h200": Gpu("h200", 989e12, 4.8e12, 140 * GiB, 450e9, 50e9, 64e9, 614.4e9, net_post_s=1e-6),
 }
 
 
@@ -137,7 +139,16 @@ class Efficiency:
                                    # hidden while the GPU is busier than that (launches run ahead)
     token_sync_s: float = 300e-6   # s per decode step the generate loop spends on the host
                                    # (sampling, stop check, device sync): never hidden
-    collective_latency_s: float = 10e-6  # s per collective call (NCCL launch + handshake)
+    collective_latency_s: float = 10e-6  # s per small all-reduce inside a node (TP): NCCL's LL
+                                   # protocol, 6.6 us + 0.6 us per ring step
+    # A ring all-gather or reduce-scatter of n ranks over `nodes` nodes takes n - 1 steps, nodes - 1
+    # of them across the network. NCCL's own cost model (src/graph/tuning.cc, Simple protocol, as
+    # ZeRO's megabyte messages use): 8.4 us, + 3.4 us per NVLink step, 14 us per network step;
+    # once a ring leaves the node every step waits at least 3 network posts (Gpu.net_post_s).
+    # At 8 GPUs in a node: 32 us; at 64 over 8 DGX A100 nodes: 442 us a call.
+    ring_base_s: float = 8.4e-6
+    ring_hop_s: float = 3.4e-6
+    ring_net_hop_s: float = 14e-6
 
     def short(self) -> str:
         return (f"pf{self.prefill:.2f} dec{self.decode:.2f} sc{self.score:.2f} "
@@ -147,12 +158,16 @@ class Efficiency:
 # Per-engine defaults differ only where the software differs, never per row:
 # hf decodes eagerly (one Python-dispatched kernel per op, ~20 per layer, growing cache):
 # lower bandwidth fraction, ~80 us of CPU per layer. ds-inference / ds-hybrid run DeepSpeed's
-# fused inference kernels (~6 launches per layer) inside HF's generate loop. hybrid (this
-# project) replays compiled prefill/decode as CUDA graphs: one launch per step, a lean loop.
+# inference kernels inside HF's generate loop, a layer's Python wrapper around them taking
+# 0.3 ms of host time. The bound: DeepSpeed-Chat's own step-3 log (training_log_output/
+# actor_opt-1.3b_critic_opt-350m_globalBatchSize64.log) generates 4 x 256 tokens of OPT-1.3B
+# on a V100 in 2.5 s, 9.8 ms a token where its weights stream in 2.9: at most 0.39 ms for each
+# of the 24 layers. (0.39 here would put the 1x A100-80G OPT-1.3B calibration row at 1.54x.)
+# hybrid (this project) replays compiled prefill/decode as CUDA graphs: one launch per step.
 DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     "hf": Efficiency(decode=0.40, launch_s=80e-6),
-    "ds-inference": Efficiency(),
-    "ds-hybrid": Efficiency(),
+    "ds-inference": Efficiency(launch_s=300e-6),
+    "ds-hybrid": Efficiency(launch_s=300e-6),
     "hybrid": Efficiency(launch_s=1e-6, token_sync_s=100e-6),
 }
 
