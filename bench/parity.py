@@ -1,13 +1,17 @@
 """Parity with hf: the probe each worker runs, the tolerance, and the run's verdict.
 
 The probe runs through the engine protocol: a greedy `generate` on probe prompts with the
-initial weights, `score`, and, where the engine has one, `answer_logprobs` (its own generation
-path's log-probs). A generation-only bundle cannot be scored: there the actor's own forward
+initial weights, `score`, and `answer_logprobs` (the engine's own generation path's log-probs of
+a rollout's tokens). A generation-only bundle cannot be scored: there the actor's own forward
 stands in for scoring, as it does for the reference's logit scale. The reference engine (hf)
-saves its rollout and log-probs; every other engine scores that same rollout and compares.
-Rows, all at step -1 in phase "parity": logit_scale, max_abs_diff, token_agreement,
-divergence_margin and gen_max_abs_diff (engines with `answer_logprobs` only). The harness
-judges them against `parity_tolerance`.
+saves its rollout and scoring log-probs; every other engine feeds that same rollout to its own
+generation path and to its scoring, and compares both with hf's. Rows, all at step -1 in phase
+"parity": logit_scale; gen_max_abs_diff, its generation path's gap (the summary's
+parity_max_abs_diff: scoring is torch code every engine shares, so only generation can part
+from hf's there); max_abs_diff, its scoring's gap (score_parity_max_abs_diff: ZeRO-3 or a stale
+copy could still get that wrong); token_agreement and divergence_margin. An engine without
+`answer_logprobs` records no gen_max_abs_diff, and fails the verdict as not measured. The
+harness judges them against `parity_tolerance`.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10
 # A greedy answer may leave hf's only at a near-tie: the two tokens within this many times the
 # log-prob tolerance (each path's logits may be off by the tolerance, in opposite directions).
 TIE_FACTOR = 2.0
+REFERENCE = "hf"  # the engine every other is compared with: its own parity is 0 by definition
 
 
 # ---------------------------------------------------------------- the probe (in each worker)
@@ -59,6 +64,7 @@ def probe(emit, engine, state, bundle, prompts, gen, *, seed: int, ref_path: str
                    "logit_scale": torch.tensor(scale)}
         atomic_write(ref_path, lambda tmp: save_file(tensors, tmp))
         emit("logit_scale", scale, "")
+        emit("gen_max_abs_diff", 0.0, "nat")
         emit("max_abs_diff", 0.0, "nat")
         emit("token_agreement", 1.0, "")
         emit("divergence_margin", 0.0, "nat")
@@ -145,18 +151,25 @@ def parity_tolerance(dtype: str, logit_scale: float, override: float = 0.0) -> f
 
 
 def parity_failure(d, tol: float) -> str:
-    """The failed status of a summary row whose parity with hf is out of bounds, else "".
-    A NaN (not measured: an engine without a generation path of its own) never fails."""
-    def known(x):
-        return x if x == x else 0.0
-    worst = max(d.parity_max_abs_diff, known(d.gen_parity_max_abs_diff))
-    tie = TIE_FACTOR * tol
-    if not (worst > tol or known(d.parity_divergence_margin) > tie):
+    """The failed status of a summary row whose parity with hf is out of bounds or was not
+    measured (NaN: an engine without `answer_logprobs`, a probe cut short), else "". The
+    reference (hf) is never out of bounds with itself."""
+    if d.engine == REFERENCE:
         return ""
-    return (f"failed: parity with hf: max |logprob diff| {worst:.3g} (scoring "
-            f"{d.parity_max_abs_diff:.3g}, generation {d.gen_parity_max_abs_diff:.3g}; "
-            f"tol {tol:g}), greedy divergence margin {d.parity_divergence_margin:.3g} "
-            f"(max {tie:g}; token agreement {d.parity_token_agreement:.3f})")
+    gen, score = d.parity_max_abs_diff, d.score_parity_max_abs_diff
+    missing = [what for what, v in (
+        ("log-probs from its generation path (answer_logprobs)", gen),
+        ("log-probs from its scoring", score),
+        ("greedy divergence margin", d.parity_divergence_margin)) if v != v]
+    if missing:
+        return f"failed: parity with hf not measured: no {', no '.join(missing)}"
+    worst, tie = max(gen, score), TIE_FACTOR * tol
+    if not (worst > tol or d.parity_divergence_margin > tie):
+        return ""
+    return (f"failed: parity with hf: max |logprob diff| {worst:.3g} (scoring {score:.3g}, "
+            f"generation {gen:.3g}; tol {tol:g}), greedy divergence margin "
+            f"{d.parity_divergence_margin:.3g} (max {tie:g}; token agreement "
+            f"{d.parity_token_agreement:.3f})")
 
 
 def verdict(summary, dtype: str, override: float = 0.0) -> tuple[dict, dict]:

@@ -25,7 +25,7 @@ from core.rng import fold_in
 from core.step import ppo_step
 from core.types import GenerationConfig, torch_dtype
 
-from . import distributed, parity
+from . import distributed, holdings, parity
 from . import flops as F
 from .options import from_dict
 from .results import append_jsonl, row
@@ -224,6 +224,9 @@ def run_engine_process(spec: dict) -> int:
                  seed=fold_in(o.seed, 999), ref_path=spec["parity_path"],
                  reference=spec["reference"])
     rec.emit("parity", "probe_s", time.perf_counter() - t0, "s", step=-1)
+    # after a generate, when any copy made on first use exists and its transient caches are gone
+    rec.emit("setup", "weight_copies_measured", holdings.weight_copies(engine, bundle, state),
+             "", step=-1)
     _note(rec, engine)
     if spec.get("probe_only"):
         rec.event(kind="status", status="ok")

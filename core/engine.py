@@ -21,12 +21,17 @@ class Engine(Protocol):
     tensor) and the optimiser state; the frozen reference and reward models are the bundle's.
 
     Optional members, read with getattr by the harness: `note: str` (how the engine ran, kept
-    in the results) and `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own generation
-    path's log-probs of a rollout's tokens, checked by the parity probe), and `preload()` (import
-    the engine's own heavy libraries; the harness calls it before its memory baseline, so their
-    code does not count in the engine's peaks)."""
+    in the results); `answer_logprobs(state, rollout) -> (B, G) Tensor` (its own generation
+    path's log-probs of a rollout's tokens, fed those tokens, checked by the parity probe: an
+    engine without it fails parity as not measured, all but the reference, hf); `kv_pool_bytes:
+    int` (a KV cache it keeps between calls, which the count of weight copies leaves out); and
+    `preload()` (import the engine's own heavy libraries; the harness calls it before its memory
+    baseline, so their code does not count in the engine's peaks)."""
     name: str
-    weight_copies: int  # full-size copies of the actor's weights the engine holds
+    # copies of the actor's weights the engine holds, the run's own included, in units of the
+    # actor's weight bytes (a packed or fused layout counts at its own size); bench.holdings
+    # counts them from the live tensors
+    weight_copies: float
 
     def init(self, models: ModelBundle, cfg: RunConfig, *, seed: int) -> TrainState:
         """The state over the bundle's own trainable tensors (no copy)."""

@@ -8,6 +8,8 @@ back. The critic is a plain DeepSpeed engine (engines.zero). Training is always 
 
 Generation runs DeepSpeed's inference containers, which hold the engine's own parameters: a
 state over other tensors is refused there (one line); scoring binds it as every engine does.
+`answer_logprobs` runs the same generate teacher-forced (engines.ds_inference.forced_logprobs):
+the containers' own log-probs of a rollout's tokens, for the parity probe.
 
 It runs only where DeepSpeed's kernels do: on CPU, or for a model DeepSpeed has no inference
 policy for, `init` raises EngineUnavailable (the harness records one "unavailable" row); it
@@ -23,7 +25,7 @@ from core.types import (Experience, GenerationConfig, PPOConfig, Prompts, Rollou
                         TrainState)
 
 from . import common, zero
-from .ds_inference import kernel_blocker
+from .ds_inference import forced_logprobs, kernel_blocker
 from .hf import hf_generate
 
 
@@ -76,14 +78,27 @@ class DSHybridEngine:
                  seed: int) -> Rollout:
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
-        if not common.owns(m.actor, state.actor_params):
+        return self._in_eval(state, lambda: hf_generate(
+            self.actor.module, prompts, gen, seed=seed, pad_id=m.pad_id, eos_id=m.eos_id,
+            **self.gen_kw))
+
+    def answer_logprobs(self, state: TrainState, rollout: Rollout) -> torch.Tensor:
+        """(B, G) fp32: the inference containers' log-probs of the rollout's answer tokens, as
+        generate computes them (teacher-forced through the same `module.generate`)."""
+        m = self.models
+        return self._in_eval(state, lambda: forced_logprobs(
+            self.actor.module, rollout, pad_id=m.pad_id, eos_id=m.eos_id, **self.gen_kw))
+
+    def _in_eval(self, state: TrainState, run):
+        """run() with the inference containers in (DeepSpeed's eval(): `module.generate` is then
+        the Hybrid Engine's), over the engine's own weights."""
+        if not common.owns(self.models.actor, state.actor_params):
             raise ValueError("ds-hybrid generates with the weights DeepSpeed's engine holds, "
                              "not another state's: pass the state this engine's init or "
                              "train_step returned")
-        self.actor.eval()  # inference containers in; `module.generate` is now the engine's
+        self.actor.eval()
         try:
-            return hf_generate(self.actor.module, prompts, gen, seed=seed, pad_id=m.pad_id,
-                               eos_id=m.eos_id, **self.gen_kw)
+            return run()
         finally:
             # Back to the training forwards: scoring then runs the same math as hf's
             # (DeepSpeed-Chat scores in eval mode, through the inference kernels).

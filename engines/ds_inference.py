@@ -15,13 +15,16 @@ tensor is gathered on its own, never the whole model at once.
 Generation is `engines.hf.hf_generate` on the inference engine: the same Gumbel-max sampling
 as `hf`, so the same seed gives the same tokens. A generate given a state whose tensors the copy
 was not synced from (another state's, or these written in place since) syncs from them first.
-Scoring and training are `hf`'s.
+`answer_logprobs` runs that same generate teacher-forced (`forced_logprobs`): the log-probs the
+inference module computes, prefill and cached decode, for a rollout's tokens, which the parity
+probe compares with hf's. Scoring and training are `hf`'s.
 """
 from __future__ import annotations
 
 import copy
 import gc
 import inspect
+import math
 
 import torch
 
@@ -52,6 +55,35 @@ def kernel_blocker(model) -> str | None:
         return (f"{type(layer).__name__}.forward takes a Cache ({', '.join(sorted(args))}), and "
                 f"DeepSpeed's injected layers keep the legacy tuple contract")
     return None
+
+
+class ForcedAnswer:
+    """Logits processor that teacher-forces `generate`: at answer step t it keeps the log-probs
+    (B,) the step's logits give the rollout's token t, and leaves that token the only one
+    greedy decoding can pick."""
+
+    def __init__(self, answer: torch.Tensor):
+        self.answer, self.logprobs = answer, []   # answer (B, G)
+
+    def __call__(self, input_ids, scores):        # scores (B, V): the step's logits
+        tok = self.answer[:, len(self.logprobs), None]                           # (B, 1)
+        self.logprobs.append(scores.float().log_softmax(-1).gather(-1, tok)[:, 0])
+        return torch.full_like(scores, -math.inf).scatter_(-1, tok, 0.0)
+
+
+@torch.no_grad()
+def forced_logprobs(model, rollout: Rollout, *, pad_id: int, eos_id: int, **extra
+                    ) -> torch.Tensor:
+    """(B, G) fp32: the log-probs `model.generate` computes for the rollout's own answer tokens,
+    fed them in turn (prefill, then its cached decode steps): generation's own numbers, checked
+    by the parity probe. `extra` goes to generate, as in hf_generate."""
+    P = rollout.prompt_len
+    forced = ForcedAnswer(rollout.seq[:, P:])
+    prompts = Prompts(rollout.seq[:, :P], rollout.attention_mask[:, :P])
+    gen = GenerationConfig(gen_len=rollout.seq.shape[1] - P, greedy=True)
+    hf_generate(model, prompts, gen, seed=0, pad_id=pad_id, eos_id=eos_id, processors=[forced],
+                **extra)
+    return torch.stack(forced.logprobs, 1)
 
 
 class _TPGroup:
@@ -187,25 +219,41 @@ class DSInferenceEngine:
                  seed: int) -> Rollout:
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
-        if not common.unchanged(self.synced, state.actor_params.values()):
-            self.sync(state)  # the copy holds other weights than this state's
+        self._current(state)
 
         def run(p: Prompts, s: int) -> Rollout:
             # No ZeRO inside: each rank (or TP group) generates on its own copy.
             return hf_generate(self.infer, p, gen, seed=s, pad_id=m.pad_id, eos_id=m.eos_id)
 
+        return self._in_turns(run, prompts, seed)
+
+    def answer_logprobs(self, state: TrainState, rollout: Rollout) -> torch.Tensor:
+        """(B, G) fp32: the inference module's own log-probs of the rollout's answer tokens, as
+        its generate computes them (teacher-forced), for the parity probe."""
+        m = self.models
+        self._current(state)
+        return self._in_turns(lambda r: forced_logprobs(self.infer, r, pad_id=m.pad_id,
+                                                        eos_id=m.eos_id), rollout)
+
+    def _current(self, state: TrainState) -> None:
+        """Sync first when the copy holds other weights than this state's."""
+        if not common.unchanged(self.synced, state.actor_params.values()):
+            self.sync(state)
+
+    def _in_turns(self, run, batch: tuple, *rest):
+        """run(batch, *rest) on this rank. Tensor parallel: every rank of the group must run the
+        same forwards, so the group runs each member's arguments in turn (its prompts with its
+        own seed, say) and each rank keeps its own result."""
         if self.group is None:
-            return run(prompts, seed)
-        # Tensor parallel: every rank of the group must run the same forwards, so the group
-        # generates each member's prompts in turn, each with that member's own seed.
+            return run(batch, *rest)
         import torch.distributed as dist
-        shards = [None] * self.tp
-        dist.all_gather_object(shards, (Prompts(*(t.cpu() for t in prompts)), seed),
-                               group=self.group)
+        every = [None] * self.tp
+        dist.all_gather_object(every, _moved((batch, *rest), "cpu"), group=self.group)
         mine = dist.get_rank(self.group)
+        device = batch[0].device
         out = None
-        for i, (p, s) in enumerate(shards):
-            r = run(Prompts(*(t.to(prompts.input_ids.device) for t in p)), s)
+        for i, theirs in enumerate(every):
+            r = run(*_moved(theirs, device))
             out = r if i == mine else out
         return out
 
@@ -217,6 +265,16 @@ class DSInferenceEngine:
 
     def release(self) -> None:
         pass  # the inference copy lives as long as the engine; HF's cache only inside generate
+
+
+def _moved(x, device):
+    """x (a tensor, or tuples and NamedTuples of tensors and plain values) on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        items = [_moved(v, device) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
 
 
 def _aliases(module: torch.nn.Module) -> dict:

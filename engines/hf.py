@@ -28,8 +28,9 @@ class GumbelNoise:
 
 
 def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pad_id: int,
-                eos_id: int, **extra) -> Rollout:
-    """model.generate with fixed-length answers (unless gen.stop_at_eos); pads to P + G."""
+                eos_id: int, processors=(), **extra) -> Rollout:
+    """model.generate with fixed-length answers (unless gen.stop_at_eos); pads to P + G.
+    `processors`: logits processors that see each step's logits first."""
     from transformers import GenerationConfig as HFGen, LogitsProcessorList
     B, P = prompts.input_ids.shape
     # no EOS: an empty list, not None; generate fills None fields from the model's own
@@ -37,7 +38,8 @@ def hf_generate(model, prompts: Prompts, gen: GenerationConfig, *, seed: int, pa
     cfg = HFGen(max_new_tokens=gen.gen_len, do_sample=False, num_beams=1,  # DeepSpeed reads it
                 pad_token_id=pad_id, eos_token_id=eos_id if gen.stop_at_eos else [],
                 use_cache=True)
-    procs = LogitsProcessorList([] if gen.greedy else [GumbelNoise(seed, P, gen.temperature)])
+    procs = LogitsProcessorList([*processors, *([] if gen.greedy else
+                                                [GumbelNoise(seed, P, gen.temperature)])])
     with torch.no_grad():
         out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                              generation_config=cfg, logits_processor=procs, **extra)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from core.engine import EngineUnavailable, check_generate_args
-from core.models import ModelBundle, position_ids
+from core.models import ModelBundle, position_ids, weight_bytes
 from core.rng import noisy_scores
 from core.types import (LORA_MODES, Experience, GenerationConfig, PPOConfig, Prompts, Rollout,
                         RunConfig, TrainState)
@@ -69,7 +69,10 @@ class HybridEngine:
             raise EngineUnavailable("packed decode needs fp32 weights on a CPU torch with MKL")
         if self.pack and cfg.zero_stage == 3:
             raise EngineUnavailable("packed decode keeps a full copy: not with ZeRO-3")
-        self.weight_copies = 2 if self.pack else 1
+        self.weight_copies = 1
+        if self.pack:  # packed now, so the copy's size is known: MKL's allocation for it
+            self._repack()
+            self.weight_copies += self.packed_bytes / weight_bytes(models.actor)
         if cfg.device.startswith("cuda") and self.compile:
             # fixed shapes every step (static decode) -> CUDA graphs replay the whole step.
             # Prefill stays eager: a few calls per generate (chunks of prefill_tokens), of
@@ -90,6 +93,12 @@ class HybridEngine:
         if self.pack:
             with common.bound(self.models.actor, state.actor_params):
                 self._repack()
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        """Bytes of the static KV cache kept between generates (0 before the first)."""
+        c = self.cache
+        return 0 if c is None else sum(t.numel() * t.element_size() for t in c.k + c.v)
 
     def _repack(self) -> None:
         """Pack the actor's weights as bound now."""

@@ -83,6 +83,8 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert list(summary.engine) == ["hf", "hybrid"] and (summary.status == "ok").all()
     assert summary.notna()[REQUIRED].all().all()
     assert summary.set_index("engine").loc["hybrid", "parity_max_abs_diff"] < 1e-4
+    # counted from the tensors each worker held after its probe: what the engines declare
+    assert ((summary.weight_copies_measured - summary.weight_copies).abs() <= 0.25).all()
     assert (summary.parity_divergence_margin < 2e-3).all()  # measured for both, within ties
     # hf's largest top logit, read by both from the reference; fp32's spacing there is far
     # below the default, which therefore stands
@@ -367,7 +369,7 @@ def test_generation_path_parity_is_measured_and_gated(two_engine_run, tmp_path):
     out, _ = two_engine_run
     data = json.loads((out / "results.json").read_text())
     gen = {r["engine"]: r["value"] for r in data["rows"] if r["metric"] == "gen_max_abs_diff"}
-    assert set(gen) == {"hybrid"} and 0 <= gen["hybrid"] < 1e-4  # hf has no path of its own
+    assert gen["hf"] == 0.0 and 0 <= gen["hybrid"] < 1e-4  # hf: the reference
     # scoring is shared (diff 0) and tokens agree: only the generation path can fail this
     p = cli("run", "--engines", "hf,hybrid", *RUN, "--phases", "generate", "--parity-tol",
             "1e-12", "--out", tmp_path / "p")
@@ -445,15 +447,16 @@ def test_divergence_margin_tells_a_near_tie_from_a_wrong_token():
 
 def test_parity_gate_fails_wrong_tokens_not_near_ties():
     from bench.parity import parity_failure
-    row = dict(parity_max_abs_diff=0.01, gen_parity_max_abs_diff=0.02,
+    row = dict(engine="hybrid", parity_max_abs_diff=0.02, score_parity_max_abs_diff=0.01,
                parity_token_agreement=0.3, parity_divergence_margin=0.008)
     # bf16: low agreement after near-ties is no failure; the tolerance is 5e-2, ties 1e-1
     assert parity_failure(pd.Series(row), 5e-2) == ""
     why = parity_failure(pd.Series(dict(row, parity_divergence_margin=0.7)), 5e-2)
     assert why.startswith("failed: parity with hf") and "divergence margin 0.7 (max 0.1" in why
-    assert parity_failure(pd.Series(dict(row, gen_parity_max_abs_diff=0.2)), 5e-2)
-    nan = float("nan")  # not measured (an engine without a path of its own, an old run)
-    assert parity_failure(pd.Series(dict(row, gen_parity_max_abs_diff=nan,
+    assert parity_failure(pd.Series(dict(row, parity_max_abs_diff=0.2)), 5e-2)
+    nan = float("nan")  # not measured: a failure, but for the reference itself
+    assert "not measured" in parity_failure(pd.Series(dict(row, parity_max_abs_diff=nan)), 5e-2)
+    assert parity_failure(pd.Series(dict(row, engine="hf", parity_max_abs_diff=nan,
                                          parity_divergence_margin=nan)), 5e-2) == ""
 
 
@@ -468,8 +471,9 @@ def test_a_nan_log_prob_fails_parity_instead_of_passing_as_unmeasured():
     assert max_gap(broken, ref, mask) == float("inf")
     same = torch.tensor([[True, False, False], [True, True, True]])
     assert divergence_margin(same, ref, broken) == float("inf")
-    row = dict(parity_max_abs_diff=max_gap(broken, ref, mask), gen_parity_max_abs_diff=0.0,
-               parity_token_agreement=1.0, parity_divergence_margin=0.0)
+    row = dict(engine="hybrid", parity_max_abs_diff=max_gap(broken, ref, mask),
+               score_parity_max_abs_diff=0.0, parity_token_agreement=1.0,
+               parity_divergence_margin=0.0)
     assert parity_failure(pd.Series(row), 1e-3).startswith("failed: parity with hf")
 
 

@@ -6,7 +6,7 @@ import torch
 
 import engines
 from core.engine import EngineUnavailable
-from core.models import _vary_constants_, position_ids
+from core.models import _vary_constants_, position_ids, weight_bytes
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
 from engines import lora_fold as LF
@@ -190,7 +190,8 @@ def test_one_copy_generation_reads_live_parameters():
     assert hy.weight_copies == 1
     packed = engines.get("hybrid-packed")
     packed.init(b, make_cfg(), seed=0)
-    assert packed.weight_copies == 2  # a re-laid-out copy counts as a copy
+    # a re-laid-out copy counts, at the size MKL allocates for it (more than the weights')
+    assert packed.weight_copies == 1 + packed.packed_bytes / weight_bytes(b.actor) > 2
 
 
 def test_unsupported_model_is_a_clear_error():

@@ -10,6 +10,7 @@ import engines
 from core.engine import check_generate_args
 from core.models import position_ids
 from core.rng import noisy_scores
+from core.types import Prompts
 from engines import common, kernels
 from tests.engine_checks import CONTRACT, PARITY, registry_names
 
@@ -34,18 +35,42 @@ class RecomputeEngine:
     def generate(self, state, prompts, gen, *, seed):
         m = self.models
         check_generate_args(prompts, m.config, gen, seed)
+
+        def pick(t, logits):
+            if not gen.greedy:
+                logits = noisy_scores(logits, seed, t, gen.temperature,
+                                      uniform=kernels.counter_uniform)
+            return logits.argmax(-1)
+
+        answer = self._decode(state, prompts, gen.gen_len, pick)
+        return common.finish_rollout(prompts, answer, m.pad_id, m.eos_id, gen.stop_at_eos)
+
+    @torch.no_grad()
+    def answer_logprobs(self, state, rollout):
+        """Its own forwards' log-probs of the rollout's answer tokens, fed those tokens."""
+        P, out = rollout.prompt_len, []
+        forced = rollout.seq[:, P:]
+
+        def pick(t, logits):
+            out.append(logits.float().log_softmax(-1).gather(-1, forced[:, t, None])[:, 0])
+            return forced[:, t]
+
+        self._decode(state, Prompts(rollout.seq[:, :P], rollout.attention_mask[:, :P]),
+                     forced.shape[1], pick)
+        return torch.stack(out, 1)
+
+    def _decode(self, state, prompts, G, pick):
+        """G tokens, each pick(t, logits (B, V)) from a full forward over the sequence so far;
+        the (B, G) answer."""
+        m = self.models
         seq, am = prompts
         with common.bound(m.actor, state.actor_params):
-            for t in range(gen.gen_len):
+            for t in range(G):
                 logits = m.actor(input_ids=seq, attention_mask=am, position_ids=position_ids(am),
                                  use_cache=False, logits_to_keep=1).logits[:, -1]     # (B, V)
-                if not gen.greedy:
-                    logits = noisy_scores(logits, seed, t, gen.temperature,
-                                          uniform=kernels.counter_uniform)
-                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+                seq = torch.cat([seq, pick(t, logits)[:, None]], 1)
                 am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-        P = prompts.input_ids.shape[1]
-        return common.finish_rollout(prompts, seq[:, P:], m.pad_id, m.eos_id, gen.stop_at_eos)
+        return seq[:, prompts.input_ids.shape[1]:]
 
     def score(self, state, rollout):
         return common.score(self.models, state, rollout, self.cfg.reward)

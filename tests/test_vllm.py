@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import engines
+from bench import holdings
 from bench.parity import max_gap, parity_tolerance, top_logit_scale
 from core.engine import EngineUnavailable
 from core.models import build_bundle
@@ -33,11 +34,13 @@ GREEDY = GenerationConfig(gen_len=8, greedy=True)
 # reached vLLM
 PPO = dict(actor_lr=1e-3, critic_lr=1e-3)
 INIT_THREADS = []
+BEFORE = {}   # what the process held before the module's engine (bench.holdings)
 
 
 @pytest.fixture(scope="module")
 def engine():
     """The module's one vLLM engine (eager: compiling would cost a minute per model)."""
+    BEFORE.update(holdings.live_holdings())
     e = VLLMEngine(compile=False)
     yield e
     e.release()
@@ -158,6 +161,18 @@ def test_the_kv_pool_is_the_run_batch_and_lengths(engine, opt):
     assert engine.kv_pool_bytes == kv_pool_bytes(b.config, cfg.batch, length, 4, 128) \
         == (cfg.batch + 1) * 128 * 2 * 4 * 4 * 64 * 4
     assert f"KV pool {engine.kv_pool_bytes / 2**20:.1f} MiB" in engine.note
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vLLM's CPU linears keep their weights in oneDNN handlers, and a tied LM head is packed "
+    "there for the embedding and for the head (and the last push's head packing stays alive "
+    "after a sync): about one copy more than the 2 declared"))
+def test_the_weight_copies_it_declares_are_the_ones_it_holds(engine, opt):
+    """As tests/engine_checks.py checks every engine that runs the tiny presets (vLLM's CPU
+    attention does not take their head size)."""
+    b, cfg, state, hf, hs = opt
+    measured = holdings.weight_copies(engine, b, (state, hs), exclude=BEFORE)
+    assert abs(measured - engine.weight_copies) <= 0.25, measured
 
 
 def test_lora_is_merged_for_the_push_and_the_module_left_alone():
