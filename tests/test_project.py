@@ -244,7 +244,7 @@ def test_calibration_reproduces_deepspeed_chat_within_1_5x(capsys):
         assert column in printed.splitlines()[0]
     df = calibration_table()
     cal = df[df["set"] == "calibration"]
-    assert len(cal) == 9 and (cal["engine"] == "ds-hybrid").all() and cal["fits"].all()
+    assert len(cal) == 11 and (cal["engine"] == "ds-hybrid").all() and cal["fits"].all()
     assert cal["efficiency"].nunique() == 1                   # one set of efficiencies for all rows
     bad = cal[(cal["ratio"] > 1.5) | (cal["ratio"] < 1 / 1.5)]
     assert bad.empty, format_projection(bad)

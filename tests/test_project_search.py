@@ -70,6 +70,22 @@ def test_the_search_never_overrides_a_given_setting(given, tmp_path, capsys):
             assert knob not in row.chosen.split(",")
 
 
+def test_a_starved_batch_gets_the_faster_setting_that_frees_memory(tmp_path, capsys):
+    # as given (ZeRO-3, no offload) a V100-32G holds full training of OPT-1.3B with 2 prompts:
+    # each token step costs its layers' host time whatever the batch, so Adam on the host and 16x
+    # the prompts per step take fewer hours
+    cfg = Config(model="opt-1.3b", gpu="v100-32g")
+    assert fits(cfg) and predict(cfg)["batch"] == 2
+    df, printed = _rows(tmp_path, capsys, model="opt-1.3b", gpu="v100-32g")
+    row = df.iloc[0]
+    assert row.offload and row.batch > 2 and "offload" in row.chosen.split(",")
+    assert row.total_hours < predict(cfg)["total_hours"] / 2
+    assert "as given only 2 prompts per GPU fit" in printed
+    # a batch the user gave is what they asked for, starved or not
+    df, _ = _rows(tmp_path, capsys, model="opt-1.3b", gpu="v100-32g", batch=2)
+    assert df.chosen.iloc[0] == "" and not df.offload.iloc[0]
+
+
 def test_lora_is_tried_only_when_no_full_training_fits():
     # full training of OPT-66B fits on 8 A100-80G with offload and TP: no LoRA
     assert resolve(Config(model="opt-66b", gpus=8), frozenset()).cfg.lora_dim == 0
@@ -169,7 +185,7 @@ def test_latency_shows_on_many_gpus_with_little_work_each():
 def test_every_published_row_within_2x_given_only_model_gpus_and_gpu(tmp_path, capsys):
     df = calibration_table()
     asked = df[df["set"] == "as asked"]
-    assert len(asked) == len(PUBLISHED) == 20 and asked.fits.all()
+    assert len(asked) == len(PUBLISHED) == 23 and asked.fits.all()
     bad = asked[(asked.ratio > 2) | (asked.ratio < 0.5)]
     assert bad.empty, bad[["model", "gpus", "gpu", "total_hours", "published_hours"]]
     # the row is what `rlhf-bench project --model M --gpus N --gpu G` prints

@@ -163,15 +163,16 @@ def run_projection(args) -> int:
         notes = [c.note for c in choices if c.note]
     print(format_projection(df))
     if notes:
-        print("* chosen because the settings as given do not fit:" if df["chosen"].any()
+        print("* chosen because the settings as given do not fit, or fit a starved batch:"
+              if df["chosen"].any()
               else "settings that do not fit:")
         for note in dict.fromkeys(notes):
             print(f"  {note}")
     for name in df["gpu"].unique():
         g = GPUS[name]
-        print(f"{name}: {g.bf16_flops / 1e12:.0f} TFLOP/s bf16, {g.hbm_bw / 1e12:.3g} TB/s HBM, "
-              f"{g.memory / 2 ** 30:.0f} GiB, NVLink {g.nvlink_bw / 1e9:.0f} GB/s, "
-              f"IB {g.ib_bw / 1e9:.0f} GB/s per GPU per direction")
+        print(f"{name}: {g.bf16_flops / 1e12:.0f} TFLOP/s {g.dtype}, {g.hbm_bw / 1e12:.3g} TB/s "
+              f"memory, {g.memory / 2 ** 30:.0f} GiB, {g.link} {g.nvlink_bw / 1e9:.0f} GB/s, "
+              f"IB {g.ib_bw / 1e9:.3g} GB/s per GPU per direction")
     pairs = dict.fromkeys(f"{m} -> {c}" for m, c in zip(df["model"], df["critic"]))
     print(f"critic and reward model: {', '.join(pairs)}")
     prompts = args.tokens / (args.prompt_len + args.gen_len)

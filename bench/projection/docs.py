@@ -7,7 +7,8 @@ from `rlhf-bench project ARGS`; the prose around the parts is kept as written. K
   summary    the command, then hours (dominant phase) per model and GPU count, one column per
              engine; `*` where the search chose settings
   hours      a sentence: the command's hours on each GPU count, in engine order
-  published  DeepSpeed-Chat's published hours beside `project` given only model, GPUs, GPU kind
+  published  the command, then DeepSpeed-Chat's published hours beside what it prints given only
+             model, GPUs and GPU kind
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def published(_: str = "") -> str:
     from .search import KNOBS
     df = calibration_table()
     df = df[df["set"] == "as asked"]
-    lines = ["| GPUs | GPU | model | published | projected | ratio | batch | settings "
-             "(* chosen: the defaults do not fit) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["```\nrlhf-bench project --model MODEL --gpus GPUS --gpu GPU\n```\n",
+             "| GPUs | GPU | model | published | projected | ratio | batch | settings "
+             "(* chosen by the search) |", "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
         star = {k: "*" if k in r.chosen.split(",") else "" for k in KNOBS}
         settings = [f"ZeRO-{r.zero_stage}{star['zero_stage']}"]

@@ -15,7 +15,7 @@ GiB = 2 ** 30
 class Gpu:
     """One accelerator and the links around it, from public spec sheets (dense, no sparsity)."""
     name: str
-    bf16_flops: float    # FLOP/s, dense bf16 tensor-core peak
+    bf16_flops: float    # FLOP/s, dense 16-bit tensor-core peak (bf16; fp16 where it has none)
     hbm_bw: float        # bytes/s, HBM read bandwidth
     memory: float        # bytes of HBM, as nvidia-smi reports it
     nvlink_bw: float     # bytes/s per GPU per direction, inside a node
@@ -25,6 +25,8 @@ class Gpu:
     per_node: int = 8    # GPUs behind one NVLink switch (DGX/HGX node)
     net_post_s: float = 2e-6  # s the host CPU takes to post one network send (NCCL's cost model:
                               # 2 us on AMD hosts, 1 us on Intel; see Efficiency.ring_hop_s)
+    dtype: str = "bf16"       # the 16-bit type of bf16_flops and of training on it
+    link: str = "NVLink"      # what nvlink_bw crosses
 
 
 GPUS: dict[str, Gpu] = {
@@ -39,6 +41,17 @@ GPUS: dict[str, Gpu] = {
     "h100": Gpu("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 50e9, 64e9, 614.4e9, net_post_s=1e-6),
     # H200 SXM: H100's compute with 141 GB of HBM3e at 4.8 TB/s (nvidia-smi shows ~140 GiB).
     "h200": Gpu("h200", 989e12, 4.8e12, 140 * GiB, 450e9, 50e9, 64e9, 614.4e9, net_post_s=1e-6),
+    # V100 SXM2 32GB (datasheet): 125 TFLOP/s fp16 tensor (no bf16: DeepSpeed-Chat runs it in fp16),
+    # HBM2 900 GB/s; NVLink 2: 300 GB/s total = 150 each way; PCIe gen3 x16 16 GB/s.
+    # DGX-1: 4x EDR 100 Gb/s for 8 GPUs = 6.25 GB/s per GPU; host 2x Xeon E5-2698 v4, 4 channels
+    # of DDR4-2400 each = 2 x 76.8 GB/s.
+    "v100-32g": Gpu("v100-32g", 125e12, 0.9e12, 32 * GiB, 150e9, 6.25e9, 16e9, 153.6e9,
+                    net_post_s=1e-6, dtype="fp16"),
+    # RTX A6000 (datasheet: 309.7 TFLOP/s tensor with sparsity; GA102 whitepaper: 154.8 dense
+    # fp16/bf16, 77.4 is dense TF32): 48 GB GDDR6 at 768 GB/s, PCIe gen4 x16 32 GB/s. Its NVLink
+    # bridge joins only pairs, so an 8-card server's collectives cross PCIe; no reference cluster:
+    # one 100 Gb/s NIC per GPU assumed. Host: a workstation CPU, 8 channels of DDR4-3200.
+    "a6000": Gpu("a6000", 154.8e12, 0.768e12, 48 * GiB, 32e9, 12.5e9, 32e9, 204.8e9, link="PCIe"),
 }
 
 
@@ -179,6 +192,7 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
 # token count, which the benchmark notes confirm.)
 CRITIC_MODEL = "opt-350m"     # critic and reward model of every DeepSpeed-Chat row (OPT actors)
 MAX_GLOBAL_BATCH = 1024       # prompts per PPO step
+PER_GPU_BATCH = 16            # prompts per GPU: main.py's --per_device_train_batch_size default
 
 # (gpus, gpu, actor, published hours, settings, why). Settings follow DeepSpeed-Chat's scripts:
 # 16 prompts per GPU (main.py's default and the April 2023 node scripts; 4 in run_30b_lora.sh),
@@ -208,16 +222,25 @@ CALIBRATION: tuple[tuple[int, str, str, float, dict, str], ...] = (
     (8, "a100-40g", "opt-30b", 1.85 * 24, dict(zero_stage=3, inference_tp=4, lora_dim=128,
                                                offload=True, per_gpu=4),
      "single_node/run_30b_lora.sh + offload, TP 4"),
+    (1, "a6000", "opt-1.3b", 1.1 * 24, dict(zero_stage=0, lora_dim=128, per_gpu=16),
+     "single_gpu/run_1.3b.sh"),
+    (1, "a6000", "opt-6.7b", 5.6 * 24, dict(zero_stage=2, lora_dim=128, offload=True, per_gpu=16),
+     "single_gpu/run_6.7b_lora.sh + offload"),
 )
+# Not a calibration row: 1x V100-32G OPT-1.3B (1.8 days). run_1.3b.sh as written (ZeRO-0, no
+# offload) fits one prompt in our memory model, 3.8x the published hours; the settings DeepSpeed-
+# Chat ran it with are not published (docs/projection.md has the arithmetic).
 
-# Every A100 cell of DeepSpeed-Chat's step-3 table (its README's "Table 1. End-to-end RLHF
-# training (Step 3)", April 2023), hours; its 1x V100 and 1x A6000 cells are GPUs we do not model.
+# Every cell of DeepSpeed-Chat's step-3 table (its README's "Table 1. End-to-end RLHF training
+# (Step 3)", April 2023), hours: "1x V100 32G | 1.8 days", "1x A6000 48G | 1.1 days | 5.6 days".
 # `project --calibration` prices each with only model, GPU count and GPU kind given, as a user
 # would ask: the defaults, or the fastest setting that fits.
 PUBLISHED: tuple[tuple[int, str, str, float], ...] = (
     (1, "a100-40g", "opt-1.3b", 15.4), (1, "a100-40g", "opt-6.7b", 3.4 * 24),
     (1, "a100-80g", "opt-1.3b", 11.7), (1, "a100-80g", "opt-6.7b", 1.7 * 24),
     (1, "a100-80g", "opt-13b", 4.9 * 24),
+    (1, "v100-32g", "opt-1.3b", 1.8 * 24),
+    (1, "a6000", "opt-1.3b", 1.1 * 24), (1, "a6000", "opt-6.7b", 5.6 * 24),
     (8, "a100-40g", "opt-1.3b", 2.0), (8, "a100-40g", "opt-6.7b", 5.7),
     (8, "a100-40g", "opt-13b", 10.8), (8, "a100-40g", "opt-30b", 1.85 * 24),
     (8, "a100-80g", "opt-1.3b", 1.4), (8, "a100-80g", "opt-6.7b", 4.1),

@@ -1,5 +1,6 @@
-"""When the settings a user gave do not fit in GPU memory: the fastest configuration that does,
-over the knobs they left open, and one line on what would fit when nothing does.
+"""When the settings a user gave do not fit in GPU memory, or fit only a starved batch: the fastest
+configuration that does, over the knobs they left open, and one line on what would fit when
+nothing does.
 
 Knobs: ZeRO stage, ZeRO-Offload, inference TP, LoRA and the batch. A knob the user set is never
 changed. Full training is searched first; LoRA adapters on a frozen base (rank 128, the rank of
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from .counts import BF16, model_arch, param_count
 from .model import USABLE_MEMORY, Config, largest_batch, memory_fit, memory_per_gpu, predict
-from .presets import GPUS
+from .presets import GPUS, MAX_GLOBAL_BATCH, PER_GPU_BATCH
 
 KNOBS = ("zero_stage", "offload", "inference_tp", "lora_dim", "batch")
 FLAGS = {"zero_stage": "--zero-stage", "offload": "--offload", "inference_tp": "--inference-tp",
@@ -36,6 +37,15 @@ def fits(cfg: Config) -> bool:
     if cfg.batch is None:
         return largest_batch(cfg) > 0
     return memory_fit(cfg, cfg.batch / cfg.gpus)
+
+
+def starved(cfg: Config) -> bool:
+    """With the batch open, fewer prompts per GPU fit than DeepSpeed-Chat's scripts run (16, or the
+    1024-prompt step's share): a token step then costs the host's launches whatever its batch, so
+    the hours grow as the batch shrinks, and offload or sharding that frees memory is faster."""
+    if cfg.batch is not None:
+        return False
+    return largest_batch(cfg) < min(PER_GPU_BATCH, max(MAX_GLOBAL_BATCH // cfg.gpus, 1)) * cfg.gpus
 
 
 def tp_options(cfg: Config) -> list[int]:
@@ -106,18 +116,24 @@ REASONS = {
 
 
 def resolve(cfg: Config, given: frozenset[str]) -> Choice:
-    """The configuration as given when it fits; else the fastest that fits with the given knobs
-    kept; else the configuration as given, with a note on what would fit."""
-    if fits(cfg):
+    """The configuration as given when it fits (unless starved and another setting is faster);
+    else the fastest that fits with the given knobs kept; else the configuration as given, with
+    a note on what would fit."""
+    ok = fits(cfg)
+    if ok and not starved(cfg):
         return Choice(cfg)
     best, count = fastest_fit(cfg, given)
+    if ok and (best is None or predict(best)["total_hours"] >= predict(cfg)["total_hours"]):
+        return Choice(cfg)
     if best is None:
         return Choice(cfg, note=what_would_fit(cfg, given))
     chosen = tuple(k for k in KNOBS if k not in given)
     reasons = [r for k in chosen if k in REASONS for r in [REASONS[k](best)] if r]
     b = largest_batch(best) if best.batch is None else best.batch
     mem = gib(memory_per_gpu(best, b / best.gpus)["total"])
-    note = (f"{where(cfg)}: as given it needs {need(cfg)}; chose {', '.join(reasons + [''])}"
+    why = (f"as given only {largest_batch(cfg) // cfg.gpus} prompts per GPU fit" if ok
+           else f"as given it needs {need(cfg)}")
+    note = (f"{where(cfg)}: {why}; chose {', '.join(reasons + [''])}"
             f"batch {b}: {mem} per GPU, " + (f"the fastest of {count} settings that fit"
                                               if count > 1 else "the one setting that fits"))
     return Choice(best, chosen, note)
