@@ -112,34 +112,52 @@ def _malformed(where):
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, parse_percent, setup_differences, workload_differences
-    from .results import load_run
+    from .compare import (compare, parse_percent, setup_differences, setup_mismatch,
+                          workload_differences)
+    from .results import ResultsError, load_run
     base, new = load_run(args.base), load_run(args.new)  # a killed run's finished steps kept
     slowdown, growth = parse_percent(args.max_slowdown), parse_percent(args.max_mem_growth)
     with _malformed(f"{args.base} or {args.new}"):  # judged first: a bad file prints no note
-        table, problems = compare(base, new, slowdown, growth, absolute=args.absolute)
+        table, problems, unsure = compare(base, new, slowdown, growth, absolute=args.absolute)
         differ = workload_differences(base, new)
-        setup = setup_differences(base, new)
+        setup, mismatch = setup_differences(base, new), setup_mismatch(base, new)
+    if differ and not args.allow_different_work:
+        raise ResultsError(f"the runs measured different work: {', '.join(differ)} "
+                           f"(--allow-different-work judges them anyway)")
     if differ:
-        print(f"note: the runs measured different work: {', '.join(differ)}", file=sys.stderr)
-    if setup:
-        print(f"note: the runs' setups differ: {', '.join(setup)}; speed ratios to hf move "
-              f"with these too, so a change may be theirs, not the code's", file=sys.stderr)
+        print(f"note: the runs measured different work: {', '.join(differ)}; judged as "
+              f"asked", file=sys.stderr)
     without = [p for p, d in ((args.base, base), (args.new, new))
                if "hf" not in d["options"].get("engines_run", [])]
+    hf_aside = ("" if not mismatch or without or args.absolute else
+                "; hf's own times and memory are not judged")
+    if setup:
+        print(f"note: the runs' setups differ: {', '.join(setup)}; speed ratios to hf move "
+              f"with these too, so a change may be theirs, not the code's{hf_aside}",
+              file=sys.stderr)
+    elif hf_aside:
+        print(f"note: the runs' setups are not known to match: {', '.join(mismatch)}"
+              f"{hf_aside}", file=sys.stderr)
     if without and not args.absolute:
         print(f"note: no hf in {', '.join(map(str, without))}: comparing raw seconds, as "
               f"--absolute does (meaningful on the same machine only)", file=sys.stderr)
+    if unsure:
+        print(f"note: inconclusive (the change's interval straddles the limit, or too few "
+              f"steps give none): {', '.join(unsure)}; more --steps narrow it"
+              + ("" if args.strict else ", --strict fails on it"), file=sys.stderr)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.float_format",
                            lambda v: f"{v:.4g}"):
         print(table.to_string(index=False) if len(table) else "(nothing to compare)")
-    if problems:
-        print("\nREGRESSIONS:")
-        for p in problems:
+    print(f"change: new/base with its 95% interval (low, high); a regression where the "
+          f"interval lies above {1 + slowdown:.4g} (time) or the change above "
+          f"{1 + growth:.4g} (memory)")
+    if problems or (unsure and args.strict):
+        print("\nREGRESSIONS:" if problems else "\nINCONCLUSIVE (--strict):")
+        for p in problems or unsure:
             print("  " + p)
         return 1
-    print("\nno regression")
+    print("\nno regression" + (f" ({len(unsure)} inconclusive)" if unsure else ""))
     return 0
 
 
@@ -163,17 +181,31 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="re-print a run's summary and write its plots")
     rp.add_argument("dir")
     rp.set_defaults(func=cmd_report)
-    c = sub.add_parser("compare", help="judge NEW against BASE; exit 1 on a regression")
+    c = sub.add_parser(
+        "compare", help="judge NEW against BASE; exit 1 on a regression",
+        description="Judge NEW against BASE, per engine and phase (and peak memory), by the "
+        "95% interval of the change in the median over the measured rounds: REGRESSED when "
+        "the interval lies above the limit, inconclusive when it straddles it, ok otherwise. "
+        "Times are per-round ratios to hf unless --absolute; hf's own are judged in seconds "
+        "when both runs share machine and software. Exit 1 on a regression, 2 when the runs "
+        "measured different work.")
     c.add_argument("base")
     c.add_argument("new")
     c.add_argument("--max-slowdown", default="10%",
-                   help="largest allowed growth of a phase's time (vs hf's in the same run, "
-                        "unless --absolute): 10%% or 0.1 (default 10%%)")
+                   help="largest allowed growth of a phase's median time (vs hf's in the same "
+                        "round, unless --absolute); a regression when the whole interval lies "
+                        "above it: 10%% or 0.1 (default 10%%)")
     c.add_argument("--max-mem-growth", default="10%",
-                   help="largest allowed growth of peak memory, as --max-slowdown "
-                        "(default 10%%)")
-    c.add_argument("--absolute", action="store_true",
-                   help="compare raw seconds instead of ratios to hf (same machine only)")
+                   help="largest allowed growth of peak memory (the process's and "
+                        "generation's), as --max-slowdown (default 10%%)")
+    for flag, text in (
+            ("--absolute", "judge every engine's raw seconds instead of ratios to hf (same "
+                           "machine only)"),
+            ("--strict", "exit 1 on an inconclusive line too (an interval that straddles the "
+                         "limit: too few steps or too much noise to decide)"),
+            ("--allow-different-work", "judge runs whose work differs (batch, lengths, "
+                                       "preset, dtype...) instead of refusing them")):
+        c.add_argument(flag, action="store_true", help=text)
     c.set_defaults(func=cmd_compare)
     pj = sub.add_parser("project", help="predict PPO step time on GPU clusters")
     try:
