@@ -40,8 +40,9 @@ def step_samples(data: dict, engine: str) -> pd.DataFrame:
     rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
                                                "unit"])
     r = rows[(rows.engine == engine) & (rows.step >= o["warmup"])]
+    # min_count: a phase whose every reading is NaN stays NaN (a lost time), not 0 seconds
     secs = r[r.metric == "seconds"].pivot_table(index="step", columns="phase", values="value",
-                                                aggfunc="sum")
+                                                aggfunc=lambda v: v.sum(min_count=1))
     rounds = r[(r.phase == "step") & (r.metric == "round")].set_index("step").value
     if len(secs) and secs.index.isin(rounds.index).all():
         secs.index = [int(rounds[s]) for s in secs.index]
