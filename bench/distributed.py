@@ -24,7 +24,7 @@ from pathlib import Path
 from .options import BenchOptions, ConfigError
 
 # the slowest / largest rank counts
-_MAX = ("seconds", "peak_rss_mb", "peak_mem_mb", "peak_reserved_mb")
+_MAX = ("seconds", "peak_rss_mb", "peak_mem_mb", "peak_reserved_mb", "peak_device_mb")
 
 
 def rank() -> int:
@@ -96,6 +96,8 @@ class Dist:
             vals = [rows[i]["value"] for rows in every]
             if r["metric"] in _MAX:
                 v = max(vals)
+            elif r["metric"] == "tokens":  # each rank generated its own shard's
+                v = sum(vals)
             elif r["phase"] == "metrics":
                 v = sum(vals) / len(vals)
             else:

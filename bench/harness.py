@@ -1,7 +1,8 @@
 """Runs each engine in its own subprocess on identical work and gathers the results.
 
-The harness owns the run directory: it measures the machine's limits, starts one worker per
-engine (the parity reference, hf, first), follows the rows each worker writes, and rewrites
+The harness owns the run directory: it checks the options, starts one worker per engine (the
+parity reference, hf, first) and steps them in interleaved rounds (bench.rounds), measuring
+the machine's limits between rounds; it follows the rows each worker writes and rewrites
 results.json / rows.csv atomically as rows arrive; summary.csv and phases.png come at the end.
 """
 from __future__ import annotations
@@ -9,17 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import engines
 
-from . import distributed, machine, parity
+from . import distributed, machine, parity, rounds
 from .options import RESUME_OPTIONS, BenchOptions, ConfigError, differing
 from .report import format_table, plot_phases, summarize
-from .results import VERSION, atomic_write_csv, atomic_write_json, read_jsonl
+from .results import VERSION, atomic_write_csv, atomic_write_json
 
 
 def check_model(o: BenchOptions) -> None:
@@ -108,92 +108,23 @@ def check_same_setup(saved: dict, now: dict) -> None:
 
 
 class Run:
-    def __init__(self, o: BenchOptions, out: Path):
-        self.o, self.out = o, out
+    """A run's data as results.json keeps it, rewritten as rows arrive."""
+
+    def __init__(self, o: BenchOptions, out: Path, progress: Progress):
+        self.o, self.out, self.progress = o, out, progress
         self.finished: set = set()
         self.data = dict(version=VERSION, options=o.to_dict(), env={}, limits={}, engines={},
                          rows=[])
+        self.kept: list = []  # rows of engines a resumed run keeps
+        self.rows: dict = {}  # engine -> the rows its worker wrote
         self.interrupted = False
 
     def save(self) -> None:
         import pandas as pd
+        self.data["rows"] = self.kept + [r for rows in self.rows.values() for r in rows]
         atomic_write_json(self.out / "results.json", self.data)
         atomic_write_csv(self.out / "rows.csv", pd.DataFrame(
             self.data["rows"], columns=["engine", "step", "phase", "metric", "value", "unit"]))
-
-    def run_engine(self, name: str, reference: bool, probe_only: bool, progress: Progress,
-                   timeout: float | None = None) -> str:
-        rows_path = self.out / "engines" / f"{name}.jsonl"
-        rows_path.parent.mkdir(parents=True, exist_ok=True)
-        rows_path.unlink(missing_ok=True)
-        # its place in the run's engine list (hf's probe alone after them) picks the port of
-        # its ranks' process group: the same on every rank, and never the last engine's
-        names = self.data["options"]["engines_run"]
-        spec = dict(options=self.o.to_dict(), engine=name, rows_path=str(rows_path),
-                    parity_path=str(self.out / "engines" / "parity_ref.safetensors"),
-                    reference=reference, probe_only=probe_only,
-                    engine_index=names.index(name) if name in names else len(names))
-        spec_path = self.out / "engines" / f"{name}.spec.json"
-        atomic_write_json(spec_path, spec)
-        log = open(self.out / "engines" / f"{name}.log", "w")
-        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                   PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "bench.worker", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        self.data["engines"][name] = dict(status="running", pid=proc.pid)
-        seen, status, note = 0, None, ""
-        started = time.perf_counter()
-        base = [r for r in self.data["rows"] if r["engine"] != name]
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code is None and self.interrupted:  # SIGINT: stop the worker, keep its rows
-                os.killpg(proc.pid, signal.SIGTERM)
-                code = proc.wait()
-            late = timeout is not None and time.perf_counter() - started > timeout
-            if code is None and late:
-                os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
-                status = f"failed: timed out after {timeout:.0f} s"
-            lines = read_jsonl(rows_path)
-            if len(lines) != seen:
-                new, seen = lines[seen:], len(lines)
-                mine = [r for r in lines if "event" not in r]
-                for ev in new:  # the latest status wins, unless the harness timed it out
-                    kind = ev.get("event")
-                    if kind == "status" and not (status or "").startswith("failed: timed out"):
-                        status = ev["status"]
-                    elif kind == "note":
-                        note = ev["note"]
-                    elif kind == "progress" and ev["phase"] == "step":  # warm-up steps included
-                        progress.show(f"{name}: step {ev['step'] + 1} of {ev['total']}",
-                                      milestone=True)
-                    elif kind == "progress":
-                        progress.show(f"{name}: step {ev['step'] + 1} {ev['phase']}")
-                self.data["rows"] = base + mine
-                self.save()
-            if code is not None:
-                break
-        log.close()
-        if self.interrupted:
-            status = "failed: interrupted (SIGINT)"
-        elif status is None or (code not in (0, 3) and not status.startswith("failed")):
-            tail = (self.out / "engines" / f"{name}.log").read_text(errors="replace")
-            last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:] or [""]
-            why = f"exit {code}" + (f" (killed by signal {-code})" if code and code < 0 else "")
-            if code == -signal.SIGKILL:  # not the harness's own: a timeout says so above
-                why += (" - most often the kernel's out-of-memory killer: try a smaller --batch, "
-                        "--dtype bfloat16, --lora-dim or --phases generate")
-            status = f"failed: {why}: {last[0][:200]}"
-        self.data["engines"][name] = dict(status=status, exit_code=code,
-                                          **({"note": note} if note else {}))
-        self.save()
-        if not probe_only:
-            progress.show(f"{name}: {status}", milestone=True)
-        return status
 
 
 def check_out_folder(out: Path, kind: str) -> None:
@@ -238,13 +169,14 @@ def run_benchmark(o: BenchOptions) -> int:
             p = out / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    r = Run(o, out)
+    progress = Progress()
+    r = Run(o, out, progress)
     r.data["options"]["engines_run"] = names
     if previous is not None:  # keep what finished; the rest runs again from its first step
         finished = {n for n, e in previous["engines"].items()
                     if e.get("status") == "ok" or e.get("status", "").startswith("unavailable")}
         r.data["engines"] = {n: e for n, e in previous["engines"].items() if n in finished}
-        r.data["rows"] = [x for x in previous["rows"] if x["engine"] in finished]
+        r.kept = [x for x in previous["rows"] if x["engine"] in finished]
         r.finished = finished
     import torch
     if o.threads:  # before environment(), which records the thread count
@@ -256,11 +188,16 @@ def run_benchmark(o: BenchOptions) -> int:
     if previous is not None and previous.get("limits"):
         # the kept engines' fractions of the machine's limits were taken against these
         r.data["limits"] = previous["limits"]
+        r.measure = lambda quick=True: False
     else:
-        r.data["limits"] = machine.measure_limits(o.device, dtype=torch_dtype(o.dtype),
-                                                  quick=o.preset.startswith("tiny"))
+        def measure(quick=True):  # between rounds, every worker idle: the best reading stands
+            r.data["limits"] = machine.best_limits(r.data["limits"], machine.measure_limits(
+                o.device, dtype=torch_dtype(o.dtype),
+                quick=quick and o.preset.startswith("tiny")))
+            return True
+        r.measure = measure
+        measure()
     r.save()
-    progress = Progress()
 
     def on_sigint(signum, frame):  # finish cleanly: stop the running worker, save, summarise
         r.interrupted = True
@@ -286,41 +223,75 @@ def engine_limit(o: BenchOptions, spent: float, left: int) -> float | None:
     return min(limits) if limits else None
 
 
+def _plan(o: BenchOptions, names: list) -> tuple[list, str]:
+    """The groups the engines run in (bench.rounds.groups) from their estimated peaks."""
+    if o.sequential or len(names) < 2:
+        return rounds.groups(names, {}, 0.0, sequential=True)
+    import importlib
+
+    from core.models import build_config
+    cfg = build_config(o.preset)
+    need = {}
+    for n in names:
+        entry = engines.REGISTRY[n]
+        module, _, attr = entry.target.partition(":")
+        copies = 2 if entry.fixed.get("pack") else 1
+        try:  # the class's declared copies; an engine whose module will not import here
+            copies = max(copies, getattr(getattr(importlib.import_module(module), attr),
+                                         "weight_copies", 1))
+        except Exception:  # noqa: BLE001 - (unavailable) reports that itself when it starts
+            pass
+        need[n] = machine.worker_peak_bytes(o, cfg, entry.needs, copies)
+    return rounds.groups(names, need, machine.free_memory(o.device), sequential=False)
+
+
+def _limits(o: BenchOptions, todo: list, before: dict):
+    """An engine's computing-time limit as it starts: --engine-timeout, and under
+    --time-budget a fair share of what the engines started before it (`before`: hf's lone
+    probe) have not used or been promised (a running engine's own limit, a finished one's
+    time)."""
+    def limit(name, started: dict):
+        started = dict(before, **started)
+        promised = sum(w.active if w.code is not None or w.limit is None else w.limit
+                       for w in started.values())
+        return engine_limit(o, promised, len([n for n in todo if n not in started]))
+    return limit
+
+
 def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Progress) -> int:
     have_ref = (out / "engines" / "parity_ref.safetensors").exists() and "hf" in r.finished
-    todo = [n for n in names if n not in r.finished]
-    probe = "hf" not in names and not have_ref  # the parity reference comes from hf, probe only
-    t0 = time.perf_counter()
-
-    def limit():
-        return engine_limit(o, time.perf_counter() - t0, len(todo) + probe)
-    if probe:
-        r.run_engine("hf", reference=True, probe_only=True, progress=progress, timeout=limit())
-        probe = False
-        r.data["engines"].pop("hf", None)
-        r.data["rows"] = [x for x in r.data["rows"] if x["engine"] != "hf"]
     for name in names:
         if name in r.finished:
             print(f"resume: {name} already finished ({r.data['engines'][name]['status']})",
                   file=sys.stderr)
-            continue
-        timeout = limit()
-        todo.remove(name)
-        if r.interrupted:
-            r.data["engines"][name] = dict(status="failed: not run (interrupted)")
-        elif timeout is not None and timeout < 1:
-            r.data["engines"][name] = dict(status=f"failed: not run (--time-budget "
-                                                  f"{o.time_budget:g} s spent)")
-            progress.show(f"{name}: {r.data['engines'][name]['status']}", milestone=True)
-        else:
-            r.run_engine(name, reference=(name == "hf"), probe_only=False, progress=progress,
-                         timeout=timeout)
+    todo = [n for n in names if n not in r.finished]
+    before = {}
+    if "hf" not in names and not have_ref:  # the parity reference comes from hf, probe only
+        ref = before["hf"] = rounds.Worker(r, "hf", reference=True, probe_only=True,
+                                           limit=engine_limit(o, 0.0, len(todo) + 1),
+                                           progress=progress)
+        ref.compute(lambda: False)
+        ref.finish()
+        r.data["engines"].pop("hf", None)
+        r.rows.pop("hf", None)
+    limit = _limits(o, todo + list(before), before)
+    plan, how = _plan(o, todo)
+    r.data["schedule"] = dict(mode=how, groups=plan)
+    if how.startswith("interleaved with hf in groups"):
+        progress.show(f"note: the engines do not fit in memory together: each group runs "
+                      f"beside hf ({' | '.join(', '.join(g) for g in plan)})", milestone=True)
+    rounds.run_rounds(r, plan, o.warmup + o.steps, limit, on_round=r.measure)
     progress.done()
     df = summarize(r.data)
+    for _ in range(3):  # a fraction above 1: the limits were under-measured; measure again
+        if not (df.over_limit != "").any() or r.interrupted or not r.measure(quick=False):
+            break
+        df = summarize(r.data)
     failed, r.data["parity_tolerance"] = parity.verdict(df, o.dtype, o.parity_tol)
     for engine, why in failed.items():
         df.loc[df.engine == engine, "status"] = why
         r.data["engines"][engine]["status"] = why
+    r.data["summary"] = df.to_dict(orient="records")
     r.save()
     atomic_write_csv(out / "summary.csv", df)
     try:

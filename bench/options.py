@@ -54,7 +54,8 @@ OPTIONS = (
     Option("batch", int, 4, "prompts per generation batch", to="batch", work=WORK),
     Option("prompt_len", int, 32, "prompt tokens", to="prompt_len", work=WORK),
     Option("gen_len", int, 32, "answer tokens", to="gen.gen_len", work=WORK),
-    Option("steps", int, 3, "measured steps", work=SAMPLING),
+    Option("steps", int, 6, "measured steps (rounds); 6 or more give 95%% intervals",
+           work=SAMPLING),
     Option("warmup", int, 1, "steps run first and left out of the medians", work=SAMPLING),
     Option("seed", int, 0, "seed of the weights, the prompts and the sampling", work=SAMPLING),
     Option("greedy", bool, False, "greedy decoding (default: sampled)", to="gen.greedy",
@@ -97,6 +98,8 @@ OPTIONS = (
     Option("overwrite", bool, False, "replace a run already in --out"),
     Option("resume", bool, False, "continue the run in --out: keep finished engines, run the "
            "others"),
+    Option("sequential", bool, False, "run each engine's steps alone, one engine after "
+           "another (default: engines interleaved, a step of each per round)"),
     Option("engine_timeout", float, 0.0, "seconds one engine may take before it is stopped and "
            "marked failed (default 0: none)"),
     Option("time_budget", float, 0.0, "seconds for all engines together: each gets an equal "

@@ -7,17 +7,29 @@ import pandas as pd
 
 from .parity import parity_tolerance
 from .results import atomic_write
+from .stats import median_ci
+
+# fractions of the machine's measured limits; one above OVER_LIMIT says the limit was
+# under-measured (the run achieved more than it), and is printed flagged, never as a result
+FRACTION_COLS = ("gen_flops_frac", "score_flops_frac", "train_flops_frac",
+                 "decode_roofline_frac")
+OVER_LIMIT = 1.05
 
 SUMMARY_COLUMNS = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
                    "gen_tokens_per_s", "samples_per_s", "gen_speedup_vs_hf",
-                   "step_speedup_vs_hf", "gen_flops_frac", "score_flops_frac",
+                   "step_speedup_vs_hf",
+                   "gen_s_lo", "gen_s_hi", "sync_s_lo", "sync_s_hi", "score_s_lo", "score_s_hi",
+                   "train_s_lo", "train_s_hi", "step_s_lo", "step_s_hi",
+                   "gen_speedup_vs_hf_lo", "gen_speedup_vs_hf_hi", "step_speedup_vs_hf_lo",
+                   "step_speedup_vs_hf_hi", "steps_measured", "over_limit", "gen_flops_frac", "score_flops_frac",
                    "train_flops_frac", "gen_gflops", "score_gflops", "train_gflops",
-                   "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "gen_peak_mem_mb",
+                   "decode_roofline_frac", "peak_mem_mb", "peak_reserved_mb", "peak_device_mb",
+                   "gen_peak_mem_mb",
                    "weight_copies", "weight_copies_measured", "kv_pool_mb",
                    "actor_weight_mb",
                    "weights_held_mb", "parity_max_abs_diff", "score_parity_max_abs_diff",
                    "parity_token_agreement", "parity_divergence_margin", "parity_tol",
-                   "parity_logit_scale", "compile_s", "reward",
+                   "parity_logit_scale", "setup_s", "first_call_s", "probe_s", "reward",
                    "kl", "actor_loss", "critic_loss", "note"]
 
 PHASE_COL = {"generate": "gen_s", "sync": "sync_s", "score": "score_s", "train": "train_s",
@@ -35,7 +47,8 @@ def summarize(data: dict) -> pd.DataFrame:
 def step_samples(data: dict, engine: str) -> pd.DataFrame:
     """Seconds per measured step of `engine`: one row per step, indexed by the round it ran in
     (its step number in results without rounds), a column per phase (generate summed over the
-    step's generation batches; "step" the whole step)."""
+    step's generation batches; "step" the whole step), and "tokens", the answer tokens
+    generated in the step, where the worker counted them."""
     o = data["options"]
     rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
                                                "unit"])
@@ -43,6 +56,9 @@ def step_samples(data: dict, engine: str) -> pd.DataFrame:
     # min_count: a phase whose every reading is NaN stays NaN (a lost time), not 0 seconds
     secs = r[r.metric == "seconds"].pivot_table(index="step", columns="phase", values="value",
                                                 aggfunc=lambda v: v.sum(min_count=1))
+    tokens = r[(r.phase == "generate") & (r.metric == "tokens")].groupby("step").value.sum()
+    if len(tokens):
+        secs["tokens"] = tokens
     rounds = r[(r.phase == "step") & (r.metric == "round")].set_index("step").value
     if len(secs) and secs.index.isin(rounds.index).all():
         secs.index = [int(rounds[s]) for s in secs.index]
@@ -54,29 +70,31 @@ def _summarize(data: dict) -> pd.DataFrame:
     o, limits = data["options"], data.get("limits", {})
     rows = pd.DataFrame(data["rows"], columns=["engine", "step", "phase", "metric", "value",
                                                "unit"])
-    out = []
+    out, samples = [], {}
+    world = int((data.get("env") or {}).get("world_size") or 1)
     for name in data["options"]["engines_run"]:
         info = data["engines"].get(name, {})
         r = rows[rows.engine == name]
         setup = {(p, m): v for p, m, v in r[r.step < 0][["phase", "metric", "value"]].values}
         measured = r[r.step >= o["warmup"]]
         med = measured.groupby(["phase", "metric"]).value.median()
-        # generate may run several times per step (generation batches): sum per step first
-        per_step = measured[measured.metric == "seconds"].groupby(["phase", "step"]).value.sum()
-        secs = per_step.groupby("phase").median()
+        samples[name] = steps = step_samples(data, name)
         d = {"engine": name, "status": info.get("status", "failed: no result"),
              "note": info.get("note", "")}
         for phase, col in PHASE_COL.items():
-            d[col] = secs.get(phase, float("nan"))
+            d[col], d[f"{col}_lo"], d[f"{col}_hi"] = median_ci(
+                steps[phase] if phase in steps else [])
         B = o["batch"] * o["generation_batches"]
-        d["gen_tokens_per_s"] = B * o["gen_len"] / d["gen_s"]
+        tokens = steps["tokens"].median() if "tokens" in steps else B * o["gen_len"]
+        d["gen_tokens_per_s"] = tokens / d["gen_s"]
         d["samples_per_s"] = B / d["step_s"]
+        d["steps_measured"] = len(steps)
         peak = limits.get("matmul_flops", 0) or float("nan")  # 0 or absent: not measured
         for phase, col in (("generate", "gen"), ("score", "score"), ("train", "train")):
             achieved = setup.get((phase, "flops"), float("nan")) / d[PHASE_COL[phase]]
             d[f"{col}_gflops"] = achieved / 1e9
             d[f"{col}_flops_frac"] = achieved / peak
-        d["decode_roofline_frac"] = _roofline(setup, o, limits) / d["gen_s"]
+        d["decode_roofline_frac"] = _roofline(setup, o, limits, world) / d["gen_s"]
         # the process's peak (rank 0's alone in a multi-rank run) or the steps' (the largest
         # rank's there; ru_maxrss only grows, so on one rank the steps' is never above it)
         d["peak_mem_mb"] = max(setup.get(("setup", "peak_rss_mb"), float("nan")),
@@ -86,6 +104,8 @@ def _summarize(data: dict) -> pd.DataFrame:
         if len(gpu_peak):
             d["peak_mem_mb"] = gpu_peak.max()
         d["peak_reserved_mb"] = measured[measured.metric == "peak_reserved_mb"].value.max()
+        # GPU: the driver's count of this process's memory, allocations outside torch's included
+        d["peak_device_mb"] = measured[measured.metric == "peak_device_mb"].value.max()
         # generation's own peak (GPU: allocated; CPU: RSS above the baseline, where the worker
         # could reset the process's peak at each phase), which training's hides in peak_mem_mb
         gen = measured[measured.phase == "generate"]
@@ -108,21 +128,39 @@ def _summarize(data: dict) -> pd.DataFrame:
         d["parity_logit_scale"] = setup.get(("parity", "logit_scale"), float("nan"))
         d["parity_tol"] = parity_tolerance(o.get("dtype", "float32"), d["parity_logit_scale"],
                                            o.get("parity_tol", 0.0))
-        d["compile_s"] = setup.get(("setup", "init_s"), 0.0) + setup.get(("parity", "probe_s"),
-                                                                          0.0)
+        d["setup_s"] = setup.get(("setup", "init_s"), float("nan"))
+        d["first_call_s"] = setup.get(("setup", "first_call_s"), float("nan"))
+        d["probe_s"] = setup.get(("parity", "probe_s"), float("nan"))
         for k in ("reward", "kl", "actor_loss", "critic_loss"):
             d[k] = med.get(("metrics", k), float("nan"))
         out.append(d)
     df = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
-    if "hf" in set(df.engine):
-        hf = df[df.engine == "hf"].iloc[0]
-        df["gen_speedup_vs_hf"] = hf.gen_s / df.gen_s
-        df["step_speedup_vs_hf"] = hf.step_s / df.step_s
+    if "hf" in samples:
+        for col, phase in (("gen_speedup_vs_hf", "generate"), ("step_speedup_vs_hf", "step")):
+            got = [speedup(samples["hf"], samples[e], phase) for e in df.engine]
+            df[col], df[f"{col}_lo"], df[f"{col}_hi"] = zip(*got) if got else ((), (), ())
+    df["over_limit"] = [", ".join(c for c in FRACTION_COLS if d[c] > OVER_LIMIT)
+                        for _, d in df.iterrows()]
     return df
 
 
-def _roofline(setup: dict, o: dict, limits: dict) -> float:
-    """flops.decode_roofline_s for the actor shape the worker recorded (nan if it did not)."""
+def speedup(hf: pd.DataFrame, engine: pd.DataFrame, phase: str) -> tuple:
+    """(median, low, high) of hf's time over the engine's for `phase`, paired by round: one
+    ratio per round both measured. Runs without shared rounds (a resumed run's kept hf) give
+    the ratio of the medians and no interval."""
+    if phase not in hf or phase not in engine:
+        return float("nan"), float("nan"), float("nan")
+    both = pd.concat([hf[phase].rename("hf"), engine[phase].rename("e")], axis=1,
+                     join="inner")
+    if len(both) == 0:
+        return hf[phase].median() / engine[phase].median(), float("nan"), float("nan")
+    return median_ci(both.hf / both.e)
+
+
+def _roofline(setup: dict, o: dict, limits: dict, world: int = 1) -> float:
+    """flops.decode_roofline_s for the actor shape the worker recorded (nan if it did not): one
+    rank's share of each generation batch against one device's limits, and the weights read
+    again for every generation batch."""
     from .flops import Shape, decode_roofline_s
     try:
         s = Shape(*(int(setup[("setup", f"shape_{f}")]) for f in Shape._fields))
@@ -131,9 +169,10 @@ def _roofline(setup: dict, o: dict, limits: dict) -> float:
         return float("nan")
     if not (limits.get("matmul_flops", 0) > 0 and limits.get("mem_bw", 0) > 0):
         return float("nan")  # not measured
-    B = o["batch"] * o["generation_batches"]
-    return decode_roofline_s(s, B, o["prompt_len"], o["gen_len"], dbytes,
-                             limits["matmul_flops"], limits["mem_bw"])
+    rows = max(1, o["batch"] // max(1, world))
+    return o["generation_batches"] * decode_roofline_s(s, rows, o["prompt_len"], o["gen_len"],
+                                                       dbytes, limits["matmul_flops"],
+                                                       limits["mem_bw"])
 
 
 def setup_line(data: dict) -> str | None:
@@ -164,6 +203,21 @@ def _rate(v: float, unit: str) -> str:
     return f"{x:.3g} {prefix}{unit}" if x < 100 else f"{x:,.0f} {prefix}{unit}"
 
 
+INTERVAL_COLS = ("gen_s", "sync_s", "score_s", "train_s", "step_s", "gen_speedup_vs_hf",
+                 "step_speedup_vs_hf")
+
+
+def _num(v) -> str:
+    return "NaN" if v != v else f"{v:.3g}"
+
+
+def _with_interval(v, lo, hi) -> str:
+    """'0.804 [0.79, 0.82]'; the median alone where there is no interval."""
+    if lo is None or lo != lo or hi != hi:
+        return _num(v)
+    return f"{_num(v)} [{_num(lo)}, {_num(hi)}]"
+
+
 def format_table(df: pd.DataFrame, data: dict | None = None) -> str:
     """The summary table, its notes, and (given the results) the setup it was measured on."""
     cols = ["engine", "status", "gen_s", "sync_s", "score_s", "train_s", "step_s",
@@ -172,10 +226,32 @@ def format_table(df: pd.DataFrame, data: dict | None = None) -> str:
             "weight_copies_measured", "parity_max_abs_diff"]
     show = df[cols].copy()
     show["status"] = show.status.str.slice(0, 48)
-    with pd.option_context("display.width", 200, "display.max_columns", 30,
+    for c in INTERVAL_COLS:  # median [low, high]: the 95% interval where there is one
+        if c in show:
+            show[c] = [_with_interval(d[c], d.get(f"{c}_lo"), d.get(f"{c}_hi"))
+                       for _, d in df.iterrows()]
+    flagged = False
+    for c in FRACTION_COLS:
+        if c in show:
+            over = df[c] > OVER_LIMIT
+            flagged |= bool(over.any())
+            show[c] = [f"{v:.3g} (!)" if o else _num(v) for v, o in zip(df[c], over)]
+    with pd.option_context("display.width", 250, "display.max_columns", 30,
                            "display.float_format", lambda v: f"{v:.4g}"):
         table = show.to_string(index=False)
     notes = [f"note: {e}: {n}" for e, n in zip(df.engine, df.get("note", [])) if n == n and n]
+    if INTERVAL_COLS[0] in show:
+        n = df.steps_measured.max() if "steps_measured" in df else float("nan")
+        notes.append("times and ratios to hf: median [95% interval] over the measured steps"
+                     + ("; intervals need 6 steps or more" if not n >= 6 else "")
+                     + (", ratios paired by round" if "hf" in set(df.engine) else ""))
+    if flagged:
+        lim = (data or {}).get("limits") or {}
+        notes.append(f"(!) above {OVER_LIMIT:g}: the run did more than the measured limits allow "
+                     f"({_rate(lim.get('matmul_flops', 0), 'FLOP/s')} matmul, "
+                     f"{_rate(lim.get('mem_bw', 0), 'B/s')} read, best of "
+                     f"{lim.get('measurements', 1)} readings): the limit is under-measured "
+                     f"and the fraction is not a result")
     tol, scale = df.parity_tol.max(), df.parity_logit_scale.max()
     if tol == tol:
         notes.append(f"parity tolerance: {tol:.3g} nats from hf's log-probs"

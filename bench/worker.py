@@ -76,6 +76,51 @@ def _new_peak() -> bool:
     return True
 
 
+class _DevicePeak:
+    """This process's memory on the GPU as the driver counts it (NVML), sampled through a phase:
+    allocations outside torch's allocator (DeepSpeed's inference workspace, vLLM's pools) are
+    invisible to torch's counters. `mb` is None where NVML cannot be read."""
+
+    def __init__(self, device: str):
+        self.mb, self._stop, self._handle = None, None, None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            index = torch.device(device).index or 0
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVML here: torch's counters stand alone
+            self._handle = None
+
+    def _read(self) -> float | None:
+        for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                return p.usedGpuMemory / 2 ** 20
+        return None
+
+    def __enter__(self):
+        if self._handle is not None:
+            import threading
+            self._stop = threading.Event()
+
+            def sample():
+                while True:
+                    with contextlib.suppress(Exception):
+                        v = self._read()
+                        if v is not None:
+                            self.mb = max(self.mb or 0.0, v)
+                    if self._stop.wait(0.02):
+                        return
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+
 class Recorder:
     """Writes rows, and times phases with a device sync before each clock read."""
 
@@ -110,11 +155,13 @@ class Recorder:
             torch.cuda.reset_peak_memory_stats()
         # the CPU's peak per phase, as the GPU's: RSS above the run's baseline
         cpu_peak = not cuda and self.base_rss is not None and _new_peak()
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        dt = time.perf_counter() - t0
+        device_peak = _DevicePeak(self.device) if cuda else contextlib.nullcontext()
+        with device_peak:
+            self._sync()
+            t0 = time.perf_counter()
+            yield
+            self._sync()
+            dt = time.perf_counter() - t0
         if name in self.keep:
             self.emit(name, "seconds", dt, "s")
             if cuda:
@@ -122,6 +169,8 @@ class Recorder:
                 # reserved also holds CUDA-graph pools, whose reuse allocated() does not see
                 self.emit(name, "peak_reserved_mb", torch.cuda.max_memory_reserved() / 2 ** 20,
                           "MB")
+                if device_peak.mb is not None:
+                    self.emit(name, "peak_device_mb", device_peak.mb, "MB")
             elif cpu_peak and (hwm := _hwm_mb()) is not None:
                 self.emit(name, "peak_rss_mb", hwm - self.base_rss, "MB")
 
@@ -152,6 +201,29 @@ def emit_model_counts(rec: Recorder, o, bundle, engine) -> None:
     rec.emit("setup", "dtype_bytes", dbytes, "B", step=-1)
     for field, value in a._asdict().items():  # the actor's shape, for the decode roofline
         rec.emit("setup", f"shape_{field}", value, "", step=-1)
+
+
+class _Counted:
+    """The engine, its `generate` recording the answer tokens it produced (rows that stop at EOS
+    count only what they generated) and how long its first call took (compiling, kernel
+    builds, first allocations: kept out of the steps)."""
+
+    def __init__(self, engine, rec: Recorder):
+        self._engine, self._rec = engine, rec
+        self.first_s = None
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, state, prompts, gen, *, seed):
+        t0 = time.perf_counter()
+        out = self._engine.generate(state, prompts, gen, seed=seed)
+        if self.first_s is None:
+            if self._rec.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.first_s = time.perf_counter() - t0
+        self._rec.emit("generate", "tokens", float(out.answer_mask.sum()), "tokens")
+        return out
 
 
 def _note(rec: Recorder, engine) -> None:
@@ -191,6 +263,18 @@ def _import_libraries(o, name: str, engine) -> None:
             engine.preload()
 
 
+def _rounds(spec: dict):
+    """The rounds this worker steps in. Paced by the harness (spec "paced"): a line "go R" on
+    stdin for each step, R the round; end of input ends the run. Otherwise every step at once,
+    round = step."""
+    if not spec.get("paced"):
+        o = spec["options"]
+        yield from range(o["warmup"] + o["steps"])
+        return
+    for line in sys.stdin:
+        yield int(line.split()[1])
+
+
 def run_engine_process(spec: dict) -> int:
     o = from_dict(spec["options"])
     name = spec["engine"]
@@ -217,13 +301,16 @@ def run_engine_process(spec: dict) -> int:
         rec.event(kind="status", status=f"unavailable: {e}")
         return EXIT_UNAVAILABLE
     emit_model_counts(rec, o, bundle, engine)
+    counted = _Counted(engine, rec)
     t0 = time.perf_counter()
     parity.probe(lambda metric, value, unit: rec.emit("parity", metric, value, unit, step=-1),
-                 engine, state, bundle, make_prompts(o, bundle, step=-1, i=0),
+                 counted, state, bundle, make_prompts(o, bundle, step=-1, i=0),
                  GenerationConfig(gen_len=o.gen_len, greedy=True, stop_at_eos=o.stop_at_eos),
                  seed=fold_in(o.seed, 999), ref_path=spec["parity_path"],
                  reference=spec["reference"])
-    rec.emit("parity", "probe_s", time.perf_counter() - t0, "s", step=-1)
+    # the probe's first generate compiles and builds; the rest of the probe is its own work
+    rec.emit("setup", "first_call_s", counted.first_s, "s", step=-1)
+    rec.emit("parity", "probe_s", time.perf_counter() - t0 - counted.first_s, "s", step=-1)
     # after a generate, when any copy made on first use exists and its transient caches are gone
     rec.emit("setup", "weight_copies_measured", holdings.weight_copies(engine, bundle, state),
              "", step=-1)
@@ -231,11 +318,11 @@ def run_engine_process(spec: dict) -> int:
     if spec.get("probe_only"):
         rec.event(kind="status", status="ok")
         return 0
+    rec.event(kind="ready")
     gen_only = o.generation_only
-    for step in range(o.warmup + o.steps):
+    for step, round_ in enumerate(_rounds(spec)):
         rec.step = step
-        rec.event(kind="progress", step=step, phase="step",
-                  total=o.warmup + o.steps)
+        began = time.time()
         batches = [make_prompts(o, bundle, step, i) for i in range(o.generation_batches)]
         seed = fold_in(o.seed, step)
         if dist is not None:  # this rank's rows of each batch, and its own sampling seed
@@ -246,17 +333,19 @@ def run_engine_process(spec: dict) -> int:
                 engine.sync(state)
             for i, p in enumerate(batches):
                 with rec.phase("generate"):
-                    engine.generate(state, p, cfg.gen, seed=fold_in(seed, 1, i))
+                    counted.generate(state, p, cfg.gen, seed=fold_in(seed, 1, i))
         else:
-            state, m = ppo_step(engine, state, batches, cfg, seed=seed, phase=rec.phase)
+            state, m = ppo_step(counted, state, batches, cfg, seed=seed, phase=rec.phase)
             for k, v in m._asdict().items():
                 rec.emit("metrics", k, float(v))
         rec.emit("step", "seconds", time.perf_counter() - t0, "s")
+        rec.emit("step", "round", round_)
         rec.emit("sync", "bytes", getattr(engine, "sync_bytes", 0), "B")  # copied by sync
         rec.emit("step", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB")
         _note(rec, engine)
         if dist is not None:
             dist.end_step(rec)
+        rec.event(kind="stepped", step=step, round=round_, began=began, ended=time.time())
     engine.release()
     rec.emit("setup", "peak_rss_mb", _peak_rss_mb() - base_rss, "MB", step=-1)
     rec.event(kind="status", status="ok")

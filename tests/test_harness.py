@@ -93,14 +93,31 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert "gen_tokens_per_s" in p.stdout and "hybrid" in p.stdout  # the printed table
     assert "parity tolerance: 0.001 nats from hf's log-probs (hf's largest top logit" in p.stdout
     assert (out / "phases.png").stat().st_size > 1000
-    # stderr is a pipe here, as in CI logs: one progress line per step, and each engine's end
+    # stderr is a pipe here, as in CI logs: one progress line per round, and each engine's end
+    for k in (1, 2, 3):
+        assert f"round {k} of 3: hf, hybrid" in p.stderr, p.stderr
     for name in ("hf", "hybrid"):
-        for step in (1, 2, 3):
-            assert f"{name}: step {step} of 3" in p.stderr, p.stderr
         assert f"{name}: ok" in p.stderr
     # a multi-rank run's process group per engine takes its port from the run's engine list
     assert [json.loads((out / "engines" / f"{name}.spec.json").read_text())["engine_index"]
             for name in ("hf", "hybrid")] == [0, 1]
+
+
+def test_engines_step_in_interleaved_rounds(two_engine_run):
+    """Round k runs hf's step k, then hybrid's, before either's step k+1; only one computes at
+    a time, and each measured step carries its round."""
+    from bench.results import read_jsonl
+    out, _ = two_engine_run
+    done = {n: [e for e in read_jsonl(out / "engines" / f"{n}.jsonl")
+                if e.get("event") == "stepped"] for n in ("hf", "hybrid")}
+    assert [e["round"] for e in done["hf"]] == [e["round"] for e in done["hybrid"]] == [0, 1, 2]
+    spans = sorted((e["began"], e["ended"], n) for n, evs in done.items() for e in evs)
+    assert [n for *_, n in spans] == ["hf", "hybrid"] * 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+    data = json.loads((out / "results.json").read_text())
+    assert data["schedule"] == {"mode": "interleaved", "groups": [["hf", "hybrid"]]}
+    rounds = [r["value"] for r in data["rows"] if r["metric"] == "round" and r["engine"] == "hf"]
+    assert rounds == [0, 1, 2]
 
 
 def test_an_engines_ranks_meet_on_the_port_of_its_place_in_the_run(monkeypatch):
@@ -686,3 +703,88 @@ def test_sweep_plot_draws_memory_where_recorded(tmp_path, monkeypatch, with_memo
     mem = drawn[0][1]
     assert [list(line.get_ydata()) for line in mem.get_lines()] == (
         [[30.0, 41.0]] if with_memory else [])
+
+
+def test_engines_that_do_not_fit_together_run_in_groups_beside_hf():
+    from bench.rounds import FIT, groups
+    GB = 2 ** 30
+    need = dict(hf=6 * GB, hybrid=6 * GB, packed=6.5 * GB, ds=6.5 * GB, vllm=7.5 * GB)
+    names = list(need)
+    assert groups(names, need, 100 * GB, sequential=False) == ([names], "interleaved")
+    plan, how = groups(names, need, 22 * GB, sequential=False)
+    assert how == "interleaved with hf in groups"
+    assert all(g[0] == "hf" for g in plan)                    # every ratio to hf stays paired
+    assert sorted(n for g in plan for n in g[1:]) == sorted(names[1:])  # each engine once
+    assert all(sum(need[n] for n in g) <= FIT * 22 * GB for g in plan)
+    assert plan[0] == ["hf", "hybrid", "packed"]
+    assert groups(names, need, 100 * GB, sequential=True) == ([[n] for n in names],
+                                                               "sequential")
+
+
+def test_sequential_runs_each_engine_alone(tmp_path):
+    out = tmp_path / "seq"
+    p = cli("run", "--engines", "hf,hybrid", *RUN, "--sequential", "--out", out, check=0)
+    from bench.results import read_jsonl
+    done = [(e["began"], e["ended"], n) for n in ("hf", "hybrid")
+            for e in read_jsonl(out / "engines" / f"{n}.jsonl") if e.get("event") == "stepped"]
+    assert [n for *_, n in sorted(done)] == ["hf"] * 3 + ["hybrid"] * 3
+    assert json.loads((out / "results.json").read_text())["schedule"]["mode"] == "sequential"
+    assert "round 4 of 6: hybrid" in p.stderr
+
+
+def test_a_fraction_above_the_limit_is_flagged_never_printed_plain():
+    from bench.report import format_table
+    df = pd.DataFrame([dict(engine="hf", status="ok", decode_roofline_frac=0.4),
+                       dict(engine="hybrid", status="ok", decode_roofline_frac=1.33)],
+                      columns=SUMMARY_COLUMNS)
+    text = format_table(df, dict(limits=dict(matmul_flops=87e9, mem_bw=30e9, measurements=9)))
+    assert "1.33 (!)" in text and "0.4 " in text and "0.4 (!)" not in text
+    assert "the limit is under-measured" in text and "best of 9 readings" in text
+
+
+def test_interval_columns_hold_the_median_between_their_ends(two_engine_run, tmp_path):
+    """Six measured rounds give a 95% interval (min, max); paired ratios come per round."""
+    from bench.report import step_samples, summarize
+    from bench.stats import median_ci, order_ranks
+    assert order_ranks(5) is None and order_ranks(6) == (1, 6) and order_ranks(9) == (2, 8)
+    assert median_ci([3, 1, 2, 5, 4, 6]) == (3.5, 1, 6)
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    s = summarize(data).set_index("engine")
+    assert s.loc["hybrid", "steps_measured"] == 2 and s.gen_s_lo.isna().all()  # 2 < 6 steps
+    hf, hy = step_samples(data, "hf"), step_samples(data, "hybrid")
+    assert list(hf.index) == list(hy.index) == [1, 2]  # rounds, warm-up left out
+    want = (hf.generate / hy.generate).median()
+    assert s.loc["hybrid", "gen_speedup_vs_hf"] == pytest.approx(want)
+
+
+def test_tokens_are_counted_as_generated_and_set_up_time_is_split(two_engine_run):
+    out, _ = two_engine_run
+    data = json.loads((out / "results.json").read_text())
+    tokens = [r["value"] for r in data["rows"] if r["metric"] == "tokens" and r["step"] >= 0]
+    assert tokens and set(tokens) == {2 * 8}  # fixed-length answers: batch x gen_len
+    from bench.report import summarize
+    s = summarize(data).set_index("engine")
+    assert (s[["setup_s", "first_call_s", "probe_s"]] > 0).all().all()
+    # a run whose rows stopped early (--stop-at-eos) is credited what it generated
+    for r in data["rows"]:
+        if r["metric"] == "tokens":
+            r["value"] = 5.0
+    assert summarize(data).set_index("engine").gen_tokens_per_s.tolist() == pytest.approx(
+        (5.0 / s.gen_s).tolist())
+
+
+def test_roofline_takes_one_ranks_rows_and_reads_weights_per_generation_batch():
+    from bench.report import _roofline
+    shape = F.Shape(linear_params=200_000, head_params=30_000, n_layers=2, attn_width=64,
+                    kv_width=64, weight_bytes=800_000)
+    setup = {("setup", f"shape_{k}"): v for k, v in shape._asdict().items()}
+    setup[("setup", "dtype_bytes")] = 4
+    lim = dict(matmul_flops=1e11, mem_bw=3e10)
+    o = dict(batch=8, generation_batches=1, prompt_len=8, gen_len=8)
+    one = F.decode_roofline_s(shape, 8, 8, 8, 4, 1e11, 3e10)
+    assert _roofline(setup, o, lim) == pytest.approx(one)
+    assert _roofline(setup, o, lim, world=2) == pytest.approx(
+        F.decode_roofline_s(shape, 4, 8, 8, 4, 1e11, 3e10))
+    assert _roofline(setup, dict(o, batch=4, generation_batches=2), lim) == pytest.approx(
+        2 * F.decode_roofline_s(shape, 4, 8, 8, 4, 1e11, 3e10))
