@@ -2,7 +2,9 @@
 colocate mode and veRL's hybrid engine run it; after a train step the actor's weights are
 pushed into vLLM's copy in place (`sync`, timed).
 
-vLLM holds a second copy of the actor (weight_copies 2) and a KV pool it allocates up front,
+vLLM holds a second copy of the actor (weight_copies 2; 3 on the CPU, whose build keeps a
+oneDNN-packed copy of every matmul weight, the tied LM head included, beside the weights it
+loaded) and a KV pool it allocates up front,
 sized here from the run's batch and lengths. Prompts go in as token ids (left padding
 stripped), answers come back as token ids. Sampling is vLLM's own sampler, seeded per row from
 the step's seed: the same work as every engine's, other tokens than hf's. Scoring and training
@@ -124,7 +126,7 @@ def _env_without(key: str):
 
 
 class VLLMEngine:
-    weight_copies = 2   # vLLM's copy of the actor, beside the trained one
+    weight_copies = 2   # vLLM's copy of the actor, beside the trained one (3 on the CPU: init)
 
     def __init__(self, name: str = "vllm", compile: bool = True):
         # compile: vLLM's default mode (torch.compile, and CUDA graphs on a GPU); False runs
@@ -142,6 +144,8 @@ class VLLMEngine:
         self.release()   # an earlier init's vLLM
         check_runnable(models, cfg)
         self.models, self.cfg = models, cfg
+        # the CPU build packs every matmul weight for oneDNN and keeps the loaded ones too
+        self.weight_copies = 3 if torch.device(cfg.device).type == "cpu" else 2
         # torch training (engines.common): DeepSpeed's ZeRO is refused above
         state, self.opts = common.init_state(models, cfg)
         self._start(seed)
