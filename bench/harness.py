@@ -188,15 +188,15 @@ def run_benchmark(o: BenchOptions) -> int:
     if previous is not None and previous.get("limits"):
         # the kept engines' fractions of the machine's limits were taken against these
         r.data["limits"] = previous["limits"]
-        r.measure = lambda quick=True: False
+        r.measure = lambda between_rounds=True: False
     else:
-        def measure(quick=True):  # between rounds, every worker idle: the best reading stands
+        def measure(between_rounds=True):  # every worker idle: the best reading stands
             r.data["limits"] = machine.best_limits(r.data["limits"], machine.measure_limits(
-                o.device, dtype=torch_dtype(o.dtype),
-                quick=quick and o.preset.startswith("tiny")))
+                o.device, dtype=torch_dtype(o.dtype), quick=o.preset.startswith("tiny"),
+                reps=2 if between_rounds else None))
             return True
         r.measure = measure
-        measure()
+        measure(between_rounds=False)
     r.save()
 
     def on_sigint(signum, frame):  # finish cleanly: stop the running worker, save, summarise
@@ -284,7 +284,8 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
     progress.done()
     df = summarize(r.data)
     for _ in range(3):  # a fraction above 1: the limits were under-measured; measure again
-        if not (df.over_limit != "").any() or r.interrupted or not r.measure(quick=False):
+        over = (df.over_limit != "").any()
+        if not over or r.interrupted or not r.measure(between_rounds=False):
             break
         df = summarize(r.data)
     failed, r.data["parity_tolerance"] = parity.verdict(df, o.dtype, o.parity_tol)

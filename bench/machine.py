@@ -95,12 +95,14 @@ def _best_of(fn, device: str, reps: int) -> float:
 
 
 def measure_limits(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   quick: bool = False) -> dict:
-    """{'matmul_flops': FLOP/s, 'mem_bw': bytes/s, ...}; `quick` uses smaller problems."""
+                   quick: bool = False, reps: int | None = None) -> dict:
+    """{'matmul_flops': FLOP/s, 'mem_bw': bytes/s, ...}, the best of `reps` timings after a
+    warm-up; `quick` uses smaller problems."""
     if device.startswith("cuda"):
-        n, mb, reps = (4096, 512, 5) if quick else (8192, 2048, 10)
+        n, mb, best_of = (4096, 512, 5) if quick else (8192, 2048, 10)
     else:
-        n, mb, reps = (1024, 128, 3) if quick else (2048, 512, 5)
+        n, mb, best_of = (1024, 128, 3) if quick else (2048, 512, 5)
+    reps = reps or best_of
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t_mm = _best_of(lambda: torch.mm(a, b), device, reps)
