@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(VENV)/bin/rlhf-bench run --engines available --preset opt-125m --batch 4 \
-	  --prompt-len 32 --gen-len 32 --steps 1 --warmup 1 --seed 0 --out results/bench --overwrite
+	$(VENV)/bin/rlhf-bench run --engines hf,hybrid,vllm --preset opt-125m --batch 2 \
+	  --prompt-len 16 --gen-len 24 --steps 6 --warmup 1 --seed 0 --out results/bench --overwrite
 
 # One pytest worker per core, at most 4 (tests run one intra-op thread each), whole files per worker so
 # module fixtures (a harness run, DeepSpeed set-up) are built once.

@@ -249,7 +249,7 @@ def format_table(df: pd.DataFrame, data: dict | None = None) -> str:
         lim = (data or {}).get("limits") or {}
         notes.append(f"(!) above {OVER_LIMIT:g}: the run did more than the measured limits allow "
                      f"({_rate(lim.get('matmul_flops', 0), 'FLOP/s')} matmul, "
-                     f"{_rate(lim.get('mem_bw', 0), 'B/s')} read, best of "
+                     f"{_rate(lim.get('mem_bw', 0), 'B/s')} read, from "
                      f"{lim.get('measurements', 1)} readings): the limit is under-measured "
                      f"and the fraction is not a result")
     tol, scale = df.parity_tol.max(), df.parity_logit_scale.max()
