@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 bench: $(STAMP)
 	$(VENV)/bin/rlhf-bench run --engines hf,hybrid,vllm --preset opt-125m --batch 2 \
-	  --prompt-len 16 --gen-len 24 --steps 6 --warmup 1 --seed 0 --out results/bench --overwrite
+	  --prompt-len 16 --gen-len 24 --steps 9 --warmup 1 --seed 0 --out results/bench --overwrite
 
 # One pytest worker per core, at most 4 (tests run one intra-op thread each), whole files per worker so
 # module fixtures (a harness run, DeepSpeed set-up) are built once.
