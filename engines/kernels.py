@@ -1,4 +1,4 @@
-"""CPU kernels for decode, fp32: linears with few rows in x (y = x @ W.T + b), one decode
+"""CPU kernels for decode, fp32: linears with decode's rows in x (y = x @ W.T + b), one decode
 step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform.
 
 The C++ lies in engines/csrc/ (one file per kernel; why each is fast, in its own comments).
@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from core.rng import as_int64
 from core.rng import counter_uniform as _counter_uniform_torch
 
-MAX_ROWS = 16
+# rows of x up to which the linear kernel runs: a decode step up to batch 64, where it beat MKL
+# (W @ x.T) at every opt-125m shape (the vocabulary projection 2x at 32 and 64 rows); prefill
+# chunks (256 rows or more) stay with MKL, near the matmul peak there
+MAX_ROWS = 64
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp")

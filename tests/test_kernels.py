@@ -22,7 +22,7 @@ def isa(request):
     K.set_avx512(True)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16, 17, 40, 64])
 @pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
                                  (1541, 101), (2048, 50), (2600, 70)])
 def test_skinny_linear_equals_f_linear(m, k, n, isa):
@@ -53,7 +53,7 @@ def test_mismatched_linear_shapes_raise_as_f_linear_does():
 
 
 def test_too_many_rows_or_other_dtypes_use_the_twin():
-    x, w = torch.randn(40, 32), torch.randn(16, 32)
+    x, w = torch.randn(K.MAX_ROWS + 1, 32), torch.randn(16, 32)
     assert torch.equal(K.skinny_linear(x, w), F.linear(x, w))
     xd, wd = x[:4].double(), w.double()
     assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))
