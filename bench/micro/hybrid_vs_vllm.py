@@ -4,9 +4,9 @@ each generates once, the first of the pair alternating from round to round.
 
 Per batch: each engine's median seconds with its 95% interval (bench/stats.median_ci), the
 paired ratio vllm / hybrid (one ratio per round; > 1: `hybrid` faster) with its interval, and
-`hybrid`'s decode roofline fraction (bench/flops.decode_roofline_s against the highest of the
-limits read before and after every batch, bench/machine.measure_limits). Writes sweep.csv (the
-table), rounds.csv (every timed generate) and sweep.png into --out.
+`hybrid`'s decode roofline fraction (bench/flops.decode_roofline_s against the limits read
+before and after every batch, kept as the harness keeps them: bench/machine.best_limits).
+Writes sweep.csv (the table), rounds.csv (every timed generate) and sweep.png into --out.
 
 Run: python -m bench.micro.hybrid_vs_vllm [--presets opt-125m,opt-350m]
      [--batches 1,4,8,16,32,64] [--rounds 6] [--dtype float32|bfloat16] [--vllm-eager]
@@ -14,12 +14,13 @@ Run: python -m bench.micro.hybrid_vs_vllm [--presets opt-125m,opt-350m]
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench.report import _with_interval
 
 ENGINES = ("hybrid", "vllm")
 COLUMNS = ["preset", "dtype", "batch", "prompt_len", "gen_len", "rounds",
@@ -29,12 +30,12 @@ COLUMNS = ["preset", "dtype", "batch", "prompt_len", "gen_len", "rounds",
 
 
 def _ints(text: str) -> list[int]:
+    from bench.results import int_list
     try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got "
-                                         f"{text!r}") from None
-    if not out or min(out) < 1:
+        out = int_list(text, "batches")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected integers of at least 1, got {text!r}")
     return out
 
@@ -95,11 +96,6 @@ def summarize(rows: list[dict]) -> dict:
     return d
 
 
-def best(limits: dict, new: dict) -> dict:
-    """The higher reading of each limit: a lower one is the machine busy elsewhere."""
-    return {k: max(limits.get(k, 0.0), new[k]) for k in ("matmul_flops", "mem_bw")}
-
-
 def run_batch(preset, bundle, batch, a) -> list[dict]:
     """Set both engines up for this batch, time their rounds, shut vLLM down."""
     import engines
@@ -125,18 +121,18 @@ def run_batch(preset, bundle, batch, a) -> list[dict]:
 def sweep(a) -> tuple[list[dict], list[dict]]:
     """(table rows, per-round rows) over a's presets and batches."""
     from bench.flops import decode_roofline_s, shape_of
-    from bench.machine import measure_limits
+    from bench.machine import best_limits, measure_limits
     from core.models import build_bundle
     from core.types import torch_dtype
     dtype = torch_dtype(a.dtype)
-    limits = best({}, measure_limits(dtype=dtype, quick=a.quick_limits))
+    limits = best_limits({}, measure_limits(dtype=dtype, quick=a.quick_limits))
     table, samples = [], []
     for preset in a.presets:
         bundle = build_bundle(preset, seed=0, dtype=dtype, actor_only=True)
         shape = shape_of(bundle.actor, bundle.config)
         for batch in a.batches:
             rows = run_batch(preset, bundle, batch, a)
-            limits = best(limits, measure_limits(dtype=dtype, quick=a.quick_limits))
+            limits = best_limits(limits, measure_limits(dtype=dtype, quick=a.quick_limits))
             for r, row in enumerate(rows):
                 samples += [dict(preset=preset, dtype=a.dtype, batch=batch, round=r, engine=e,
                                  seconds=row[e]) for e in ENGINES]
@@ -154,15 +150,11 @@ def sweep(a) -> tuple[list[dict], list[dict]]:
     return table, samples
 
 
-def _ci(v, lo, hi) -> str:
-    return f"{v:.3g}" if math.isnan(lo) else f"{v:.3g} ({lo:.3g}-{hi:.3g})"
-
-
 def _line(r: dict) -> str:
     return (f"{r['preset']} {r['dtype']} batch {r['batch']}: hybrid "
-            f"{_ci(r['hybrid_s'], r['hybrid_lo'], r['hybrid_hi'])} s, vllm "
-            f"{_ci(r['vllm_s'], r['vllm_lo'], r['vllm_hi'])} s, vllm/hybrid "
-            f"{_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'])}")
+            f"{_with_interval(r['hybrid_s'], r['hybrid_lo'], r['hybrid_hi'])} s, vllm "
+            f"{_with_interval(r['vllm_s'], r['vllm_lo'], r['vllm_hi'])} s, vllm/hybrid "
+            f"{_with_interval(r['ratio'], r['ratio_lo'], r['ratio_hi'])}")
 
 
 def markdown(df) -> str:
@@ -170,9 +162,9 @@ def markdown(df) -> str:
              "|---|---|---|---|---|---|"]
     for r in df.to_dict("records"):
         lines.append(f"| {r['preset']} | {r['batch']} | "
-                     f"{_ci(r['hybrid_s'], r['hybrid_lo'], r['hybrid_hi'])} | "
-                     f"{_ci(r['vllm_s'], r['vllm_lo'], r['vllm_hi'])} | "
-                     f"{_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'])} | "
+                     f"{_with_interval(r['hybrid_s'], r['hybrid_lo'], r['hybrid_hi'])} | "
+                     f"{_with_interval(r['vllm_s'], r['vllm_lo'], r['vllm_hi'])} | "
+                     f"{_with_interval(r['ratio'], r['ratio_lo'], r['ratio_hi'])} | "
                      f"{r['hybrid_roofline_frac']:.2f} |")
     return "\n".join(lines)
 
