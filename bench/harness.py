@@ -227,18 +227,14 @@ def _plan(o: BenchOptions, names: list) -> tuple[list, str]:
     """The groups the engines run in (bench.rounds.groups) from their estimated peaks."""
     if o.sequential or len(names) < 2:
         return rounds.groups(names, {}, 0.0, sequential=True)
-    import importlib
-
     from core.models import build_config
     cfg = build_config(o.preset)
     need = {}
     for n in names:
         entry = engines.REGISTRY[n]
-        module, _, attr = entry.target.partition(":")
         copies = 2 if entry.fixed.get("pack") else 1
         try:  # the class's declared copies; an engine whose module will not import here
-            copies = max(copies, getattr(getattr(importlib.import_module(module), attr),
-                                         "weight_copies", 1))
+            copies = max(copies, getattr(engines.engine_class(n), "weight_copies", 1))
         except Exception:  # noqa: BLE001 - (unavailable) reports that itself when it starts
             pass
         need[n] = machine.worker_peak_bytes(o, cfg, entry.needs, copies)
@@ -268,8 +264,7 @@ def _run_engines(r: "Run", o: BenchOptions, out: Path, names: list, progress: Pr
     before = {}
     if "hf" not in names and not have_ref:  # the parity reference comes from hf, probe only
         ref = before["hf"] = rounds.Worker(r, "hf", reference=True, probe_only=True,
-                                           limit=engine_limit(o, 0.0, len(todo) + 1),
-                                           progress=progress)
+                                           limit=engine_limit(o, 0.0, len(todo) + 1))
         ref.compute(lambda: False)
         ref.finish()
         r.data["engines"].pop("hf", None)

@@ -61,9 +61,13 @@ def available(device: str) -> list[str]:
     return [n for n in REGISTRY if missing(n, device) is None]
 
 
+def engine_class(name: str):
+    """The class (or factory) the entry called `name` points at, imported."""
+    module, factory = REGISTRY[check_name(name)].target.split(":")
+    return getattr(importlib.import_module(module), factory)
+
+
 def get(name: str, **kwargs):
     """Build the engine called `name`: its entry's fixed arguments plus `kwargs` go to the
     constructor (an argument it does not take raises TypeError)."""
-    entry = REGISTRY[check_name(name)]
-    module, factory = entry.target.split(":")
-    return getattr(importlib.import_module(module), factory)(name=name, **entry.fixed, **kwargs)
+    return engine_class(name)(name=name, **REGISTRY[check_name(name)].fixed, **kwargs)
