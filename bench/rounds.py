@@ -29,9 +29,8 @@ class Worker:
     """One engine's worker process, stepped by the harness: set up and probed when started,
     then one step per `go(round)`; its rows reach the run's data as they are written."""
 
-    def __init__(self, run, name: str, reference: bool, probe_only: bool, limit: float | None,
-                 progress):
-        self.run, self.name, self.limit, self.progress = run, name, limit, progress
+    def __init__(self, run, name: str, reference: bool, probe_only: bool, limit: float | None):
+        self.run, self.name, self.limit = run, name, limit
         out = run.out / "engines"
         out.mkdir(parents=True, exist_ok=True)
         self.rows_path = out / f"{name}.jsonl"
@@ -42,7 +41,7 @@ class Worker:
         names = run.data["options"]["engines_run"]
         spec = dict(options=run.o.to_dict(), engine=name, rows_path=str(self.rows_path),
                     parity_path=str(out / "parity_ref.safetensors"), reference=reference,
-                    probe_only=probe_only, paced=True,
+                    probe_only=probe_only,
                     engine_index=names.index(name) if name in names else len(names))
         spec_path = out / f"{name}.spec.json"
         atomic_write_json(spec_path, spec)
@@ -79,7 +78,7 @@ class Worker:
             elif kind == "stepped":
                 self.done += 1
             elif kind == "progress":
-                self.progress.show(f"{self.name}: step {ev['step'] + 1} {ev['phase']}")
+                self.run.progress.show(f"{self.name}: step {ev['step'] + 1} {ev['phase']}")
         self.run.rows[self.name] = self.rows
         self.run.save()
 
@@ -200,7 +199,7 @@ def run_rounds(run, plan: list, rounds: int, limit, on_round) -> None:
                                   milestone=True)
                 continue
             w = started[name] = Worker(run, name, reference=(name == "hf"), probe_only=False,
-                                       limit=lim, progress=run.progress)
+                                       limit=lim)
             run.progress.show(f"{name}: setting up", milestone=True)
             if w.start():
                 live[name] = w

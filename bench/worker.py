@@ -1,8 +1,10 @@
 """One engine in one process: build the models, probe parity, run and time PPO steps.
 
-Run as `python -m bench.worker SPEC.json`. Rows and events go, one JSON line each, to the
-spec's rows file as they are measured; the harness reads that file, so nothing measured before a
-crash is lost. Exit status: 0 done, 3 engine unavailable here, anything else a failure.
+Run as `python -m bench.worker SPEC.json` by the harness, which paces it: after set-up and the
+parity probe it says "ready" and runs one step per "go ROUND" line on stdin, until the end of
+input. Rows and events go, one JSON line each, to the spec's rows file as they are measured;
+the harness reads that file, so nothing measured before a crash is lost. Exit status: 0 done,
+3 engine unavailable here, anything else a failure.
 """
 from __future__ import annotations
 
@@ -263,14 +265,9 @@ def _import_libraries(o, name: str, engine) -> None:
             engine.preload()
 
 
-def _rounds(spec: dict):
-    """The rounds this worker steps in. Paced by the harness (spec "paced"): a line "go R" on
-    stdin for each step, R the round; end of input ends the run. Otherwise every step at once,
-    round = step."""
-    if not spec.get("paced"):
-        o = spec["options"]
-        yield from range(o["warmup"] + o["steps"])
-        return
+def _rounds():
+    """The rounds this worker steps in, as the harness paces it: a line "go R" on stdin for each
+    step, R the round; the end of input ends the run."""
     for line in sys.stdin:
         yield int(line.split()[1])
 
@@ -320,7 +317,7 @@ def run_engine_process(spec: dict) -> int:
         return 0
     rec.event(kind="ready")
     gen_only = o.generation_only
-    for step, round_ in enumerate(_rounds(spec)):
+    for step, round_ in enumerate(_rounds()):
         rec.step = step
         began = time.time()
         batches = [make_prompts(o, bundle, step, i) for i in range(o.generation_batches)]
