@@ -34,7 +34,7 @@ import pandas as pd
 from .machine import SETUP_KEYS
 from .options import WORK_OPTIONS, differing
 from .report import PHASE_COL, step_samples, summarize
-from .stats import change_ci
+from .stats import change_ci, median_ci
 
 MEMORY_COLS = ("peak_mem_mb", "gen_peak_mem_mb")
 NEGLIGIBLE = 0.01  # a sync below this share of the step in both runs is not judged
@@ -44,14 +44,8 @@ KNOWN_KEYS = ("python", "torch", "transformers", "cpu", "cpu_isa", "threads", "w
 COLUMNS = ["engine", "metric", "base", "new", "change", "low", "high", "verdict"]
 
 
-def _finite(x) -> np.ndarray:
-    a = np.asarray(x, dtype=float)
-    return a[np.isfinite(a)]
-
-
 def _median(x) -> float:
-    a = _finite(x)
-    return float(np.median(a)) if len(a) else math.nan
+    return median_ci(x)[0]
 
 
 def verdict(point: float, low: float, high: float, limit: float) -> str:
@@ -75,7 +69,7 @@ def _time_line(engine: str, metric: str, b, n, limit: float, new_ok: bool,
                 high=math.nan)
     if math.isnan(nm):  # an "ok" run without a usable time (rows lost, NaN or inf written)
         return dict(line, verdict="MISSING") if new_ok else None
-    point, low, high = change_ci(_finite(b), _finite(n))
+    point, low, high = change_ci(b, n)
     return dict(line, change=point, low=low, high=high,
                 verdict="negligible" if negligible else verdict(point, low, high, limit))
 

@@ -38,9 +38,15 @@ def order_ranks(n: int, level: float = LEVEL) -> tuple[int, int] | None:
     return best
 
 
+def finite(samples) -> np.ndarray:
+    """The samples that are numbers (NaN and infinities left out: a lost measurement)."""
+    a = np.asarray(samples, dtype=float)
+    return a[np.isfinite(a)]
+
+
 def median_ci(samples) -> tuple[float, float, float]:
     """(median, low, high) of the finite samples; low and high NaN with fewer than 6."""
-    x = np.sort(np.asarray([v for v in samples if v == v and math.isfinite(v)], dtype=float))
+    x = np.sort(finite(samples))
     if len(x) == 0:
         return math.nan, math.nan, math.nan
     ranks = order_ranks(len(x))
@@ -53,8 +59,7 @@ def change_ci(base, new, seed: int = 0) -> tuple[float, float, float]:
     """(median(new) / median(base), low, high): the ratio of the medians with its 95%
     percentile-bootstrap interval; NaN where either side has no positive finite sample, and
     an interval of NaN where either has fewer than 3."""
-    b = np.asarray([v for v in base if v == v and math.isfinite(v)], dtype=float)
-    n = np.asarray([v for v in new if v == v and math.isfinite(v)], dtype=float)
+    b, n = finite(base), finite(new)
     if len(b) == 0 or len(n) == 0 or np.median(b) <= 0:
         return math.nan, math.nan, math.nan
     point = float(np.median(n) / np.median(b))
