@@ -165,25 +165,30 @@ def extract(model: nn.Module) -> Weights:
 SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: docs/performance.md)
 
 
-def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether engines/kernels.py may run: fp32 on the CPU, eager, and under no_grad (the
-    kernels carry no autograd: with gradients on, the ATen path)."""
-    return (device.type == "cpu" and dtype == torch.float32
+def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype, any_dtype: bool = False
+                       ) -> bool:
+    """Whether engines/kernels.py may run: fp32 (or, any_dtype, any) on the CPU, eager, and
+    under no_grad (the kernels carry no autograd: with gradients on, the ATen path)."""
+    return (device.type == "cpu" and (any_dtype or dtype == torch.float32)
             and not torch.compiler.is_compiling() and not torch.is_grad_enabled())
 
 
-def lin(x: Tensor, L: Lin) -> Tensor:
+def lin(x: Tensor, L: Lin, relu: bool = False) -> Tensor:
+    """x (.., in) through L, then ReLU if relu (fused into oneDNN's GEMM where that runs)."""
     if L.packed is not None and x.shape[:-1].numel() == L.rows:
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkl._mkl_linear(x2, L.packed, L.w, L.b, L.rows)
         y = y.reshape(*x.shape[:-1], L.w.shape[0])
-        if L.a is not None:
-            y = y + _lora(x, L)
-        return y
-    if (not L.t and x.shape[:-1].numel() <= K.MAX_ROWS
-            and _cpu_kernels_apply(x.device, L.w.dtype) and K.available()):
-        # decode on CPU: read W once, as it lies, bias added in the kernel (engines/kernels.py)
-        y = K.skinny_linear(x.reshape(-1, x.shape[-1]), L.w, L.b).reshape(*x.shape[:-1], -1)
+    elif not L.t and _cpu_kernels_apply(x.device, L.w.dtype, any_dtype=True):
+        # generation on the CPU, reading W as it lies: decode's few rows through the
+        # project's kernel (bias added in it), more rows through oneDNN (engines/kernels.py)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= K.MAX_ROWS and L.w.dtype == torch.float32 and K.available():
+            y = K.skinny_linear(x2, L.w, L.b)
+        else:
+            y = K.dense_linear(x2, L.w, L.b, relu=relu and L.a is None)
+            relu = relu and L.a is not None
+        y = y.reshape(*x.shape[:-1], -1)
     else:
         if L.t:
             y = x @ L.w
@@ -200,7 +205,7 @@ def lin(x: Tensor, L: Lin) -> Tensor:
     if L.a is not None:
         # LoRA unfused: two thin matmuls, exact, and the base weight is never modified
         y = y + _lora(x, L)
-    return y
+    return F.relu(y) if relu else y
 
 
 def _lora(x: Tensor, L: Lin) -> Tensor:
@@ -376,8 +381,12 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
         a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x
-        up = lin(h, L.up)
-        h = act(lin(h, L.gate)) * up if L.gate is not None else act(up)
+        if L.gate is not None:
+            h = act(lin(h, L.gate)) * lin(h, L.up)
+        elif w.act == "relu":
+            h = lin(h, L.up, relu=True)
+        else:
+            h = act(lin(h, L.up))
         h = lin(h, L.down)
         x = x + h if w.pre_norm else norm(x + h, L.ln2)
     if not logits:

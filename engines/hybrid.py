@@ -33,7 +33,7 @@ class HybridEngine:
     LORA_FUSE_MIN_TOKENS = 48
 
     def __init__(self, name: str = "hybrid", compile: bool = True, pack: bool = False,
-                 static: bool = False, lora_mode: str = "auto", prefill_tokens: int = 256,
+                 static: bool = False, lora_mode: str = "auto", prefill_tokens: int = 1024,
                  prefill_min_positions: int = 16):
         # compile: torch.compile decode where it pays. On CUDA it does (decode is
         # launch-bound: CUDA graphs). On this CPU it does not: compiling decode took 258 s and

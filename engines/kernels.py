@@ -1,5 +1,6 @@
 """CPU kernels for decode, fp32: linears with decode's rows in x (y = x @ W.T + b), one decode
-step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform.
+step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform; and
+dense_linear, the linears of more rows (prefill, large decode batches) through oneDNN.
 
 The C++ lies in engines/csrc/ (one file per kernel; why each is fast, in its own comments).
 Built on first use with torch's C++ extension loader as one translation unit, cached in
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 from core.rng import as_int64
 from core.rng import counter_uniform as _counter_uniform_torch
 
-# rows of x up to which the linear kernel runs: a decode step up to batch 64, where it beat MKL
-# (W @ x.T) at every opt-125m shape (the vocabulary projection 2x at 32 and 64 rows); prefill
-# chunks (256 rows or more) stay with MKL, near the matmul peak there
-MAX_ROWS = 64
+# rows of x up to which the linear kernel runs: decode steps up to batch 16, where it reads W
+# faster than oneDNN does (memory-bound); from there on the step turns compute-bound and
+# oneDNN's blocked GEMM (dense_linear) is the faster (docs/performance.md)
+MAX_ROWS = 16
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp")
@@ -96,6 +97,29 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = 
                                    or b.shape != (w.shape[0],) or b.device.type != "cpu"))):
         return F.linear(x, w, b)  # which also raises on shapes that do not match
     return mod.skinny_linear(x.contiguous(), w, b)
+
+
+def dnn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether dense_linear takes oneDNN's path for x (.., K) and w (N, K): fp32 or bf16 on
+    the CPU, a torch built with oneDNN."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and _DNN)
+
+
+_DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+                 relu: bool = False) -> torch.Tensor:
+    """x (.., K) @ w.T + b (then ReLU if relu) through oneDNN's matmul, given the weight as it
+    lies: oneDNN re-blocks it into a scratch buffer per call (no copy kept), which a call of
+    many rows (prefill, decode above MAX_ROWS) repays; F.linear (MKL) where dnn_ok is False.
+    No autograd: for no_grad generation only."""
+    if not dnn_ok(x, w) or (b is not None and b.dtype != w.dtype):
+        y = F.linear(x, w, b)
+        return F.relu(y) if relu else y
+    return torch.ops.mkldnn._linear_pointwise(x, w.contiguous(), b, "relu" if relu else "none",
+                                              [], "")
 
 
 def counter_uniform(key: int, n: int) -> torch.Tensor:

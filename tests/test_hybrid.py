@@ -329,15 +329,16 @@ def test_chunked_prefill_equals_whole_prefill(preset):
     assert torch.allclose(lp1, lp2, atol=1e-5)
 
 
-def test_prefill_chunks_hold_256_tokens_and_16_positions():
-    b, cfg = make_bundle("tiny-opt"), make_cfg(batch=32, prompt_len=40)
+def test_prefill_chunks_hold_1024_tokens_and_16_positions():
+    b, cfg = make_bundle("tiny-opt"), make_cfg(batch=128, prompt_len=40)
     hy = engines.get("hybrid")
     s = hy.init(b, cfg, seed=0)
     calls = _count_prefill_positions(hy)
-    for batch in (32, 4):  # 256 // 32 = 8 positions: raised to 16; 256 // 4 = 64 covers 40
+    # 1024 // 128 = 8 positions: raised to 16; 1024 // 32 = 32; 1024 // 4 = 256 covers 40
+    for batch in (128, 32, 4):
         p = make_prompts(b, make_cfg(batch=batch, prompt_len=40), seed=0)
         hy.generate(s, p, GenerationConfig(gen_len=2), seed=0)
-    assert calls == [16, 16, 8, 40]
+    assert calls == [16, 16, 8, 32, 8, 40]
 
 
 def test_parity_probe_replays_the_compiled_decode_step():

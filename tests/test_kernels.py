@@ -1,4 +1,5 @@
-"""The decode linear kernel against its slow twin, F.linear."""
+"""The decode kernels against their slow twins (F.linear, the torch noise), and oneDNN's
+linear (dense_linear) against F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,37 @@ def test_counter_uniform_equals_its_torch_twin(key, isa):
         assert torch.equal(K.counter_uniform(key, n), counter_uniform(key, n))
 
 
+@pytest.mark.parametrize("m,k,n", [(17, 768, 300), (64, 100, 77), (300, 64, 512), (5, 3, 2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_dense_linear_equals_f_linear(m, k, n, relu):
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n)
+    for bias in (None, b):
+        want = F.linear(x, w, bias)
+        want = F.relu(want) if relu else want
+        got = K.dense_linear(x, w, bias, relu=relu)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+        xb, wb = x.bfloat16(), w.bfloat16()
+        bb = None if bias is None else bias.bfloat16()
+        got16 = K.dense_linear(xb, wb, bb, relu=relu)
+        want16 = F.linear(xb.double(), wb.double(), None if bb is None else bb.double())
+        want16 = F.relu(want16) if relu else want16
+        assert got16.dtype == torch.bfloat16
+        assert ((got16.double() - want16).abs() <= 2 ** -7 * want16.abs() + 1e-2 * k ** .5).all()
+
+
+def test_dense_linear_without_onednn_is_f_linear(monkeypatch):
+    monkeypatch.setattr(K, "_DNN", False)
+    x, w, b = torch.randn(20, 8), torch.randn(6, 8), torch.randn(6)
+    assert not K.dnn_ok(x, w)
+    assert torch.equal(K.dense_linear(x, w, b, relu=True), F.relu(F.linear(x, w, b)))
+    xd, wd = x.double(), w.double()
+    monkeypatch.setattr(K, "_DNN", True)
+    assert not K.dnn_ok(xd, wd)
+    assert torch.equal(K.dense_linear(xd, wd), F.linear(xd, wd))
+
+
 def test_mismatched_linear_shapes_raise_as_f_linear_does():
     x, w = torch.randn(2, 10), torch.randn(3, 12)
     with pytest.raises(RuntimeError):
@@ -59,10 +91,9 @@ def test_too_many_rows_or_other_dtypes_use_the_twin():
     assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))
 
 
-def test_low_precision_decode_linears_stream_the_weight_not_the_kernel(monkeypatch):
-    """The kernel is fp32 only: a bf16 decode linear on the CPU takes W @ x.T, not the
-    kernel's F.linear fallback (one opt-125m weight, 8 rows, re-read from cache: 31-33 GB/s
-    against 17-22 GB/s here)."""
+def test_low_precision_decode_linears_go_to_onednn_not_the_kernel(monkeypatch):
+    """The kernel is fp32 only: a bf16 decode linear on the CPU goes to oneDNN
+    (dense_linear), which read opt-125m's weights at 8 rows as fast as W @ x.T or faster."""
     from engines import decoder as D
 
     def refuse(*a, **k):
