@@ -323,7 +323,12 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
         cache.v[i][:, :, start:end] = v
         return cache.k[i][:, :, :end], cache.v[i][:, :, :end]
 
-    return _run(w, ids, pos, mask, kv, logits, attn_kernel)
+    # a prefill chunk on the CPU with padding in it: the per-token work runs on its real tokens
+    # only (left-padded prompts are mostly padding in their first chunks)
+    real = key_mask[:, start:end]
+    if S == 1 or ids.device.type != "cpu" or bool(real.all()):
+        real = None
+    return _run(w, ids, pos, mask, kv, logits, attn_kernel, real)
 
 
 def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
@@ -348,15 +353,31 @@ def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: T
 
 
 def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = True,
-         attn_kernel: bool = True) -> Tensor | None:
+         attn_kernel: bool = True, real: Optional[Tensor] = None) -> Tensor | None:
     """The decoder stack; `kv(layer, k, v)` stores the new keys/values and returns the keys and
-    values to attend over."""
+    values to attend over.
+
+    real: (B, S) bool or None. Given, the per-token work (linears, norms, residuals) runs on
+    the real tokens alone, packed as (T, E) rows; only attention sees the (B, S) layout, with
+    zeros at the padded positions (their keys are masked, their outputs dropped)."""
     B, S = ids.shape
-    x = F.embedding(ids, w.embed)
+    sel = None if real is None else real.reshape(-1).nonzero().squeeze(1)      # (T,)
+
+    def spread(t):  # (T, C) real-token rows -> (B, S, C), zeros at padding
+        if sel is None:
+            return t
+        out = t.new_zeros(B * S, t.shape[-1])
+        out[sel] = t
+        return out.view(B, S, -1)
+
+    def pick(t):    # (B, S, C) -> (T, C) real-token rows
+        return t if sel is None else t.reshape(B * S, -1)[sel]
+
+    x = pick(F.embedding(ids, w.embed))
     if w.proj_in is not None:
         x = lin(x, w.proj_in)
     if w.pos is not None:
-        x = x + F.embedding(pos + w.pos_offset, w.pos)
+        x = x + pick(F.embedding(pos + w.pos_offset, w.pos))
     cos = sin = None
     if w.inv_freq is not None:
         f = pos[:, :, None].float() * w.inv_freq[None, None, :]   # (B, S, D/2)
@@ -368,9 +389,9 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
     for i, L in enumerate(w.layers):
         h = norm(x, L.ln1) if w.pre_norm else x
         if len(L.qkv) == 1:
-            q, k, v = lin(h, L.qkv[0]).split(H * D, dim=-1)
+            q, k, v = spread(lin(h, L.qkv[0])).split(H * D, dim=-1)
         else:
-            q, k, v = (lin(h, p) for p in L.qkv)
+            q, k, v = (spread(lin(h, p)) for p in L.qkv)
         q = q.view(B, S, H, D).transpose(1, 2)
         k = k.view(B, S, KV, D).transpose(1, 2)
         v = v.view(B, S, KV, D).transpose(1, 2)
@@ -378,7 +399,7 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         keys, values = kv(i, k, v)
         a = attention(q, keys, values, mask, attn_kernel)
-        a = lin(a.transpose(1, 2).reshape(B, S, H * D), L.o)
+        a = lin(pick(a.transpose(1, 2).reshape(B, S, H * D)), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x
         if L.gate is not None:
@@ -391,7 +412,7 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
         x = x + h if w.pre_norm else norm(x + h, L.ln2)
     if not logits:
         return None
-    x = x[:, -1]
+    x = spread(x)[:, -1]
     if w.final is not None:
         x = norm(x, w.final)
     if w.proj_out is not None:

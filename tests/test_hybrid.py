@@ -65,6 +65,25 @@ def test_generation_path_logprobs_equal_the_training_forwards(preset, lora, engi
     assert got.shape == want.shape and (got - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("preset", FAMILIES + ["opt-mini"])
+def test_bf16_generation_path_logprobs_are_within_the_bf16_parity_tolerance(preset):
+    """In bf16 every linear goes through oneDNN (decode rows and prefill alike) and attention
+    through SDPA: the log-probs generation samples from stay within the harness's bf16
+    tolerance of the training forward's, over prompts of 24 rows x 40 tokens (prefill and
+    decode both above the fp32 kernel's 16 rows)."""
+    from bench.parity import max_gap, parity_tolerance, top_logit_scale
+    b = make_bundle(preset, seed=0, dtype=torch.bfloat16)
+    cfg = make_cfg(preset=preset, batch=24, prompt_len=40, dtype="bfloat16")
+    hf, hy = engines.get("hf"), engines.get("hybrid")
+    s1, s2 = hf.init(b, cfg, seed=0), hy.init(b, cfg, seed=0)
+    rollout = hf.generate(s1, make_prompts(b, cfg, seed=6), GenerationConfig(gen_len=16),
+                          seed=2)
+    got, want = hy.answer_logprobs(s2, rollout), hf.score(s1, rollout).logprobs
+    tol = parity_tolerance("bfloat16", top_logit_scale(b.actor, rollout))
+    gap = max_gap(got, want, rollout.answer_mask)
+    assert got.shape == want.shape and 0 < gap <= tol, (gap, tol)
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_stop_at_eos_equals_hf(preset):
     b = make_bundle(preset, seed=0)
@@ -305,6 +324,26 @@ def _count_prefill_positions(hy) -> list:
     calls, prefill = [], hy._prefill
     hy._prefill = lambda *a: (calls.append(a[2].shape[1]), prefill(*a))[1]
     return calls
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_prefill_runs_the_linears_on_real_tokens_only(preset, monkeypatch):
+    """Left padding is not computed: each layer's first linear in prefill takes as many rows
+    as the prompts have real tokens (the answers still equal hf's: the parity tests)."""
+    b, cfg = make_bundle(preset), make_cfg(preset=preset, batch=6, prompt_len=12)
+    prompts = make_prompts(b, cfg, seed=3)
+    real = int(prompts.attention_mask.sum())
+    assert real < prompts.attention_mask.numel()   # some padding to skip
+    hy = engines.get("hybrid", prefill_tokens=24, prefill_min_positions=1)  # chunks of 4
+    s = hy.init(b, cfg, seed=0)
+    first = D.extract(b.actor).layers[0].qkv[0].w
+    rows, lin = [], D.lin
+    monkeypatch.setattr(D, "lin", lambda x, L, *a, **k: (
+        rows.append(x.reshape(-1, x.shape[-1]).shape[0]) if L.w is first else None,
+        lin(x, L, *a, **k))[1])
+    hy.generate(s, prompts, GenerationConfig(gen_len=3), seed=0)
+    assert rows[:3] == [int(c.sum()) for c in prompts.attention_mask.split(4, dim=1)]
+    assert sum(rows[:3]) == real and rows[3:] == [6, 6]   # then two decode steps, every row
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
