@@ -41,3 +41,13 @@ def test_table_from_its_rounds(tmp_path):
     assert (row.ratio, row.ratio_lo, row.ratio_hi) == pytest.approx(paired)
     assert row.roofline_s > 0 and row.hybrid_roofline_frac == pytest.approx(
         row.roofline_s / row.hybrid_s)
+
+
+def test_time_rounds_runs_each_hook_before_its_engine_s_timed_calls_only():
+    events = []
+    fns = {"hybrid": lambda: events.append("hybrid"), "vllm": lambda: events.append("vllm")}
+    rows = sweep.time_rounds(fns, 3, before={"vllm": lambda: events.append("reset")})
+    assert len(rows) == 3 and all(set(r) == {"hybrid", "vllm"} for r in rows)
+    # warm-up unhooked, then the pair alternating, the reset just ahead of every timed vllm call
+    assert events == ["hybrid", "vllm", "hybrid", "reset", "vllm", "reset", "vllm", "hybrid",
+                      "hybrid", "reset", "vllm"]

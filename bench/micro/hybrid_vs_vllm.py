@@ -70,15 +70,19 @@ def native_bf16() -> bool:
     return any(f in (_cpu_isa() or "").split() for f in ("avx512_bf16", "amx_tile"))
 
 
-def time_rounds(fns: dict, rounds: int) -> list[dict]:
+def time_rounds(fns: dict, rounds: int, before: dict | None = None) -> list[dict]:
     """One warm-up call of each, then `rounds` rounds of one call each, the order of the pair
-    alternating: [{name: seconds}, ...], a dict per round."""
+    alternating: [{name: seconds}, ...], a dict per round. before[name](), where given, runs
+    ahead of each of that name's calls, untimed."""
+    before = before or {}
     for fn in fns.values():
         fn()
     out, names = [], list(fns)
     for r in range(rounds):
         row = {}
         for name in (names if r % 2 == 0 else names[::-1]):
+            if name in before:
+                before[name]()
             t = time.perf_counter()
             fns[name]()
             row[name] = time.perf_counter() - t
@@ -112,7 +116,9 @@ def run_batch(preset, bundle, batch, a) -> list[dict]:
     try:
         fns = {n: (lambda e=e, n=n: e.generate(states[n], prompts, gen, seed=0))
                for n, e in (("hybrid", hybrid), ("vllm", vllm))}
-        return time_rounds(fns, a.rounds)
+        # the prompts are the same every round: vLLM would serve a repeated prompt's whole
+        # blocks from its prefix cache, which a PPO step's new prompts never find there
+        return time_rounds(fns, a.rounds, before={"vllm": vllm.llm.reset_prefix_cache})
     finally:
         vllm.release()
         hybrid.release()
