@@ -439,11 +439,13 @@ def test_cpu_phases_record_their_own_peak_rss(tmp_path):
         big = torch.ones(300 * 2 ** 20 // 4)  # 300 MB, touched
         del big
     with rec.phase("generate"):
-        small = torch.ones(20 * 2 ** 20 // 4)
+        # above glibc's largest mmap threshold (32 MB): fresh pages, never free heap that the
+        # tests before this one in the process left resident (20 MB once read as 0 MB here)
+        small = torch.ones(40 * 2 ** 20 // 4)
         del small
     rows = [js.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     peak = {r["phase"]: r["value"] for r in rows if r.get("metric") == "peak_rss_mb"}
-    assert peak["train"] > 250 and 10 < peak["generate"] < 150, peak
+    assert peak["train"] > 250 and 30 < peak["generate"] < 150, peak
     assert W._peak_rss_mb() - rec.base_rss > 250  # the process's peak survives the resets
 
 
