@@ -165,12 +165,16 @@ def extract(model: nn.Module) -> Weights:
 SMALL_M = 64  # rows at or below which W @ x.T beats x @ W.T (measured: docs/performance.md)
 
 
-def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype, any_dtype: bool = False
-                       ) -> bool:
-    """Whether engines/kernels.py may run: fp32 (or, any_dtype, any) on the CPU, eager, and
-    under no_grad (the kernels carry no autograd: with gradients on, the ATen path)."""
-    return (device.type == "cpu" and (any_dtype or dtype == torch.float32)
-            and not torch.compiler.is_compiling() and not torch.is_grad_enabled())
+def _cpu_generation(device: torch.device) -> bool:
+    """Whether engines/kernels.py may run: on the CPU, eager, and under no_grad (its kernels
+    carry no autograd: with gradients on, the ATen path)."""
+    return (device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled())
+
+
+def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the project's own (fp32) kernels may run: fp32 and _cpu_generation."""
+    return dtype == torch.float32 and _cpu_generation(device)
 
 
 def lin(x: Tensor, L: Lin, relu: bool = False) -> Tensor:
@@ -179,23 +183,25 @@ def lin(x: Tensor, L: Lin, relu: bool = False) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkl._mkl_linear(x2, L.packed, L.w, L.b, L.rows)
         y = y.reshape(*x.shape[:-1], L.w.shape[0])
-    elif not L.t and _cpu_kernels_apply(x.device, L.w.dtype, any_dtype=True):
+    elif not L.t and _cpu_generation(x.device):
         # generation on the CPU, reading W as it lies: decode's few rows through the
         # project's kernel (bias added in it), more rows through oneDNN (engines/kernels.py)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= K.MAX_ROWS and L.w.dtype == torch.float32 and K.available():
             y = K.skinny_linear(x2, L.w, L.b)
         else:
-            y = K.dense_linear(x2, L.w, L.b, relu=relu and L.a is None)
-            relu = relu and L.a is not None
+            fused = relu and L.a is None   # with LoRA, ReLU comes after the adapters' sum
+            y = K.dense_linear(x2, L.w, L.b, relu=fused)
+            relu = relu and not fused
         y = y.reshape(*x.shape[:-1], -1)
     else:
         if L.t:
             y = x @ L.w
         elif x.shape[:-1].numel() <= SMALL_M:
-            # decode: stream W once as the left operand, (N, K) @ (K, M); values and layout as
-            # F.linear's (a transposed result, q among others, sent bf16 decode attention to
-            # SDPA's math fallback on the CPU: generate measured 1.2x slower)
+            # decode off the CPU generation path above (a GPU, or gradients on): stream W once
+            # as the left operand, (N, K) @ (K, M), measured on the CPU before that path took
+            # its rows; values and layout as F.linear's (a transposed result, q among others,
+            # sent bf16 decode attention to SDPA's math fallback: generate 1.2x slower)
             x2 = x.reshape(-1, x.shape[-1])
             y = (L.w @ x2.t()).t().contiguous().reshape(*x.shape[:-1], L.w.shape[0])
         else:
@@ -325,8 +331,8 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
 
     # a prefill chunk on the CPU with padding in it: the per-token work runs on its real tokens
     # only (left-padded prompts are mostly padding in their first chunks)
-    real = key_mask[:, start:end]
-    if S == 1 or ids.device.type != "cpu" or bool(real.all()):
+    real = key_mask[:, start:end] if S > 1 and ids.device.type == "cpu" else None
+    if real is not None and bool(real.all()):
         real = None
     return _run(w, ids, pos, mask, kv, logits, attn_kernel, real)
 

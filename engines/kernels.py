@@ -99,14 +99,14 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = 
     return mod.skinny_linear(x.contiguous(), w, b)
 
 
+_DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def dnn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether dense_linear takes oneDNN's path for x (.., K) and w (N, K): fp32 or bf16 on
     the CPU, a torch built with oneDNN."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
             and x.dtype in (torch.float32, torch.bfloat16) and _DNN)
-
-
-_DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
