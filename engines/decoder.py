@@ -173,12 +173,12 @@ def _cpu_generation(device: torch.device) -> bool:
 
 
 def _cpu_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the project's own (fp32) kernels may run: fp32 and _cpu_generation."""
-    return dtype == torch.float32 and _cpu_generation(device)
+    """Whether the project's own kernels may run: fp32 or bf16, and _cpu_generation."""
+    return dtype in K.DTYPES and _cpu_generation(device)
 
 
 def lin(x: Tensor, L: Lin, relu: bool = False) -> Tensor:
-    """x (.., in) through L, then ReLU if relu (fused into oneDNN's GEMM where that runs)."""
+    """x (.., in) through L, then ReLU if relu (fused into the CPU generation path's linears)."""
     if L.packed is not None and x.shape[:-1].numel() == L.rows:
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkl._mkl_linear(x2, L.packed, L.w, L.b, L.rows)
@@ -187,12 +187,12 @@ def lin(x: Tensor, L: Lin, relu: bool = False) -> Tensor:
         # generation on the CPU, reading W as it lies: decode's few rows through the
         # project's kernel (bias added in it), more rows through oneDNN (engines/kernels.py)
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= K.MAX_ROWS and L.w.dtype == torch.float32 and K.available():
-            y = K.skinny_linear(x2, L.w, L.b)
+        fused = relu and L.a is None   # with LoRA, ReLU comes after the adapters' sum
+        if x2.shape[0] <= K.max_rows(L.w.dtype):
+            y = K.skinny_linear(x2, L.w, L.b, relu=fused)
         else:
-            fused = relu and L.a is None   # with LoRA, ReLU comes after the adapters' sum
             y = K.dense_linear(x2, L.w, L.b, relu=fused)
-            relu = relu and not fused
+        relu = relu and not fused
         y = y.reshape(*x.shape[:-1], -1)
     else:
         if L.t:
@@ -262,12 +262,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel: bool = True
     B, H, S, D = q.shape
     KV = k.shape[1]
     if S == 1 and kernel and _cpu_kernels_apply(q.device, q.dtype):
-        # fp32 decode on the CPU: engines/kernels.py reads K and V once per KV head
+        # decode on the CPU: engines/kernels.py reads K and V once per KV head
         out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
         if out is not None:
             return out
     if S > 1 or q.device.type == "cpu":
-        # other CPU decode (bf16, or without the kernel) too: SDPA's flash kernel reads the
+        # other CPU decode (fp16, or without the kernel) too: SDPA's flash kernel reads the
         # strided cache views as they are.
         # The matmuls below ran 6-8% slower there in fp32, and in bf16 they went through
         # oneDNN, which kept a primitive with a K-sized scratchpad for every new key length

@@ -1,5 +1,5 @@
-"""CPU kernels for decode, fp32: linears with decode's rows in x (y = x @ W.T + b), one decode
-step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform; and
+"""CPU kernels for decode, in fp32 or bf16 (computing in fp32): linears with decode's rows in x
+(y = x @ W.T + b), one decode step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform; and
 dense_linear, the linears of more rows (prefill, large decode batches) through oneDNN.
 
 The C++ lies in engines/csrc/ (one file per kernel; why each is fast, in its own comments).
@@ -23,14 +23,19 @@ import torch.nn.functional as F
 from core.rng import as_int64
 from core.rng import counter_uniform as _counter_uniform_torch
 
-# rows of x up to which the linear kernel runs: decode steps up to batch 16, where it reads W
-# faster than oneDNN does (memory-bound); from there on the step turns compute-bound and
-# oneDNN's blocked GEMM (dense_linear) is the faster (docs/performance.md)
+# rows of x up to which the linear kernel runs: while decode reads W faster through it than
+# through oneDNN (memory-bound); from there on oneDNN's blocked GEMM (dense_linear) is the
+# faster. bf16 with AVX-512 BF16's dot-product instruction stays ahead of oneDNN's bf16 GEMM to
+# 48 rows (docs/performance.md).
 MAX_ROWS = 16
+MAX_ROWS_BF16DP = 48
+# what the linear and attention kernels take (x, W, b, or q, k, v all of one of them)
+DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp")
-FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "decode_attention", "counter_uniform"]
+FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "set_bf16dp", "bf16dp_on",
+             "decode_attention", "counter_uniform"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"]
 
 _mod = None
@@ -75,6 +80,21 @@ def set_avx512(on: bool) -> bool:
     return bool(mod is not None and mod.set_avx512(on))
 
 
+def set_bf16dp(on: bool) -> bool:
+    """Let bf16 linears use AVX-512 BF16's dot-product instruction where the CPU has it (the
+    default, with AVX-512 in use), or widen bf16 to fp32 as the other CPUs do; returns whether
+    the instruction is in use."""
+    mod = _load()
+    return bool(mod is not None and mod.set_bf16dp(on))
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """Rows of x up to which skinny_linear runs the kernel in this dtype (0: never)."""
+    if dtype not in DTYPES or _load() is None:
+        return 0
+    return MAX_ROWS_BF16DP if dtype == torch.bfloat16 and _mod.bf16dp_on() else MAX_ROWS
+
+
 def available() -> bool:
     return _load() is not None
 
@@ -84,19 +104,20 @@ def why_unavailable() -> Optional[str]:
     return _why
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
-    """x (M, K), w (N, K), b (N,) or None -> (M, N) = x @ w.T + b; the kernel for
-    M <= MAX_ROWS fp32 CPU tensors, F.linear otherwise."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+                  relu: bool = False) -> torch.Tensor:
+    """x (M, K), w (N, K), b (N,) or None -> (M, N) = x @ w.T + b, then ReLU if relu; the
+    kernel for M <= max_rows(dtype) CPU tensors all fp32 or all bf16, F.linear otherwise."""
     mod = _load()
-    if (mod is None or x.dim() != 2 or w.dim() != 2 or x.shape[0] > MAX_ROWS
-            or x.shape[1] != w.shape[1] or x.dtype != torch.float32
-            or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"
+    if (mod is None or x.dim() != 2 or w.dim() != 2 or x.shape[0] > max_rows(x.dtype)
+            or x.shape[1] != w.shape[1] or x.dtype not in DTYPES
+            or w.dtype != x.dtype or x.device.type != "cpu" or w.device.type != "cpu"
             or not w.is_contiguous()
-            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()
+            or (b is not None and (b.dtype != x.dtype or not b.is_contiguous()
                                    or b.shape != (w.shape[0],) or b.device.type != "cpu"))):
-        return F.linear(x, w, b)  # which also raises on shapes that do not match
-    return mod.skinny_linear(x.contiguous(), w, b)
+        y = F.linear(x, w, b)  # which also raises on shapes that do not match
+        return F.relu(y) if relu else y
+    return mod.skinny_linear(x.contiguous(), w, b, relu)
 
 
 _DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -134,7 +155,7 @@ def counter_uniform(key: int, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                      scale: float) -> Optional[torch.Tensor]:
-    """One decode step's attention on the CPU in fp32: q (B, H, 1, D); k, v (B, KV, E, D) with
+    """One decode step's attention on the CPU in fp32 or bf16: q (B, H, 1, D); k, v (B, KV, E, D) with
     unit stride along D (cache views); keep (B, E) bool, True on keys to attend to (at least one
     a row). Returns (B, H, 1, D) (a view of a (B, 1, H, D) tensor), or None where the kernel does
     not apply (the caller uses SDPA)."""
@@ -145,7 +166,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     KV, E = k.shape[1], k.shape[2]
     if (S != 1 or min(B, H, D, KV, E) < 1 or H % KV or k.shape != (B, KV, E, D)
             or v.shape != k.shape or keep.shape != (B, E) or keep.dtype != torch.bool
-            or any(t.dtype != torch.float32 for t in (q, k, v))
+            or q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v))
             or any(t.device.type != "cpu" for t in (q, k, v, keep))
             or any(t.stride(3) != 1 for t in (q, k, v))):
         return None

@@ -23,6 +23,19 @@ def isa(request):
     K.set_avx512(True)
 
 
+@pytest.fixture(params=["avx512_bf16", "avx512", "avx2"])
+def bf16_isa(request):
+    """bf16 linears: the dot-product instruction (AVX-512 BF16), or bf16 widened to fp32 with
+    AVX-512 or AVX2, each where this CPU has it."""
+    wide = K.set_avx512(request.param != "avx2")
+    dp = K.set_bf16dp(request.param == "avx512_bf16")
+    if request.param != "avx2" and not wide or request.param == "avx512_bf16" and not dp:
+        pytest.skip(f"this CPU has no {request.param}; the other cases cover the kernel here")
+    yield request.param
+    K.set_avx512(True)
+    K.set_bf16dp(True)
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16, 17, 40, 64])
 @pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
                                  (1541, 101), (2048, 50), (2600, 70)])
@@ -36,6 +49,34 @@ def test_skinny_linear_equals_f_linear(m, k, n, isa):
         assert got.shape == want.shape
         # different summation order only: float32 rounding, relative to the row's scale
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 48, 49])
+@pytest.mark.parametrize("k,n", [(768, 100), (100, 77), (7, 5), (3072, 70), (33, 40)])
+def test_bf16_skinny_linear_rounds_the_exact_result_once(m, k, n, bf16_isa):
+    """In bf16 (rows past max_rows go to F.linear): the exact x @ W.T + b of the bf16 inputs,
+    summed in fp32 and rounded to bf16 once, as oneDNN's bf16 linear does; ReLU fused."""
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((m, k), (n, k), (n,)))
+    exact = x.double() @ w.double().T + b.double()
+    scale = x.double().abs() @ w.double().abs().T + b.double().abs()
+    for relu in (False, True):
+        got = K.skinny_linear(x, w, b, relu=relu)
+        want = exact.clamp(min=0) if relu else exact
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        # half a bf16 spacing (2^-8 of the value) and fp32 summation error
+        assert ((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6 * scale).all()
+    if m <= K.max_rows(torch.bfloat16):
+        assert K.skinny_linear(x, w).dtype == torch.bfloat16  # no bias
+    assert K.max_rows(torch.bfloat16) == (48 if bf16_isa == "avx512_bf16" else 16)
+
+
+def test_fp32_skinny_linear_fuses_relu(isa):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 40, generator=g), torch.randn(33, 40, generator=g), torch.randn(33)
+    got = K.skinny_linear(x, w, b, relu=True)
+    assert (got >= 0).all() and (got == 0).any()
+    assert torch.allclose(got, F.relu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("key", [0, 1, 2**62 + 17, 2**63 - 1, 2**63, -1, 2**65 + 3])
@@ -91,27 +132,32 @@ def test_too_many_rows_or_other_dtypes_use_the_twin():
     assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))
 
 
-def test_low_precision_decode_linears_go_to_onednn_not_the_kernel(monkeypatch):
-    """The kernel is fp32 only: a bf16 decode linear on the CPU goes to oneDNN
-    (dense_linear), which read opt-125m's weights at 8 rows as fast as W @ x.T or faster."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_linears_take_the_kernel_up_to_its_rows(monkeypatch, dtype):
+    """Generation's linears on the CPU (no_grad): up to max_rows rows through the kernel, ReLU
+    fused, more through oneDNN (dense_linear); fp16 never reaches the kernel. The values are
+    F.linear's within the dtype's rounding either way."""
     from engines import decoder as D
-
-    def refuse(*a, **k):
-        raise AssertionError("bf16 reached the fp32 kernel")
-    monkeypatch.setattr(K, "skinny_linear", refuse)
+    calls = []
+    for name in ("skinny_linear", "dense_linear"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=real, _n=name, **k: calls.append(
+            (_n, a[0].shape[0], k.get("relu"))) or _f(*a, **k))
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 32, generator=g).to(torch.bfloat16)
-    L = D.Lin(w, torch.randn(48, generator=g).to(torch.bfloat16))
-    x = torch.randn(2, 1, 32, generator=g).to(torch.bfloat16)
-    y = D.lin(x, L)
-    assert y.shape == (2, 1, 48) and y.dtype == torch.bfloat16 and y.is_contiguous()
-    got, wx = y.float(), F.linear(x.double(), w.double())
-    want = wx + L.b.double()
-    # at most two bf16 roundings (of W x, then of W x + b), each within half a spacing
-    assert ((got - want).abs() <= 2 ** -8 * (wx.abs() + want.abs()) + 1e-4).all()
-    if K.available():  # and fp32 still takes the kernel (decode runs under no_grad)
-        with torch.no_grad(), pytest.raises(AssertionError, match="fp32 kernel"):
-            D.lin(x.float(), D.Lin(w.float(), L.b.float()))
+    w = torch.randn(48, 32, generator=g).to(dtype)
+    L = D.Lin(w, torch.randn(48, generator=g).to(dtype))
+    top = K.max_rows(dtype)
+    assert top == 0 if dtype == torch.float16 or not K.available() else top >= K.MAX_ROWS
+    for rows in (1, max(top, 1), max(top, 1) + 1):
+        x = torch.randn(rows, 1, 32, generator=g).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            y = D.lin(x, L, relu=True)
+        assert calls == [("skinny_linear" if rows <= top else "dense_linear", rows, True)]
+        want = F.relu(F.linear(x.double(), w.double(), L.b.double()))
+        assert y.shape == (rows, 1, 48) and y.dtype == dtype and y.is_contiguous()
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        assert ((y.double() - want).abs() <= tol * (want.abs() + 1)).all()
 
 
 def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
@@ -146,32 +192,39 @@ def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
                                              (2, 4, 4, 10, 5, 7), (1, 6, 3, 9, 9, 80),
                                              (2, 14, 2, 33, 1, 64), (2, 4, 2, 20, 16, 9)])
 @pytest.mark.parametrize("sharp", [1.0, 40.0])
-def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp):
-    """The fp32 decode attention kernel against SDPA on cache views (GQA, head sizes that are
-    not a multiple of 8, padded keys, a single key, q strided as the decoder's; sharp: scores
-    spread over hundreds, so that most weights underflow the kernel's exp)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp, dtype):
+    """The decode attention kernel against SDPA on cache views (GQA, head sizes that are not a
+    multiple of 8, padded keys, a single key, q strided as the decoder's; sharp: scores spread
+    over hundreds, so that most weights underflow the kernel's exp), in fp32 and bf16."""
     import math
     g = torch.Generator().manual_seed(B * 100 + E)
-    k = torch.randn(B, KV, T, Dh, generator=g)
-    v = torch.randn(B + 1, KV + 1, T + 3, Dh + 5, generator=g)[1:, 1:, 3:, :Dh]  # unlike k's
-    q = sharp * torch.randn(B, 1, H * Dh, generator=g).view(B, 1, H, Dh).transpose(1, 2)
+    k = torch.randn(B, KV, T, Dh, generator=g).to(dtype)
+    v = torch.randn(B + 1, KV + 1, T + 3, Dh + 5, generator=g)[1:, 1:, 3:, :Dh].to(dtype)
+    q = (sharp * torch.randn(B, 1, H * Dh, generator=g)).to(dtype).view(B, 1, H, Dh).transpose(
+        1, 2)
     keep = torch.rand(B, E, generator=g) > 0.4
     keep[:, -1] = True  # the decoder's own slot: every row attends to one key at least
     got = K.decode_attention(q, k[:, :, :E], v[:, :, :E], keep, 1 / math.sqrt(Dh))
     want = F.scaled_dot_product_attention(q, k[:, :, :E], v[:, :, :E],
                                           attn_mask=keep[:, None, None],
                                           scale=1 / math.sqrt(Dh), enable_gqa=KV != H)
-    assert got.shape == want.shape == (B, H, 1, Dh)
+    assert got.shape == want.shape == (B, H, 1, Dh) and got.dtype == dtype
     # against float64: as accurate as SDPA, whose scores alone round by ~1e-7 of their size
+    # (in bf16 both errors are the output's rounding, at most half a spacing: 2^-9 of ~1)
     k64, v64 = (t[:, :, :E].double().repeat_interleave(H // KV, dim=1) for t in (k, v))
     s64 = (q.double() @ k64.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~keep[:, None, None],
                                                                           float("-inf"))
     exact = s64.softmax(-1) @ v64
     err, err_sdpa = ((x.double() - exact).abs().max().item() for x in (got, want))
-    assert err <= 4 * err_sdpa + 2e-6, (err, err_sdpa)
+    slack = 2e-6 if dtype == torch.float32 else 2 ** -8 * exact.abs().max().item()
+    assert err <= 4 * err_sdpa + slack, (err, err_sdpa)
     # what it does not take, it declines (the caller then uses SDPA, which raises or broadcasts)
     ke, ve = k[:, :, :E], v[:, :, :E]
     assert K.decode_attention(q.double(), ke.double(), ve.double(), keep, 1.0) is None
+    assert K.decode_attention(q.half(), ke.half(), ve.half(), keep, 1.0) is None
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    assert K.decode_attention(q, ke.to(other), ve, keep, 1.0) is None  # mixed dtypes
     assert K.decode_attention(q.expand(B, H, 2, Dh), ke, ve, keep, 1.0) is None
     assert K.decode_attention(q, ke[:1], ve[:1], keep, 1.0) is None or B == 1  # batch of 1
     assert K.decode_attention(q, ke[..., :1], ve[..., :1], keep, 1.0) is None or Dh == 1

@@ -1,17 +1,20 @@
-// Linears with few rows in x, y = x @ W.T + b, for decode on the CPU in fp32.
+// Linears with few rows in x, y = x @ W.T + b, for decode on the CPU in fp32 or bf16.
 //
 // MKL's sgemm re-packs W on every call when x has a handful of rows, so decode streams each
 // weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of
 // the weights. This kernel reads the training weight W (N, K) as it lies, once: each vector of W
 // is used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in
 // tiles of at most 1024 floats so that a group's tile of x stays in L1, using AVX2 FMA (AVX-512
-// where the CPU has it); the N rows are split across torch's intra-op threads.
+// where the CPU has it); the N rows are split across torch's intra-op threads. A bf16 W is
+// widened to fp32 as it is loaded (bf16 is fp32's upper half: a zero-extend and a shift), x is
+// widened once, the sums run in fp32 and y is rounded once, as oneDNN's bf16 linear does: the
+// same arithmetic for half the bytes of W, on any CPU with AVX2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "simd.h"
 
-// Prefetch distances in floats: PREFETCH along a row of W into L1 (tuned on a Xeon), and
+// Prefetch distances in floats (of W's bytes: half as many bf16 elements): PREFETCH along a row of W into L1 (tuned on a Xeon), and
 // PREFETCH_L2 into L2, in the order W is read (whole rows ahead at the same k when K runs in
 // tiles). The second raised what one core of an AMD Zen 4 read from W from ~10 to
 // ~14-15 GB/s: there, prefetching into L1 alone kept too few lines in flight. Both are kept, so
@@ -37,6 +40,33 @@ __attribute__((always_inline)) static inline V loadv(const float* p) {
   return v;
 }
 
+// a vector of W's elements as floats: fp32 as it lies, bf16 zero-extended and shifted into
+// the upper half (exact)
+template <typename V>
+__attribute__((always_inline)) static inline V loadw(const float* p) {
+  return loadv<V>(p);
+}
+// (in GCC's vector types, not intrinsics: compiled for the caller's target, as loadv)
+typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+template <typename V> struct Widen;  // V's lanes as bf16 (H), and as 32-bit integers (U)
+template <> struct Widen<f8> { typedef h8 H; typedef u8 U; };
+template <> struct Widen<f16> { typedef h16 H; typedef u16 U; };
+
+template <typename V>
+__attribute__((always_inline)) static inline V loadw(const at::BFloat16* p) {
+  typedef typename Widen<V>::H H;
+  typedef typename Widen<V>::U U;
+  H h;
+  __builtin_memcpy(&h, p, sizeof(H));
+  const U u = __builtin_convertvector(h, U) << 16;
+  V v;
+  __builtin_memcpy(&v, &u, sizeof(V));
+  return v;
+}
+
 // the 8 floats whose sum is v's: v itself, or the sum of v's two halves
 __attribute__((always_inline)) static inline f8 fold(f8 v) { return v; }
 __attribute__((always_inline)) static inline f8 fold(f16 v) {
@@ -46,6 +76,22 @@ __attribute__((always_inline)) static inline f8 fold(f16 v) {
   return lo + hi;
 }
 
+// acc[t] += the sum of a[t]'s lanes, t < T: 8 sums at a time with a transpose-and-add tree
+// (hsum8x8), not one by one through memory
+template <typename V, int T>
+__attribute__((always_inline)) static inline void add_sums(const V* a, float* acc) {
+  constexpr int T8 = (T + 7) / 8 * 8;
+  f8 s[T8];
+#pragma GCC unroll 8
+  for (int t = 0; t < T8; ++t) s[t] = t < T ? fold(a[t]) : f8{};
+#pragma GCC unroll 4
+  for (int t = 0; t < T; t += 8) {
+    float h[8];
+    _mm256_storeu_ps(h, hsum8x8(reinterpret_cast<const __m256*>(s + t)));
+    for (int u = 0; u < 8 && t + u < T; ++u) acc[t + u] += h[u];
+  }
+}
+
 // x leaves L1 (48 KB here) past 8 rows of ~1500 floats; the K dimension goes in equal tiles of
 // at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
 constexpr int64_t KTILE = 1024;
@@ -53,14 +99,14 @@ constexpr int64_t KTILE = 1024;
 // Partial dot products over k in [k0, k1) of NW rows of W from n with R rows of x, added to
 // acc[j * R + r]. R x NW accumulators in registers: each W vector is loaded once and used R
 // times, each x vector loaded once into a register and used NW times (left to itself, GCC
-// folded the x load into every FMA: NW loads of it). The accumulators are summed 8 at a time
-// with a transpose-and-add tree (hsum8x8), not one by one through memory. pf2: how far ahead of
-// each W load, in floats, the L2 prefetch reaches.
-template <typename V, int R, int NW>
+// folded the x load into every FMA: NW loads of it). pf2: how far ahead of each W load, in
+// W's elements, the L2 prefetch reaches.
+template <typename V, int R, int NW, typename TW>
 __attribute__((always_inline)) static inline void tile(
-    const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc,
+    const float* x, const TW* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc,
     int64_t pf2) {
-  constexpr int L = sizeof(V) / sizeof(float), T = NW * R, T8 = (T + 7) / 8 * 8;
+  constexpr int L = sizeof(V) / sizeof(float), T = NW * R;
+  constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(TW);
   V a[NW][R];
 #pragma GCC unroll 8
   for (int j = 0; j < NW; ++j)
@@ -70,9 +116,9 @@ __attribute__((always_inline)) static inline void tile(
     V v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + PREFETCH), _MM_HINT_T0);  // from DRAM
+      _mm_prefetch((const char*)(w + (n + j) * K + k + PF), _MM_HINT_T0);  // from DRAM
       _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
-      v[j] = loadv<V>(w + (n + j) * K + k);
+      v[j] = loadw<V>(w + (n + j) * K + k);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -82,73 +128,127 @@ __attribute__((always_inline)) static inline void tile(
       for (int j = 0; j < NW; ++j) a[j][r] += v[j] * xv;  // contracted to an FMA
     }
   }
-  f8 s[T8];
-#pragma GCC unroll 8
-  for (int t = 0; t < T8; ++t) s[t] = t < T ? fold(a[t / R][t % R]) : f8{};
-#pragma GCC unroll 4
-  for (int t = 0; t < T; t += 8) {
-    float h[8];
-    _mm256_storeu_ps(h, hsum8x8(reinterpret_cast<const __m256*>(s + t)));
-    for (int u = 0; u < 8 && t + u < T; ++u) acc[t + u] += h[u];
-  }
+  add_sums<V, T>(&a[0][0], acc);
 }
 
 // acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
 // k < KL (a multiple of the vector width), tile by tile of K, NW rows of W at a time
-template <typename V, int R>
+template <typename V, int R, typename TW>
 __attribute__((always_inline)) static inline void span(
-    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
+    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
     float* acc) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
   const int64_t kt = (KL / L + tiles - 1) / tiles * L;  // whole vectors
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = (PREFETCH_L2 + (k1 - k0) - 1) / (k1 - k0) * K;  // whole rows ahead
+    const int64_t bytes = PREFETCH_L2 * sizeof(float) / sizeof(TW);
+    const int64_t pf2 = (bytes + (k1 - k0) - 1) / (k1 - k0) * K;  // whole rows ahead
     int64_t n = c0;
     if (nw == 3)
-      for (; n + 3 <= c1; n += 3) tile<V, R, 3>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+      for (; n + 3 <= c1; n += 3) tile<V, R, 3, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     if (nw >= 2)
-      for (; n + 2 <= c1; n += 2) tile<V, R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    for (; n < c1; ++n) tile<V, R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+      for (; n + 2 <= c1; n += 2) tile<V, R, 2, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile<V, R, 1, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
 
 // AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x two rows of W at a
 // time, or three where skinny_linear groups x in 4s (K >= 1536: 8 rows ran at 11 GB/s there)
-template <int R>
-static void span_avx2(const float* x, const float* w, int64_t K, int64_t KL, int64_t c0,
+template <int R, typename TW>
+static void span_avx2(const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0,
                       int64_t c1, float* acc) {
-  span<f8, R>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc);
+  span<f8, R, TW>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc);
 }
 
 // AVX-512 (32 registers): two rows of W at a time (with x loaded into a register, three
 // measured no faster here)
-template <int R>
+template <int R, typename TW>
 __attribute__((target("avx512f"))) static void span_avx512(
-    const float* x, const float* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc) {
-  span<f16, R>(x, w, K, KL, c0, c1, 2, acc);
+    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc) {
+  span<f16, R, TW>(x, w, K, KL, c0, c1, 2, acc);
 }
 
-using SpanFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+// bf16 x and W on a CPU with AVX-512 BF16: vdpbf16ps multiplies 32 pairs of bf16 exactly and
+// adds them two by two into 16 fp32 lanes, twice an FMA's products an instruction and nothing
+// to widen, where the widening path above turns compute-bound from ~8 rows. The same tiles as
+// `tile` and `span` (two rows of W at a time), compiled for that target: intrinsics inline
+// only into functions of their own target.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16")
+template <int R, int NW>
+__attribute__((always_inline)) static inline void tile_dp(
+    const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
+    float* acc, int64_t pf2) {
+  f16 a[NW][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[j][r] = f16{};
+  for (int64_t k = k0; k < k1; k += 32) {
+    __m512bh v[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch((const char*)(w + (n + j) * K + k + 2 * PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
+      v[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+      asm("" : "+v"(xv));
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) a[j][r] = (f16)_mm512_dpbf16_ps((__m512)a[j][r], v[j], xv);
+    }
+  }
+  add_sums<f16, NW * R>(&a[0][0], acc);
+}
 
-torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b) {
-  // x (M, K) contiguous float32, w (N, K) contiguous float32, b (N,) or None -> (M, N)
+template <int R>
+static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t KL,
+                    int64_t c0, int64_t c1, float* acc) {
+  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
+  const int64_t kt = (KL / 32 + tiles - 1) / tiles * 32;
+  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
+    const int64_t k1 = std::min(k0 + kt, KL);
+    const int64_t pf2 = (2 * PREFETCH_L2 + (k1 - k0) - 1) / (k1 - k0) * K;
+    int64_t n = c0;
+    for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  }
+}
+#pragma GCC pop_options
+
+template <typename TX, typename TW>
+using SpanFn = void (*)(const TX*, const TW*, int64_t, int64_t, int64_t, int64_t, float*);
+
+// the span for R rows of x: TX, x's element type as the span reads it (float, or bf16 for the
+// dot-product instruction), TW, W's
+template <int R, typename TX, typename TW>
+static SpanFn<TX, TW> pick(bool wide) {
+  if constexpr (std::is_same<TX, at::BFloat16>::value) return span_dp<R>;
+  else return wide ? span_avx512<R, TW> : span_avx2<R, TW>;
+}
+
+// TW: float or at::BFloat16, W's and y's element type; TX: as in pick
+template <typename TX, typename TW>
+static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b,
+                            bool relu, bool wide) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
+  if (!std::is_same<TX, TW>::value) x = x.to(torch::kFloat);  // widened once (exact)
   // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1
-  const bool wide = use512;  // read once: set_avx512 from another thread cannot split a call
   const int64_t GS = (wide || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
-  const int64_t KL = K - K % (wide ? 16 : 8);
+  const int64_t KL = K - K % (sizeof(TX) == 2 ? 32 : wide ? 16 : 8);
   torch::Tensor xpad = x;
   if (M % GS) {  // zero rows pad M up to a multiple of GS
     xpad = torch::zeros({groups * GS, K}, x.options());
     xpad.narrow(0, 0, M).copy_(x);
   }
-  const float* xp = xpad.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+  const TX* xp = xpad.data_ptr<TX>();
+  const TW* wp = w.data_ptr<TW>();
+  const TW* bp = b.has_value() ? b->data_ptr<TW>() : nullptr;
+  TW* yp = y.data_ptr<TW>();
   // past one group, the groups take turns over each 48 rows of W while they sit in L2: W comes
   // from memory once (group by group over a thread's whole share read it once per group)
   constexpr int64_t CHUNK = 48;
@@ -159,19 +259,29 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
       for (int64_t g = 0; g < groups; ++g) {
         const int rows = (int)std::min(GS, M - g * GS);
         const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
-        const SpanFn f = wide ? (R == 4 ? span_avx512<4> : span_avx512<8>)
-                              : (R == 4 ? span_avx2<4> : span_avx2<8>);
-        const float* xg = xp + g * GS * K;
+        const SpanFn<TX, TW> f = R == 4 ? pick<4, TX, TW>(wide) : pick<8, TX, TW>(wide);
+        const TX* xg = xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         f(xg, wp, K, KL, c0, c1, acc);
         for (int64_t n = c0; n < c1; ++n)
           for (int m = 0; m < rows; ++m) {
             float s = acc[(n - c0) * R + m];
-            for (int64_t k = KL; k < K; ++k) s += wp[n * K + k] * xg[m * K + k];
-            yp[(g * GS + m) * N + n] = bp ? s + bp[n] : s;
+            for (int64_t k = KL; k < K; ++k) s += float(wp[n * K + k]) * float(xg[m * K + k]);
+            if (bp) s += float(bp[n]);
+            yp[(g * GS + m) * N + n] = TW(relu ? std::max(s, 0.f) : s);  // bf16: rounded
           }
       }
     }
   });
   return y;
+}
+
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b,
+                            bool relu) {
+  // x (M, K) contiguous, w (N, K) contiguous, b (N,) or None, all fp32 or all bf16 -> (M, N),
+  // ReLU applied where relu
+  const bool wide = use512;  // read once: set_avx512 from another thread cannot split a call
+  if (w.scalar_type() != torch::kBFloat16) return skinny<float, float>(x, w, b, relu, wide);
+  if (wide && use_bf16dp) return skinny<at::BFloat16, at::BFloat16>(x, w, b, relu, wide);
+  return skinny<float, at::BFloat16>(x, w, b, relu, wide);
 }

@@ -20,4 +20,14 @@ inline bool set_avx512(bool on) {
   return use512;
 }
 
+// the bf16 linears' dot-product instruction (vdpbf16ps), where the CPU has it; tests switch it
+// off to run the widening path on such a CPU; returns whether it is now in use
+inline bool use_bf16dp = __builtin_cpu_supports("avx512bf16");
+inline bool set_bf16dp(bool on) {
+  use_bf16dp = on && __builtin_cpu_supports("avx512bf16");
+  return use_bf16dp;
+}
+
+inline bool bf16dp_on() { return use512 && use_bf16dp; }
+
 inline bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
