@@ -440,12 +440,14 @@ def test_cpu_phases_record_their_own_peak_rss(tmp_path):
         del big
     with rec.phase("generate"):
         # above glibc's largest mmap threshold (32 MB): fresh pages, never free heap that the
-        # tests before this one in the process left resident (20 MB once read as 0 MB here)
-        small = torch.ones(40 * 2 ** 20 // 4)
+        # tests before this one in the process left resident (20 MB once read as 0 MB here).
+        # A phase's peak counts from the baseline, and the process can fall below it (heap
+        # returned to the system: 40 MB once read as 27.5): 100 MB leaves room for that
+        small = torch.ones(100 * 2 ** 20 // 4)
         del small
     rows = [js.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     peak = {r["phase"]: r["value"] for r in rows if r.get("metric") == "peak_rss_mb"}
-    assert peak["train"] > 250 and 30 < peak["generate"] < 150, peak
+    assert peak["train"] > 250 and 50 < peak["generate"] < 200, peak
     assert W._peak_rss_mb() - rec.base_rss > 250  # the process's peak survives the resets
 
 
