@@ -51,3 +51,23 @@ def test_time_rounds_runs_each_hook_before_its_engine_s_timed_calls_only():
     # warm-up unhooked, then the pair alternating, the reset just ahead of every timed vllm call
     assert events == ["hybrid", "vllm", "hybrid", "reset", "vllm", "reset", "vllm", "hybrid",
                       "hybrid", "reset", "vllm"]
+
+
+def test_decode_linears_runs_each_case_and_refuses_bad_rows():
+    """bench/micro/decode_linears.py: one line per row count naming every case (no timing
+    asserted); bad options are one-line errors."""
+    from engines import kernels as K
+    for args in (["--rows", "0"], ["--rows", "x"], ["--repeats", "0"]):
+        r = subprocess.run([sys.executable, "-m", "bench.micro.decode_linears", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+    if not K.available():
+        pytest.skip(f"the kernels are unavailable here: {K.why_unavailable()}")
+    r = subprocess.run([sys.executable, "-m", "bench.micro.decode_linears", "--rows", "1,3",
+                        "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["rows 1", "rows 3"]
+    for case in ("fp32 kernel", "fp32 oneDNN", "bf16 kernel, widening", "bf16 oneDNN"):
+        assert all(f"{case} " in ln for ln in lines), (case, lines)
+    assert all(("vdpbf16ps" in ln) == K.set_bf16dp(True) for ln in lines)
