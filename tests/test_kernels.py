@@ -161,10 +161,11 @@ def test_decode_linears_take_the_kernel_up_to_its_rows(monkeypatch, dtype):
 
 
 def test_low_precision_decode_attention_keeps_no_memory_per_key_length():
-    """bf16 decode attention on the CPU: the two batched matmuls over the cache views ran
-    through oneDNN, which kept a primitive with a K-sized scratchpad for every new key length
-    (+55 MB over these 40 lengths, +659 MB over one 128-token opt-125m generate at batch 8).
-    SDPA keeps nothing, and its values are those of fp32 attention within bf16 rounding."""
+    """bf16 decode attention on the CPU off the kernel's path (gradients on here; or no
+    kernel): the two batched matmuls over the cache views ran through oneDNN, which kept a
+    primitive with a K-sized scratchpad for every new key length (+55 MB over these 40 lengths,
+    +659 MB over one 128-token opt-125m generate at batch 8). SDPA keeps nothing, and its values
+    are those of fp32 attention within bf16 rounding."""
     import math
 
     import psutil
