@@ -1,6 +1,7 @@
 """CPU kernels for decode, in fp32 or bf16 (computing in fp32): linears with decode's rows in x
-(y = x @ W.T + b), one decode step's attention over the KV cache, and the sampling noise of core.rng.counter_uniform; and
-dense_linear, the linears of more rows (prefill, large decode batches) through oneDNN.
+(y = x @ W.T + b), one decode step's attention over the KV cache, and the sampling noise of
+core.rng.counter_uniform; and dense_linear, the linears of more rows (prefill, large decode
+batches) through oneDNN.
 
 The C++ lies in engines/csrc/ (one file per kernel; why each is fast, in its own comments).
 Built on first use with torch's C++ extension loader as one translation unit, cached in
@@ -155,10 +156,10 @@ def counter_uniform(key: int, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                      scale: float) -> Optional[torch.Tensor]:
-    """One decode step's attention on the CPU in fp32 or bf16: q (B, H, 1, D); k, v (B, KV, E, D) with
-    unit stride along D (cache views); keep (B, E) bool, True on keys to attend to (at least one
-    a row). Returns (B, H, 1, D) (a view of a (B, 1, H, D) tensor), or None where the kernel does
-    not apply (the caller uses SDPA)."""
+    """One decode step's attention on the CPU in fp32 or bf16: q (B, H, 1, D); k, v (B, KV, E, D)
+    with unit stride along D (cache views); keep (B, E) bool, True on keys to attend to (at least
+    one a row). Returns (B, H, 1, D) (a view of a (B, 1, H, D) tensor), or None where the kernel
+    does not apply (the caller uses SDPA)."""
     mod = _load()
     if mod is None or q.dim() != 4 or k.dim() != 4:
         return None

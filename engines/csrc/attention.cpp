@@ -81,7 +81,7 @@ static inline void weighted_sum(const float* p, const bool* m, const T* V, int64
   for (int64_t t = 0; t < E; ++t) {
     _mm_prefetch((const char*)(V + (t + pf) * vt), _MM_HINT_T0);
 #pragma GCC unroll 4
-    for (int l = 0; l < NV * 8; l += 16)  // every line of this key's slice, into L2
+    for (int l = 0; l < NV * 8; l += 64 / (int)sizeof(T))  // every line of the slice, into L2
       _mm_prefetch((const char*)(V + (t + 2 * pf) * vt + l), _MM_HINT_T1);
     if (!m[t]) continue;
     const __m256 pv = _mm256_set1_ps(p[t]);
@@ -131,7 +131,7 @@ static torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
           }
           _mm_prefetch((const char*)(K + (t + pf) * kt), _MM_HINT_T0);
           for (int j = 0; j < 8; ++j)  // every line of 8 keys further ahead, into L2
-            for (int64_t l = 0; l < D; l += 16)
+            for (int64_t l = 0; l < D; l += 64 / (int64_t)sizeof(T))
               _mm_prefetch((const char*)(K + (t + 2 * pf + j) * kt + l), _MM_HINT_T1);
           _mm256_storeu_ps(s.data() + t, hsum8x8(a));
           if (D8 < D)

@@ -14,11 +14,11 @@
 
 #include "simd.h"
 
-// Prefetch distances in floats (of W's bytes: half as many bf16 elements): PREFETCH along a row of W into L1 (tuned on a Xeon), and
-// PREFETCH_L2 into L2, in the order W is read (whole rows ahead at the same k when K runs in
-// tiles). The second raised what one core of an AMD Zen 4 read from W from ~10 to
-// ~14-15 GB/s: there, prefetching into L1 alone kept too few lines in flight. Both are kept, so
-// a CPU where the first sufficed still gets it.
+// Prefetch distances in floats' worth of W's bytes (half as many bf16 elements): PREFETCH along
+// a row of W into L1 (tuned on a Xeon), and PREFETCH_L2 into L2, in the order W is read (whole
+// rows ahead at the same k when K runs in tiles). The second raised what one core of an AMD
+// Zen 4 read from W from ~10 to ~14-15 GB/s: there, prefetching into L1 alone kept too few
+// lines in flight. Both are kept, so a CPU where the first sufficed still gets it.
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
@@ -46,7 +46,8 @@ template <typename V>
 __attribute__((always_inline)) static inline V loadw(const float* p) {
   return loadv<V>(p);
 }
-// (in GCC's vector types, not intrinsics: compiled for the caller's target, as loadv)
+// (in GCC's vector types, not intrinsics: compiled for the caller's target, as loadv; the
+// attention kernel, AVX2 only, widens with intrinsics, which ran faster there)
 typedef uint16_t h8 __attribute__((vector_size(16)));
 typedef uint16_t h16 __attribute__((vector_size(32)));
 typedef uint32_t u8 __attribute__((vector_size(32)));
@@ -96,6 +97,19 @@ __attribute__((always_inline)) static inline void add_sums(const V* a, float* ac
 // at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
 constexpr int64_t KTILE = 1024;
 
+// the length of K's tiles: equal, whole vectors of L elements, at most ~KTILE
+static inline int64_t k_tile(int64_t KL, int64_t L) {
+  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
+  return (KL / L + tiles - 1) / tiles * L;
+}
+
+// how far ahead, in W's elements of `size` bytes, the L2 prefetch reaches over tiles of
+// `span` elements: whole rows of W (K apart), at least PREFETCH_L2 floats' worth of bytes
+static inline int64_t l2_ahead(int64_t span, int64_t K, int64_t size) {
+  const int64_t elems = PREFETCH_L2 * (int64_t)sizeof(float) / size;
+  return (elems + span - 1) / span * K;
+}
+
 // Partial dot products over k in [k0, k1) of NW rows of W from n with R rows of x, added to
 // acc[j * R + r]. R x NW accumulators in registers: each W vector is loaded once and used R
 // times, each x vector loaded once into a register and used NW times (left to itself, GCC
@@ -137,13 +151,10 @@ template <typename V, int R, typename TW>
 __attribute__((always_inline)) static inline void span(
     const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
     float* acc) {
-  constexpr int64_t L = sizeof(V) / sizeof(float);
-  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
-  const int64_t kt = (KL / L + tiles - 1) / tiles * L;  // whole vectors
+  const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float));
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t bytes = PREFETCH_L2 * sizeof(float) / sizeof(TW);
-    const int64_t pf2 = (bytes + (k1 - k0) - 1) / (k1 - k0) * K;  // whole rows ahead
+    const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(TW));
     int64_t n = c0;
     if (nw == 3)
       for (; n + 3 <= c1; n += 3) tile<V, R, 3, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
@@ -180,6 +191,7 @@ template <int R, int NW>
 __attribute__((always_inline)) static inline void tile_dp(
     const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
     float* acc, int64_t pf2) {
+  constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(at::BFloat16);
   f16 a[NW][R];
 #pragma GCC unroll 8
   for (int j = 0; j < NW; ++j)
@@ -189,7 +201,7 @@ __attribute__((always_inline)) static inline void tile_dp(
     __m512bh v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + 2 * PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + (n + j) * K + k + PF), _MM_HINT_T0);
       _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
       v[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * K + k);
     }
@@ -207,11 +219,10 @@ __attribute__((always_inline)) static inline void tile_dp(
 template <int R>
 static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t KL,
                     int64_t c0, int64_t c1, float* acc) {
-  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
-  const int64_t kt = (KL / 32 + tiles - 1) / tiles * 32;
+  const int64_t kt = k_tile(KL, 32);
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = (2 * PREFETCH_L2 + (k1 - k0) - 1) / (k1 - k0) * K;
+    const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
     int64_t n = c0;
     for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
