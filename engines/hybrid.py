@@ -151,8 +151,10 @@ class HybridEngine:
 
         def pick(t, logits):
             nonlocal done
-            scores = logits if gen.greedy else noisy_scores(logits, seed, t, gen.temperature,
-                                                            uniform=K.counter_uniform)
+            # greedy: the argmax of the fp32 logits (widening is exact, so the same token;
+            # torch's bf16 argmax on the CPU is several times slower than widening first)
+            scores = logits.float() if gen.greedy else noisy_scores(
+                logits, seed, t, gen.temperature, uniform=K.counter_uniform)
             tok = scores.argmax(-1)
             if not gen.stop_at_eos:
                 return tok, False

@@ -24,18 +24,20 @@ import torch.nn.functional as F
 from core.rng import as_int64
 from core.rng import counter_uniform as _counter_uniform_torch
 
-# rows of x up to which the linear kernel runs: while decode reads W faster through it than
-# through oneDNN (memory-bound); from there on oneDNN's blocked GEMM (dense_linear) is the
-# faster. bf16 with AVX-512 BF16's dot-product instruction stays ahead of oneDNN's bf16 GEMM to
-# 48 rows (docs/performance.md).
+# rows of x up to which the linear kernel runs, while it is the faster of it and oneDNN's
+# blocked GEMM (dense_linear), the latter re-blocking W on each call: memory-bound decode at few
+# rows, and, with AVX-512 (32 registers: 8 rows of x by 2 of W in a tile), compute-bound decode
+# up to 64 rows in fp32 and 96 in bf16 through AVX-512 BF16's dot-product instruction
+# (docs/performance.md). bf16 widened to fp32, and AVX2, stop at 16.
 MAX_ROWS = 16
-MAX_ROWS_BF16DP = 48
+MAX_ROWS_AVX512 = 64
+MAX_ROWS_BF16DP = 96
 # what the linear and attention kernels take (x, W, b, or q, k, v all of one of them)
 DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp")
-FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "set_bf16dp", "bf16dp_on",
+FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "avx512_on", "set_bf16dp", "bf16dp_on",
              "decode_attention", "counter_uniform"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"]
 
@@ -93,7 +95,9 @@ def max_rows(dtype: torch.dtype) -> int:
     """Rows of x up to which skinny_linear runs the kernel in this dtype (0: never)."""
     if dtype not in DTYPES or _load() is None:
         return 0
-    return MAX_ROWS_BF16DP if dtype == torch.bfloat16 and _mod.bf16dp_on() else MAX_ROWS
+    if dtype == torch.bfloat16:
+        return MAX_ROWS_BF16DP if _mod.bf16dp_on() else MAX_ROWS
+    return MAX_ROWS_AVX512 if _mod.avx512_on() else MAX_ROWS
 
 
 def available() -> bool:
@@ -135,7 +139,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = N
                  relu: bool = False) -> torch.Tensor:
     """x (.., K) @ w.T + b (then ReLU if relu) through oneDNN's matmul, given the weight as it
     lies: oneDNN re-blocks it into a scratch buffer per call (no copy kept), which a call of
-    many rows (prefill, decode above MAX_ROWS) repays; F.linear (MKL) where dnn_ok is False.
+    many rows (prefill, decode above max_rows) repays; F.linear (MKL) where dnn_ok is False.
     No autograd: for no_grad generation only."""
     if not dnn_ok(x, w) or (b is not None and b.dtype != w.dtype):
         y = F.linear(x, w, b)

@@ -36,7 +36,7 @@ def bf16_isa(request):
     K.set_bf16dp(True)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16, 17, 40, 64])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16, 17, 40, 64, 65])
 @pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
                                  (1541, 101), (2048, 50), (2600, 70)])
 def test_skinny_linear_equals_f_linear(m, k, n, isa):
@@ -51,7 +51,7 @@ def test_skinny_linear_equals_f_linear(m, k, n, isa):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 48, 49])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 49, 96, 97])
 @pytest.mark.parametrize("k,n", [(768, 100), (100, 77), (7, 5), (3072, 70), (33, 40)])
 def test_bf16_skinny_linear_rounds_the_exact_result_once(m, k, n, bf16_isa):
     """In bf16 (rows past max_rows go to F.linear): the exact x @ W.T + b of the bf16 inputs,
@@ -68,7 +68,34 @@ def test_bf16_skinny_linear_rounds_the_exact_result_once(m, k, n, bf16_isa):
         assert ((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6 * scale).all()
     if m <= K.max_rows(torch.bfloat16):
         assert K.skinny_linear(x, w).dtype == torch.bfloat16  # no bias
-    assert K.max_rows(torch.bfloat16) == (48 if bf16_isa == "avx512_bf16" else 16)
+    assert K.max_rows(torch.bfloat16) == (96 if bf16_isa == "avx512_bf16" else 16)
+
+
+@pytest.mark.parametrize("m", [5, 8, 13])
+def test_bf16_skinny_linear_rounds_as_torch_does(m, bf16_isa):
+    """Sums that fp32 holds exactly (two small integers of x and a bias a row of W): y is their
+    bf16 rounding, bit for bit as torch rounds, ties to even included, in the 8-column blocks
+    of the vector store and in the columns after them (37 = 4 x 8 + 5); NaN stays NaN."""
+    g = torch.Generator().manual_seed(m)
+    k, n = 64, 37
+    x = torch.randint(-255, 256, (m, k), generator=g).to(torch.bfloat16)
+    w = torch.zeros(n, k)
+    for j in range(n):
+        w[j, torch.randperm(k, generator=g)[:2]] = 1.0
+    w = w.to(torch.bfloat16)
+    b = torch.randint(-255, 256, (n,), generator=g).to(torch.bfloat16)
+    x[m - 1, :] = float("nan")
+    exact = x.float() @ w.float().T + b.float()
+    for relu in (False, True):
+        want = (exact.clamp(min=0) if relu else exact).to(torch.bfloat16)
+        got = K.skinny_linear(x, w, b, relu=relu)
+        assert torch.equal(got[:-1], want[:-1])
+        assert got[-1].isnan().all()
+    assert (exact[:-1].abs() > 256).any()  # sums that bf16 must round
+
+
+def test_fp32_rows_limit_follows_the_instruction_set(isa):
+    assert K.max_rows(torch.float32) == (K.MAX_ROWS_AVX512 if isa == "avx512" else K.MAX_ROWS)
 
 
 def test_fp32_skinny_linear_fuses_relu(isa):
@@ -126,7 +153,7 @@ def test_mismatched_linear_shapes_raise_as_f_linear_does():
 
 
 def test_too_many_rows_or_other_dtypes_use_the_twin():
-    x, w = torch.randn(K.MAX_ROWS + 1, 32), torch.randn(16, 32)
+    x, w = torch.randn(K.max_rows(torch.float32) + 1, 32), torch.randn(16, 32)
     assert torch.equal(K.skinny_linear(x, w), F.linear(x, w))
     xd, wd = x[:4].double(), w.double()
     assert torch.equal(K.skinny_linear(xd, wd), F.linear(xd, wd))

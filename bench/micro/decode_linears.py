@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     if not K.available():
         raise SystemExit(f"decode_linears: the kernels are unavailable: {K.why_unavailable()}")
     torch.set_num_threads(2)
-    K.MAX_ROWS = K.MAX_ROWS_BF16DP = max(rows)  # the kernel at every row count asked for
+    K.MAX_ROWS = K.MAX_ROWS_AVX512 = K.MAX_ROWS_BF16DP = max(rows)  # the kernel at all rows asked
     ws = {torch.float32: weights(torch.float32), torch.bfloat16: weights(torch.bfloat16)}
     dp = K.set_bf16dp(True)
 

@@ -28,6 +28,7 @@ inline bool set_bf16dp(bool on) {
   return use_bf16dp;
 }
 
+inline bool avx512_on() { return use512; }
 inline bool bf16dp_on() { return use512 && use_bf16dp; }
 
 inline bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
