@@ -36,9 +36,9 @@ MAX_ROWS_BF16DP = 96
 DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp")
+SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp", "stack.cpp")
 FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "avx512_on", "set_bf16dp", "bf16dp_on",
-             "decode_attention", "counter_uniform"]
+             "decode_attention", "counter_uniform", "decode_stack"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"]
 
 _mod = None
@@ -146,6 +146,17 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = N
         return F.relu(y) if relu else y
     return torch.ops.mkldnn._linear_pointwise(x, w.contiguous(), b, "relu" if relu else "none",
                                               [], "")
+
+
+def decode_stack(x: torch.Tensor, params: list, k_cache: tuple, v_cache: tuple, start: int,
+                 keep: torch.Tensor, pre_norm: bool, heads: int, eps1: float,
+                 eps2: float) -> torch.Tensor:
+    """Every layer of an OPT-shaped decoder for one decode step in one call (engines/csrc/
+    stack.cpp): x (B, E) -> (B, E), the new keys and values written at cache slot `start`.
+    params: 16 tensors a layer (engines/decoder.py's stack_params); the caller checks that
+    the kernels are available and apply (decoder.stack_applies)."""
+    return _mod.decode_stack(x, params, list(k_cache), list(v_cache), start, keep, pre_norm,
+                             heads, eps1, eps2)
 
 
 def counter_uniform(key: int, n: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from core.engine import EngineUnavailable
 from core.models import _vary_constants_, position_ids, weight_bytes
 from core.types import GenerationConfig, PPOConfig
 from engines import decoder as D
+from engines import kernels as K
 from engines import lora_fold as LF
 
 from conftest import lockstep, make_bundle, make_cfg, make_prompts, params_of
@@ -341,9 +342,12 @@ def test_prefill_runs_the_linears_on_real_tokens_only(preset, monkeypatch):
     monkeypatch.setattr(D, "lin", lambda x, L, *a, **k: (
         rows.append(x.reshape(-1, x.shape[-1]).shape[0]) if L.w is first else None,
         lin(x, L, *a, **k))[1])
+    stacked, stack = [], K.decode_stack   # OPT's decode steps: every layer in one call
+    monkeypatch.setattr(K, "decode_stack", lambda x, *a: (stacked.append(x.shape[0]),
+                                                          stack(x, *a))[1])
     hy.generate(s, prompts, GenerationConfig(gen_len=3), seed=0)
     assert rows[:3] == [int(c.sum()) for c in prompts.attention_mask.split(4, dim=1)]
-    assert sum(rows[:3]) == real and rows[3:] == [6, 6]   # then two decode steps, every row
+    assert sum(rows[:3]) == real and rows[3:] + stacked == [6, 6]  # two decode steps, every row
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

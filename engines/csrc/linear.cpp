@@ -18,6 +18,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "simd.h"
 
 // Prefetch distances in floats' worth of W's bytes (half as many bf16 elements): PREFETCH along
@@ -365,12 +367,18 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
   // x in groups of GS rows: 8, or 4 with AVX2 once x's 8 rows would leave L1
   const int64_t GS = (wide || K < 1536) ? 8 : 4, groups = (M + GS - 1) / GS;
   const int64_t KL = K - K % (sizeof(TX) == 2 ? 32 : wide ? 16 : 8);
-  torch::Tensor xpad = x;
-  if (M % GS) {  // zero rows pad M up to a multiple of GS
-    xpad = torch::zeros({groups * GS, K}, x.options());
-    xpad.narrow(0, 0, M).copy_(x);
+  const TX* xp = x.data_ptr<TX>();
+  // a tile reads all R rows of its group: the last group's rows, zero rows after them, in a
+  // buffer kept between calls (a new padded tensor each call cost more than a small linear)
+  thread_local std::vector<TX> tail;
+  const TX* xlast = xp + (groups - 1) * GS * K;
+  if (M % GS) {
+    const int64_t have = (M - (groups - 1) * GS) * K;
+    tail.resize(GS * K);
+    std::copy(xlast, xlast + have, tail.begin());
+    std::fill(tail.begin() + have, tail.end(), TX(0.f));
+    xlast = tail.data();
   }
-  const TX* xp = xpad.data_ptr<TX>();
   const TW* wp = w.data_ptr<TW>();
   const TW* bp = b.has_value() ? b->data_ptr<TW>() : nullptr;
   TW* yp = y.data_ptr<TW>();
@@ -385,7 +393,7 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
         const int rows = (int)std::min(GS, M - g * GS);
         const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
         const SpanFn<TX, TW> f = R == 4 ? pick<4, TX, TW>(wide) : pick<8, TX, TW>(wide);
-        const TX* xg = xp + g * GS * K;
+        const TX* xg = g == groups - 1 ? xlast : xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         f(xg, wp, K, KL, c0, c1, acc);
         if (KL < K)  // K's last elements, short of a vector
