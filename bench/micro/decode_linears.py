@@ -5,7 +5,8 @@ AVX-512 BF16's dot-product instruction and widening to fp32, where the CPU has t
 cases alternate within each repeat, so a drift of the machine falls on all alike.
 
 Run: python -m bench.micro.decode_linears [--rows 1,8,16,24,32,48,64] [--repeats 7]
-(numbers in docs/performance.md). Prints the median ms of each case and W's read rate."""
+(numbers in docs/performance.md). Prints the median ms of each case and W's read rate, and the
+read rate of torch.sum over 512 MB in the same repeats (the harness's bandwidth probe)."""
 import argparse
 import statistics
 import time
@@ -62,18 +63,24 @@ def main(argv=None) -> None:
              "bf16 oneDNN": (torch.bfloat16, K.dense_linear)}
     if not dp:
         del cases["bf16 kernel, vdpbf16ps"]
+    big = torch.ones(2 ** 27)  # 512 MB: the machine's read rate beside the kernel's, each repeat
     for m in rows:
         times = {name: [] for name in cases}
+        reads = []
         for _ in range(a.repeats):
             for name, (dtype, f) in cases.items():
                 times[name].append(once(ws[dtype], m, f))
+            t = time.perf_counter()
+            big.sum()
+            reads.append(big.numel() * 4 / 1e9 / (time.perf_counter() - t))
         K.set_bf16dp(True)
         cells = []
         for name, ts in times.items():
             t = statistics.median(ts)
             gb = sum(w.numel() * w.element_size() for w in ws[cases[name][0]]) / 1e9
             cells.append(f"{name} {t * 1e3:.1f} ms ({gb / t:.0f} GB/s)")
-        print(f"rows {m}: " + "; ".join(cells), flush=True)
+        print(f"rows {m}: " + "; ".join(cells) + f"; torch.sum of 512 MB read "
+              f"{statistics.median(reads):.0f} GB/s (max {max(reads):.0f})", flush=True)
 
 
 if __name__ == "__main__":

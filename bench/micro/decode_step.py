@@ -4,8 +4,10 @@ and print where its ATen time goes. opt-125m shape, batch 8 (or --batch N), 192 
 Each step attends over one more key than the last, as in generation: a step repeated at one
 length would hide any cost paid per new length (oneDNN built a primitive for each in bf16).
 
-Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--batch N] (numbers in
-docs/performance.md); --sdpa: fp32 attention through SDPA instead of engines/kernels.py's kernel."""
+Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--loop | --vs-loop]
+[--batch N] (numbers in docs/performance.md); --sdpa: fp32 attention through SDPA instead of
+engines/kernels.py's kernel; --loop: the decoder's Python layer loop instead of the one-call
+decode_stack; --vs-loop: the two alternated step by step, both medians printed."""
 import sys
 import time
 
@@ -20,9 +22,20 @@ B = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
 P, WARM, TIMED, PROFILED = 192, 3, 20, 10
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
 ATTN_KERNEL = "--sdpa" not in sys.argv
+VS_LOOP = "--vs-loop" in sys.argv
+_stack_applies = D.stack_applies
+
+
+def use_stack(on: bool) -> None:
+    D.stack_applies = _stack_applies if on else (lambda *a: False)
+
+
+use_stack("--loop" not in sys.argv)
 b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
 w = D.extract(b.actor)
 prompts = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
+if VS_LOOP:
+    TIMED *= 2
 T = P + WARM + TIMED + PROFILED
 cache = D.new_cache(w, B, T, dtype, "cpu")
 key_mask = torch.ones(B, T, dtype=torch.bool)
@@ -40,13 +53,22 @@ with torch.no_grad():
 
     for _ in range(WARM):
         step()
-    times = []
-    for _ in range(TIMED):
+    times, loop = [], []
+    for i in range(TIMED):
+        if VS_LOOP:
+            use_stack(i % 2 == 0)
         t = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t)
+        (loop if VS_LOOP and i % 2 else times).append(time.perf_counter() - t)
+    use_stack("--loop" not in sys.argv)
+    last = P + WARM + TIMED - 1
+    if VS_LOOP:
+        TIMED //= 2
+        loop.sort()
+        print(f"layer loop (alternated with decode_stack): min {loop[0] * 1e3:.1f} ms, median "
+              f"{loop[TIMED // 2] * 1e3:.1f} ms")
     times.sort()
-    print(f"{str(dtype)[6:]} decode step, batch {B}, at {P + WARM}-{P + WARM + TIMED - 1} cached "
+    print(f"{str(dtype)[6:]} decode step, batch {B}, at {P + WARM}-{last} cached "
           "positions: "
           f"min {times[0] * 1e3:.1f} ms, median {times[TIMED // 2] * 1e3:.1f} ms")
     if "--profile" in sys.argv:
