@@ -306,65 +306,6 @@ def new_cache(w: Weights, batch: int, max_len: int, dtype, device) -> KVCache:
                      for _ in "kv"))
 
 
-_NO_BIAS = torch.empty(0)
-
-
-def stack_applies(w: Weights, rows: int) -> bool:
-    """Whether a decode step of `rows` tokens may run through K.decode_stack: an OPT-shaped
-    model (layer norms, ReLU MLP, no RoPE, no LoRA), the kernels applying to its weights, and
-    rows within the linear kernel's."""
-    dtype = w.embed.dtype
-    if (w.inv_freq is not None or w.act != "relu" or not w.layers
-            or not _cpu_kernels_apply(w.embed.device, dtype)
-            or not 1 <= rows <= K.max_rows(dtype) or not K.available()):
-        return False
-    l0 = w.layers[0]
-    for l in w.layers:
-        if (len(l.qkv) != 3 or l.gate is not None or l.ln1.rms or l.ln2.rms
-                or l.ln1.eps != l0.ln1.eps or l.ln2.eps != l0.ln2.eps):
-            return False
-        for L in (*l.qkv, l.o, l.up, l.down):
-            if (L.a is not None or L.t or L.packed is not None or L.w.dtype != dtype
-                    or not L.w.is_contiguous()
-                    or (L.b is not None and (L.b.dtype != dtype or not L.b.is_contiguous()))):
-                return False
-    return True
-
-
-def stack_params(w: Weights) -> list:
-    """The 16 tensors a layer that K.decode_stack takes, an empty tensor for a missing bias."""
-    out = []
-    for l in w.layers:
-        for t in (l.ln1.w, l.ln1.b, l.qkv[0].w, l.qkv[0].b, l.qkv[1].w, l.qkv[1].b, l.qkv[2].w,
-                  l.qkv[2].b, l.o.w, l.o.b, l.ln2.w, l.ln2.b, l.up.w, l.up.b, l.down.w,
-                  l.down.b):
-            out.append(_NO_BIAS if t is None else t)
-    return out
-
-
-def _decode_stack(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int,
-                  key_mask: Tensor, logits: bool) -> Tensor | None:
-    """forward_ for one token a row through K.decode_stack: embeddings, the layers in one
-    call, then the head, as _run computes them."""
-    x = F.embedding(ids[:, 0], w.embed)                                  # (B, E)
-    if w.proj_in is not None:
-        x = lin(x, w.proj_in)
-    if w.pos is not None:
-        x = x + F.embedding(pos[:, 0] + w.pos_offset, w.pos)
-    keep = key_mask[:, :start + 1].clone()
-    keep[:, start] = True  # a row's own new key, as _run's mask
-    l0 = w.layers[0]
-    x = K.decode_stack(x, stack_params(w), cache.k, cache.v, start, keep, w.pre_norm, w.n_heads,
-                       l0.ln1.eps, l0.ln2.eps)
-    if not logits:
-        return None
-    if w.final is not None:
-        x = norm(x, w.final)
-    if w.proj_out is not None:
-        x = lin(x, w.proj_out)
-    return lin(x, w.head)
-
-
 def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, key_mask: Tensor,
              logits: bool = True, *, attn_kernel: bool = True) -> Tensor | None:
     """Run `ids` (B, S) at cache slots start..start+S-1; returns last-position logits (B, V),
@@ -375,8 +316,6 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
     attn_kernel=False: fp32 CPU decode attends through SDPA, not engines/kernels.py.
     """
     B, S = ids.shape
-    if S == 1 and attn_kernel and stack_applies(w, B):
-        return _decode_stack(w, cache, ids, pos, start, key_mask, logits)
     end = start + S
     # (B, 1, S, end): causal within the new tokens, and no padded keys
     causal = torch.ones(S, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)

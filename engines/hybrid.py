@@ -24,6 +24,7 @@ from . import common
 from . import decoder as D
 from . import kernels as K
 from . import lora_fold
+from . import stack as DS
 
 
 class HybridEngine:
@@ -214,6 +215,10 @@ class HybridEngine:
             # cache slots as device tensors made once: a host scalar copied per step would
             # stall the host until the GPU drains, every token
             slots = torch.arange(P, P + G, device=ids.device)
+            # an OPT-shaped model on the CPU: each decode step's layers in one C++ call, the
+            # same values (engines/stack.py)
+            fused = self._decode is None and DS.applies(w, B)
+            ps = DS.params(w) if fused else None
             for t in range(G):
                 tok, stop = pick(t, logits)
                 answer[:, t] = tok
@@ -222,7 +227,9 @@ class HybridEngine:
                 # contiguous: a column of a rollout (answer_logprobs) has other strides than
                 # a sampled token, and would make the compiled step compile again
                 step_ids = tok[:, None].contiguous()
-                if self._decode is None:
+                if fused:
+                    logits = DS.step(w, cache, step_ids, next_pos + t, P + t, key_mask, ps=ps)
+                elif self._decode is None:
                     logits = D.forward_(w, cache, step_ids, next_pos + t, P + t, key_mask)
                 else:
                     logits = self._decode_step(w, cache, step_ids, next_pos + t, slots[t],

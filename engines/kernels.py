@@ -153,8 +153,8 @@ def decode_stack(x: torch.Tensor, params: list, k_cache: tuple, v_cache: tuple, 
                  eps2: float) -> torch.Tensor:
     """Every layer of an OPT-shaped decoder for one decode step in one call (engines/csrc/
     stack.cpp): x (B, E) -> (B, E), the new keys and values written at cache slot `start`.
-    params: 16 tensors a layer (engines/decoder.py's stack_params); the caller checks that
-    the kernels are available and apply (decoder.stack_applies)."""
+    params: 16 tensors a layer (engines/stack.py's params); the caller checks that the
+    kernels are available and apply (engines/stack.py's applies)."""
     return _mod.decode_stack(x, params, list(k_cache), list(v_cache), start, keep, pre_norm,
                              heads, eps1, eps2)
 

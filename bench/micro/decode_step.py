@@ -7,7 +7,7 @@ length would hide any cost paid per new length (oneDNN built a primitive for eac
 Run: python -m bench.micro.decode_step [--profile] [--bf16] [--sdpa] [--loop | --vs-loop]
 [--batch N] (numbers in docs/performance.md); --sdpa: fp32 attention through SDPA instead of
 engines/kernels.py's kernel; --loop: the decoder's Python layer loop instead of the one-call
-decode_stack; --vs-loop: the two alternated step by step, both medians printed."""
+step of engines/stack.py; --vs-loop: the two alternated step by step, both medians printed."""
 import sys
 import time
 
@@ -16,6 +16,7 @@ import torch
 from core.data import synthetic_prompts
 from core.models import build_bundle, position_ids
 from engines import decoder as D
+from engines import stack as DS
 
 torch.set_num_threads(2)
 B = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
@@ -23,14 +24,6 @@ P, WARM, TIMED, PROFILED = 192, 3, 20, 10
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32
 ATTN_KERNEL = "--sdpa" not in sys.argv
 VS_LOOP = "--vs-loop" in sys.argv
-_stack_applies = D.stack_applies
-
-
-def use_stack(on: bool) -> None:
-    D.stack_applies = _stack_applies if on else (lambda *a: False)
-
-
-use_stack("--loop" not in sys.argv)
 b = build_bundle("opt-125m", seed=0, dtype=dtype, actor_only=True)
 w = D.extract(b.actor)
 prompts = synthetic_prompts(B, P, b.config.vocab_size, b.pad_id, seed=0)
@@ -45,9 +38,13 @@ tok = torch.zeros(B, 1, dtype=torch.long)
 with torch.no_grad():
     D.forward_(w, cache, prompts.input_ids, pos, 0, key_mask)
     steps = iter(range(WARM + TIMED + PROFILED))
+    stacked = ATTN_KERNEL and "--loop" not in sys.argv and DS.applies(w, B)
+    ps = DS.params(w)
 
-    def step():
+    def step(fused: bool = stacked):
         i = next(steps)
+        if fused:
+            return DS.step(w, cache, tok, pos[:, -1:] + 1 + i, P + i, key_mask, ps=ps)
         return D.forward_(w, cache, tok, pos[:, -1:] + 1 + i, P + i, key_mask,
                           attn_kernel=ATTN_KERNEL)
 
@@ -55,12 +52,9 @@ with torch.no_grad():
         step()
     times, loop = [], []
     for i in range(TIMED):
-        if VS_LOOP:
-            use_stack(i % 2 == 0)
         t = time.perf_counter()
-        step()
+        step(stacked and not (VS_LOOP and i % 2))
         (loop if VS_LOOP and i % 2 else times).append(time.perf_counter() - t)
-    use_stack("--loop" not in sys.argv)
     last = P + WARM + TIMED - 1
     if VS_LOOP:
         TIMED //= 2

@@ -12,9 +12,8 @@
 //
 // From ~8 rows on, decode is compute-bound, and what a tile does besides multiply-adds counts:
 // its sums are reduced by a shuffle tree (16 sums in one vector with AVX-512), and y is
-// written 8 columns at a time from 8 x 8 blocks transposed in registers, bias, ReLU and the
-// bf16 rounding in vectors. With both, the kernel stays ahead of oneDNN to 64 rows in fp32 and
-// 96 in bf16 with AVX-512 (engines/kernels.py's MAX_ROWS*).
+// written 8 columns at a time from 8 x 8 blocks transposed in registers, with bias, ReLU and
+// the bf16 rounding in vectors (how far that carries it: engines/kernels.py's MAX_ROWS*).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,9 +23,7 @@
 
 // Prefetch distances in floats' worth of W's bytes (half as many bf16 elements): PREFETCH along
 // a row of W into L1 (tuned on a Xeon), and PREFETCH_L2 into L2, in the order W is read (whole
-// rows ahead at the same k when K runs in tiles). The second raised what one core of an AMD
-// Zen 4 read from W from ~10 to ~14-15 GB/s: there, prefetching into L1 alone kept too few
-// lines in flight. Both are kept, so a CPU where the first sufficed still gets it.
+// rows ahead at the same k when K runs in tiles), which keeps more lines in flight (Zen 4).
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
@@ -51,9 +48,7 @@ __attribute__((always_inline)) static inline V loadv(const float* p) {
 // a vector of W's elements as floats: fp32 as it lies, bf16 zero-extended and shifted into
 // the upper half (exact)
 template <typename V>
-__attribute__((always_inline)) static inline V loadw(const float* p) {
-  return loadv<V>(p);
-}
+__attribute__((always_inline)) static inline V loadw(const float* p) { return loadv<V>(p); }
 // (in GCC's vector types, not intrinsics: compiled for the caller's target, as loadv; the
 // attention kernel, AVX2 only, widens with intrinsics, which ran faster there)
 typedef uint16_t h8 __attribute__((vector_size(16)));
@@ -106,40 +101,31 @@ __attribute__((always_inline)) static inline void add_sums(const V* a, float* ac
   }
 }
 
-// 16 vectors of 16 lanes (AVX-512, a tile of 8 rows of x by 2 of W): the 16 sums in one
-// vector, by a tree that halves the vectors at each level (pairs' halves, then quarters,
-// eighths, lanes: a shuffle pair and an add each), 46 operations where folding to 8 lanes and
-// hsum8x8 took ~100; the tree leaves sum t in lane bitreverse4(t), put back by one shuffle
+// 16 vectors of 16 lanes (AVX-512, a tile of 8 rows of x by 2 of W): their 16 sums in one
+// vector, by a tree that halves the vectors at each level with a shuffle pair and an add:
+// first each vector's lanes l and l + 8 (fold's sums), then even lanes plus odd ones (hsum8x8's
+// pairs), so every sum is added in the same order as on the other paths and y does not depend
+// on the tile a column or row lands in (batch size, thread count); sum t ends in lane t
+__attribute__((always_inline)) static inline f16 pairs(f16 a, f16 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                 31);
+}
+
 __attribute__((always_inline)) static inline void add_sums16(const f16* a, float* acc) {
-  f16 b[8], c[4], d[2];
+  f16 b[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i)
     b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
                                    19, 20, 21, 22, 23) +
            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
                                    26, 27, 28, 29, 30, 31);
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i)
-    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
-                                   11, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
-                                   14, 15, 28, 29, 30, 31);
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i)
-    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
-                                   25, 12, 13, 28, 29) +
-           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
-                                   26, 27, 14, 15, 30, 31);
-  const f16 e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26,
-                                        12, 28, 14, 30) +
-                __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27,
-                                        13, 29, 15, 31);
-  const f16 sums = __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11,
-                                           7, 15);
-  f16 old;
+  const f16 c[4] = {pairs(b[0], b[1]), pairs(b[2], b[3]), pairs(b[4], b[5]), pairs(b[6], b[7])};
+  f16 sums = pairs(pairs(c[0], c[1]), pairs(c[2], c[3])), old;
   __builtin_memcpy(&old, acc, sizeof(f16));
-  old += sums;
-  __builtin_memcpy(acc, &old, sizeof(f16));
+  sums += old;
+  __builtin_memcpy(acc, &sums, sizeof(f16));
 }
 
 // acc[t] += the sum of a[t]'s lanes for T accumulators
@@ -177,11 +163,7 @@ __attribute__((always_inline)) static inline void tile(
     int64_t pf2) {
   constexpr int L = sizeof(V) / sizeof(float), T = NW * R;
   constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(TW);
-  V a[NW][R];
-#pragma GCC unroll 8
-  for (int j = 0; j < NW; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[j][r] = V{};
+  V a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += L) {
     V v[NW];
 #pragma GCC unroll 8
@@ -248,11 +230,7 @@ __attribute__((always_inline)) static inline void tile_dp(
     const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
     float* acc, int64_t pf2) {
   constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(at::BFloat16);
-  f16 a[NW][R];
-#pragma GCC unroll 8
-  for (int j = 0; j < NW; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[j][r] = f16{};
+  f16 a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += 32) {
     __m512bh v[NW];
 #pragma GCC unroll 8
@@ -310,27 +288,24 @@ static inline void finish(const float* acc, int R, int rows, int64_t c0, int64_t
   if (R == 8) {
     const __m256 zero = _mm256_setzero_ps();
     for (; n + 8 <= c1; n += 8) {
-      const float* a = acc + (n - c0) * 8;
+      const float* a = acc + (n - c0) * 8;  // a[j * 8 + m]: row m of x with row n + j of W
       __m256 t[8], u[8], c[8];
       for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(_mm256_loadu_ps(a + i * 8), _mm256_loadu_ps(a + i * 8 + 8));
-        t[i + 1] = _mm256_unpackhi_ps(_mm256_loadu_ps(a + i * 8), _mm256_loadu_ps(a + i * 8 + 8));
+        const __m256 lo = _mm256_loadu_ps(a + i * 8), hi = _mm256_loadu_ps(a + i * 8 + 8);
+        t[i] = _mm256_unpacklo_ps(lo, hi);
+        t[i + 1] = _mm256_unpackhi_ps(lo, hi);
       }
-      for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      for (int i = 0; i < 8; ++i) {  // from t[0, 2], t[1, 3], t[4, 6], t[5, 7]: low, high
+        const __m256 p = t[(i & 4) + (i & 2) / 2], q = t[(i & 4) + (i & 2) / 2 + 2];
+        u[i] = i & 1 ? _mm256_shuffle_ps(p, q, 0xEE) : _mm256_shuffle_ps(p, q, 0x44);
       }
       for (int i = 0; i < 4; ++i) {  // c[m]: row m of x's sums with W's rows n .. n + 7
         c[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
         c[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
       }
-      __m256 bias = zero;
-      if (bp) {
-        const f8 bv = loadw<f8>(bp + n);
-        __builtin_memcpy(&bias, &bv, sizeof(bias));
-      }
+      const f8 bv = bp ? loadw<f8>(bp + n) : f8{};
+      __m256 bias;
+      __builtin_memcpy(&bias, &bv, sizeof(bias));
       for (int m = 0; m < rows; ++m) {
         __m256 v = _mm256_add_ps(c[m], bias);
         if (relu) v = _mm256_max_ps(zero, v);  // NaN stays NaN, as in std::max(s, 0.f)

@@ -1,11 +1,12 @@
 // One decode step through every layer of an OPT-shaped decoder (layer norms, q/k/v/o, ReLU
 // MLP, learned positions: no RoPE, no gate) in one call: the same operations, in the same
 // order and dtypes, as engines/decoder.py's layer loop, so the same values bit for bit; what it
-// saves is the Python between them (~40 calls a layer, a few ms a step at any batch).
+// saves is the Python between them, paid at every batch size. It calls skinny_linear and
+// decode_attention, defined before it in the one translation unit (kernels.py's SOURCES).
 //
-// x (B, E) the step's hidden states; p: 16 tensors a layer, in the order
-// ln1 w, b, q w, b, k w, b, v w, b, o w, b, ln2 w, b, fc1 w, b, fc2 w, b (an empty tensor for
-// a missing bias); kc, vc: each layer's cache (B, KV, T, D); the new keys and values go to slot
+// x (B, E) the step's hidden states; p: 16 tensors a layer, in the order ln1 w, b, q w, b,
+// k w, b, v w, b, o w, b, ln2 w, b, fc1 w, b, fc2 w, b (an empty tensor for a missing bias or
+// norm weight); kc, vc: each layer's cache (B, KV, T, D); the new keys and values go to slot
 // `start`, and attention reads slots [0, start] where keep (B, start + 1) is true.
 #include <torch/extension.h>
 
@@ -24,8 +25,8 @@ torch::Tensor decode_stack(torch::Tensor x, std::vector<torch::Tensor> p,
   auto lin = [&](const torch::Tensor& h, int64_t i, bool relu) {
     return skinny_linear(h, p[i], bias(p[i + 1]), relu);
   };
-  auto norm = [&](const torch::Tensor& h, int64_t i, double eps) {
-    return at::layer_norm(h, {h.size(-1)}, p[i], bias(p[i + 1]), eps);
+  auto norm = [&](const torch::Tensor& h, int64_t i, double eps) {  // weight, bias optional
+    return at::layer_norm(h, {h.size(-1)}, bias(p[i]), bias(p[i + 1]), eps);
   };
   for (int64_t l = 0; l < L; ++l) {
     const int64_t i = 16 * l;
