@@ -379,11 +379,7 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
     def pick(t):    # (B, S, C) -> (T, C) real-token rows
         return t if sel is None else t.reshape(B * S, -1)[sel]
 
-    x = pick(F.embedding(ids, w.embed))
-    if w.proj_in is not None:
-        x = lin(x, w.proj_in)
-    if w.pos is not None:
-        x = x + pick(F.embedding(pos + w.pos_offset, w.pos))
+    x = embed(w, ids, pos, pick)
     cos = sin = None
     if w.inv_freq is not None:
         f = pos[:, :, None].float() * w.inv_freq[None, None, :]   # (B, S, D/2)
@@ -416,9 +412,24 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
             h = act(lin(h, L.up))
         h = lin(h, L.down)
         x = x + h if w.pre_norm else norm(x + h, L.ln2)
-    if not logits:
-        return None
-    x = spread(x)[:, -1]
+    return head(w, spread(x)[:, -1]) if logits else None
+
+
+def embed(w: Weights, ids: Tensor, pos: Tensor, pick=lambda t: t) -> Tensor:
+    """Token embeddings (projected in where the model does) plus learned positions: ids and
+    pos of one shape -> that shape + (E,); pick keeps the rows the per-token work runs on
+    (_run's real tokens) before the projection."""
+    x = pick(F.embedding(ids, w.embed))
+    if w.proj_in is not None:
+        x = lin(x, w.proj_in)
+    if w.pos is not None:
+        x = x + pick(F.embedding(pos + w.pos_offset, w.pos))
+    return x
+
+
+def head(w: Weights, x: Tensor) -> Tensor:
+    """The last positions' hidden states x (B, E) -> logits (B, V): final norm, projection
+    out, vocabulary."""
     if w.final is not None:
         x = norm(x, w.final)
     if w.proj_out is not None:

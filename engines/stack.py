@@ -8,7 +8,6 @@ Python between the ~40 operations of each layer. Models it does not cover keep f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import decoder as D
@@ -60,20 +59,10 @@ def step(w: D.Weights, cache: D.KVCache, ids: Tensor, pos: Tensor, start: int,
     """forward_(w, cache, ids, pos, start, key_mask, logits) for ids (B, 1), where
     applies(w, B): embeddings, the layers in one call, then the head. ps: params(w), made
     once by a caller that steps many times."""
-    x = F.embedding(ids[:, 0], w.embed)                                  # (B, E)
-    if w.proj_in is not None:
-        x = D.lin(x, w.proj_in)
-    if w.pos is not None:
-        x = x + F.embedding(pos[:, 0] + w.pos_offset, w.pos)
+    x = D.embed(w, ids[:, 0], pos[:, 0])                                  # (B, E)
     keep = key_mask[:, :start + 1].clone()
     keep[:, start] = True  # a row's own new key, as forward_'s mask
     l0 = w.layers[0]
     x = K.decode_stack(x, params(w) if ps is None else ps, cache.k, cache.v, start, keep,
                        w.pre_norm, w.n_heads, l0.ln1.eps, l0.ln2.eps)
-    if not logits:
-        return None
-    if w.final is not None:
-        x = D.norm(x, w.final)
-    if w.proj_out is not None:
-        x = D.lin(x, w.proj_out)
-    return D.lin(x, w.head)
+    return D.head(w, x) if logits else None
