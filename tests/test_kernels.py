@@ -150,6 +150,18 @@ def test_dense_linear_equals_f_linear(m, k, n, relu):
         assert ((got16.double() - want16).abs() <= 2 ** -7 * want16.abs() + 1e-2 * k ** .5).all()
 
 
+def test_dense_linear_pads_ragged_rows_out_of_sight():
+    """Rows short of a multiple of K.DENSE_ROWS go through oneDNN padded with zero rows: the
+    result has x's leading shape, every row as F.linear gives it, and no padding row."""
+    g = torch.Generator().manual_seed(3)
+    for shape in ((3, 7, 64), (K.DENSE_ROWS + 1, 64), (K.DENSE_ROWS, 64)):
+        x, w = torch.randn(*shape, generator=g), torch.randn(40, 64, generator=g)
+        b = torch.randn(40, generator=g)
+        got = K.dense_linear(x, w, b)
+        assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+        assert (got - F.linear(x, w, b)).abs().max() <= 1e-5 * got.abs().max()
+
+
 def test_dense_linear_without_onednn_is_f_linear(monkeypatch):
     monkeypatch.setattr(K, "_DNN", False)
     x, w, b = torch.randn(20, 8), torch.randn(6, 8), torch.randn(6)
