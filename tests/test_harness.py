@@ -69,7 +69,7 @@ def test_run_writes_json_csv_and_summary(two_engine_run):
     assert data["version"] == 1 and set(data["engines"]) == {"hf", "hybrid"}
     for key in ("matmul_flops", "mem_bw", "threads"):
         assert data["limits"][key] > 0
-    for key in ("cpu", "torch", "transformers", "git_commit"):
+    for key in ("cpu", "torch", "transformers", "git_commit", "huge_pages"):
         assert key in data["env"]
     assert data["env"]["threads"] == data["limits"]["threads"] == 1  # --threads 1, as run
     rows = pd.read_csv(out / "rows.csv")
@@ -118,6 +118,34 @@ def test_engines_step_in_interleaved_rounds(two_engine_run):
     assert data["schedule"] == {"mode": "interleaved", "groups": [["hf", "hybrid"]]}
     rounds = [r["value"] for r in data["rows"] if r["metric"] == "round" and r["engine"] == "hf"]
     assert rounds == [0, 1, 2]
+
+
+def test_workers_and_in_process_benchmarks_ask_for_huge_pages(monkeypatch):
+    """Every engine's process gets the same allocator settings: added to the user's own glibc
+    tunables, never twice, none with RLHF_BENCH_HUGE_PAGES=0; an in-process benchmark starts
+    itself again with them, once."""
+    from bench import machine
+    monkeypatch.delenv("RLHF_BENCH_HUGE_PAGES", raising=False)
+    env = machine.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "1"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+                   "A": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+    assert machine.with_huge_pages(env) == env
+    calls = []
+    monkeypatch.setattr(machine.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(machine.sys, "argv", ["prog", "--batches", "8"])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    machine.respawn_with_huge_pages("bench.micro.x")
+    (exe, argv, child), = calls
+    assert argv == [exe, "-m", "bench.micro.x", "--batches", "8"]
+    assert "glibc.malloc.hugetlb=1" in child["GLIBC_TUNABLES"]
+    monkeypatch.setenv("GLIBC_TUNABLES", child["GLIBC_TUNABLES"])
+    machine.respawn_with_huge_pages("bench.micro.x")
+    monkeypatch.setenv("RLHF_BENCH_HUGE_PAGES", "0")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    machine.respawn_with_huge_pages("bench.micro.x")
+    assert len(calls) == 1
+    assert machine.with_huge_pages({"A": "1"}) == {"A": "1"}
+    assert machine.huge_pages() in ("always", "never", "madvise, not asked", "unknown")
 
 
 def test_an_engines_ranks_meet_on_the_port_of_its_place_in_the_run(monkeypatch):

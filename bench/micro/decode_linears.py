@@ -84,4 +84,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from bench.machine import respawn_with_huge_pages
+    respawn_with_huge_pages("bench.micro.decode_linears")  # the workers' memory, as in `run`
     main()

@@ -13,11 +13,13 @@ import time
 
 import torch
 
+from bench.machine import respawn_with_huge_pages
 from core.data import synthetic_prompts
 from core.models import build_bundle, position_ids
 from engines import decoder as D
 from engines import stack as DS
 
+respawn_with_huge_pages("bench.micro.decode_step")  # the workers' memory, as in `run`
 torch.set_num_threads(2)
 B = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
 P, WARM, TIMED, PROFILED = 192, 3, 20, 10

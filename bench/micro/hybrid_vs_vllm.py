@@ -228,4 +228,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from bench.machine import respawn_with_huge_pages
+    respawn_with_huge_pages("bench.micro.hybrid_vs_vllm")  # the workers' memory, as in `run`
     sys.exit(main())
