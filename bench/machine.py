@@ -91,15 +91,15 @@ def respawn_with_huge_pages(module: str) -> None:
 
 
 def huge_pages() -> str:
-    """What an engine's process gets: the kernel's transparent huge pages mode (always,
-    madvise, never) and, under madvise, whether the workers ask for them."""
+    """What an engine's process gets: 'always' or 'never' (the kernel's transparent huge
+    pages mode), or under its 'madvise' mode 'asked' or 'not asked' (by the workers)."""
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
         mode = text.split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         return "unknown"
     if mode == "madvise":
-        return "madvise, asked" if huge_pages_wanted() else "madvise, not asked"
+        return "asked" if huge_pages_wanted() else "not asked"
     return mode
 
 

@@ -189,6 +189,8 @@ def setup_line(data: dict) -> str | None:
         parts.append(f"{env['cpu']}" + (f" ({isa})" if isa else ""))
     if env.get("threads"):
         parts.append(f"{env['threads']} threads")
+    if env.get("huge_pages") and not device.startswith("cuda"):
+        parts.append(f"huge pages {env['huge_pages']}")
     parts += [f"{k} {env[k]}" for k in ("torch", "deepspeed", "vllm") if env.get(k)]
     if lim.get("matmul_flops") and lim.get("mem_bw"):
         parts.append(f"limits {_rate(lim['matmul_flops'], 'FLOP/s')} matmul, "
