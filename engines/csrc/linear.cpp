@@ -218,11 +218,11 @@ __attribute__((target("avx512f"))) static void span_avx512(
   span<f16, R, TW>(x, w, K, KL, c0, c1, 2, acc);
 }
 
-// bf16 x and W on a CPU with AVX-512 BF16: vdpbf16ps multiplies 32 pairs of bf16 exactly and
-// adds them two by two into 16 fp32 lanes, twice an FMA's products an instruction and nothing
-// to widen, where the widening path above turns compute-bound from ~8 rows. The same tiles as
-// `tile` and `span` (two rows of W at a time), compiled for that target: intrinsics inline
-// only into functions of their own target.
+// bf16 x and W on a CPU with AVX-512 BF16: vdpbf16ps multiplies 32 pairs of bf16 exactly and adds
+// them two by two into 16 fp32 lanes, twice an FMA's products an instruction and nothing to widen,
+// where the widening path above turns compute-bound from ~8 rows. The same tiles as `tile` and
+// `span` (two rows of W at a time, one up to 4 rows of x), compiled for that target: intrinsics
+// inline only into functions of their own target.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16")
 template <int R, int NW>
@@ -258,7 +258,10 @@ static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int
     const int64_t k1 = std::min(k0 + kt, KL);
     const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
     int64_t n = c0;
-    for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    // up to 4 rows of x the tile is memory-bound: one row of W at a time reads W as a single
+    // stream, which kept up with memory better than two rows side by side
+    if (R > 4)
+      for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
