@@ -67,14 +67,19 @@ def huge_pages_wanted() -> bool:
     return os.environ.get("RLHF_BENCH_HUGE_PAGES", "1") != "0"
 
 
+def _asks_hugetlb(env) -> bool:
+    """Whether env's glibc tunables already set malloc's huge-page one (to any value)."""
+    return "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", "")
+
+
 def with_huge_pages(env: dict) -> dict:
     """env plus HUGE_PAGES_ENV (added to any GLIBC_TUNABLES already set), unless
     RLHF_BENCH_HUGE_PAGES=0."""
     env = dict(env)
     if not huge_pages_wanted():
         return env
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
+    if not _asks_hugetlb(env):
+        tunables = env.get("GLIBC_TUNABLES", "")
         env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGE_PAGES_ENV["GLIBC_TUNABLES"])
                                          if t)
     env.setdefault("THP_MEM_ALLOC_ENABLE", HUGE_PAGES_ENV["THP_MEM_ALLOC_ENABLE"])
@@ -84,7 +89,7 @@ def with_huge_pages(env: dict) -> dict:
 def respawn_with_huge_pages(module: str) -> None:
     """Run `python -m module` with this process's arguments again, in huge pages, unless this
     process already has them or they are not wanted (allocator settings are read at start)."""
-    if huge_pages_wanted() and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    if huge_pages_wanted() and not _asks_hugetlb(os.environ):
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
                   with_huge_pages(os.environ))

@@ -150,10 +150,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = N
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
     if M % DENSE_ROWS:
-        xp = x2.new_empty(M + DENSE_ROWS - M % DENSE_ROWS, x2.shape[1])
-        xp[:M] = x2
-        xp[M:] = 0
-        x2 = xp
+        x2 = F.pad(x2, (0, 0, 0, DENSE_ROWS - M % DENSE_ROWS))
     y = torch.ops.mkldnn._linear_pointwise(x2, w.contiguous(), b, "relu" if relu else "none",
                                            [], "")
     return y[:M].reshape(*x.shape[:-1], w.shape[0])
