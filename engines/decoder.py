@@ -256,11 +256,19 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel: bool = True) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel: bool = True,
+              first: Optional[Tensor] = None) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool.
-    kernel=False: SDPA for fp32 CPU decode too (A/B timing, tests)."""
+    first: (B,) int64 or None; given, the mask is causal over left-padded rows whose real
+    tokens are slots first[b] onwards, and the chunk's queries are slots end - S onwards.
+    kernel=False: SDPA for CPU decode and prefill too (A/B timing, tests)."""
     B, H, S, D = q.shape
     KV = k.shape[1]
+    if first is not None and kernel and _cpu_kernels_apply(q.device, q.dtype):
+        # a prefill chunk on the CPU: each row's causal pairs over its real tokens alone
+        out = K.prefill_attention(q, k, v, first, k.shape[2] - S, 1.0 / math.sqrt(D))
+        if out is not None:
+            return out
     if S == 1 and kernel and _cpu_kernels_apply(q.device, q.dtype):
         # decode on the CPU: engines/kernels.py reads K and V once per KV head
         out = K.decode_attention(q, k, v, mask.reshape(B, -1), 1.0 / math.sqrt(D))
@@ -313,7 +321,7 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
 
     pos: (B, S) position ids (padding skipped). key_mask: (B, >= start+S) bool, True on real
     keys. Attention reads only the filled part of the cache (shapes change every step).
-    attn_kernel=False: fp32 CPU decode attends through SDPA, not engines/kernels.py.
+    attn_kernel=False: CPU decode and prefill attend through SDPA, not engines/kernels.py.
     """
     B, S = ids.shape
     end = start + S
@@ -332,9 +340,16 @@ def forward_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, start: int, k
     # a prefill chunk on the CPU with padding in it: the per-token work runs on its real tokens
     # only (left-padded prompts are mostly padding in their first chunks)
     real = key_mask[:, start:end] if S > 1 and ids.device.type == "cpu" else None
-    if real is not None and bool(real.all()):
-        real = None
-    return _run(w, ids, pos, mask, kv, logits, attn_kernel, real)
+    first = None
+    if real is not None:
+        # each row's first real slot, where its keys are all real from there on (left padding)
+        keys = key_mask[:, :end].bool()
+        first = (~keys).sum(1)
+        if not bool((keys == (torch.arange(end, device=ids.device) >= first[:, None])).all()):
+            first = None
+        if bool(real.all()) and not _ragged(B * S, w.embed.dtype):
+            real = None   # nothing to pack (else _run's row copies make the count whole)
+    return _run(w, ids, pos, mask, kv, logits, attn_kernel, real, first)
 
 
 def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: Tensor,
@@ -359,25 +374,33 @@ def decode_static_(w: Weights, cache: KVCache, ids: Tensor, pos: Tensor, slot: T
 
 
 def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = True,
-         attn_kernel: bool = True, real: Optional[Tensor] = None) -> Tensor | None:
+         attn_kernel: bool = True, real: Optional[Tensor] = None,
+         first: Optional[Tensor] = None) -> Tensor | None:
     """The decoder stack; `kv(layer, k, v)` stores the new keys/values and returns the keys and
     values to attend over.
 
     real: (B, S) bool or None. Given, the per-token work (linears, norms, residuals) runs on
-    the real tokens alone, packed as (T, E) rows; only attention sees the (B, S) layout, with
-    zeros at the padded positions (their keys are masked, their outputs dropped)."""
+    the real tokens alone, packed as (T, E) rows (and copies of the first up to a multiple of
+    K.DENSE_ROWS where dense_linear takes them); only attention sees the (B, S) layout, with zeros at the padded positions
+    (their keys are masked, their outputs dropped).
+    first: (B,) or None, as attention() takes it."""
     B, S = ids.shape
-    sel = None if real is None else real.reshape(-1).nonzero().squeeze(1)      # (T,)
+    sel = rows = None if real is None else real.reshape(-1).nonzero().squeeze(1)   # (T,)
+    if sel is not None and _ragged(sel.numel(), w.embed.dtype):
+        # copies of the first real token's row up to a multiple of dense_linear's row block,
+        # computed and dropped: no linear then pads (copies) its input to that multiple
+        extra = K.DENSE_ROWS - sel.numel() % K.DENSE_ROWS
+        rows = torch.cat((sel, sel[:1].expand(extra)))
 
-    def spread(t):  # (T, C) real-token rows -> (B, S, C), zeros at padding
+    def spread(t):  # (T', C) rows -> (B, S, C): the real tokens' in place, zeros at padding
         if sel is None:
             return t
         out = t.new_zeros(B * S, t.shape[-1])
-        out[sel] = t
+        out[sel] = t[:sel.numel()]
         return out.view(B, S, -1)
 
-    def pick(t):    # (B, S, C) -> (T, C) real-token rows
-        return t if sel is None else t.reshape(B * S, -1)[sel]
+    def pick(t):    # (B, S, C) -> (T', C): the real tokens' rows, and the copies after them
+        return t if sel is None else t.reshape(B * S, -1)[rows]
 
     x = embed(w, ids, pos, pick)
     cos = sin = None
@@ -400,7 +423,7 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
         if cos is not None:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         keys, values = kv(i, k, v)
-        a = attention(q, keys, values, mask, attn_kernel)
+        a = attention(q, keys, values, mask, attn_kernel, first)
         a = lin(pick(a.transpose(1, 2).reshape(B, S, H * D)), L.o)
         x = x + a if w.pre_norm else norm(x + a, L.ln1)
         h = norm(x, L.ln2) if w.pre_norm else x
@@ -413,6 +436,12 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
         h = lin(h, L.down)
         x = x + h if w.pre_norm else norm(x + h, L.ln2)
     return head(w, spread(x)[:, -1]) if logits else None
+
+
+def _ragged(rows: int, dtype: torch.dtype) -> bool:
+    """Whether `rows` rows go to dense_linear (lin's path above the kernel's rows) short of a
+    whole number of its row blocks."""
+    return rows % K.DENSE_ROWS != 0 and rows > K.max_rows(dtype)
 
 
 def embed(w: Weights, ids: Tensor, pos: Tensor, pick=lambda t: t) -> Tensor:

@@ -37,9 +37,9 @@ DENSE_ROWS = 16   # dense_linear's row multiple
 DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("linear.cpp", "attention.cpp", "noise.cpp", "stack.cpp")
+SOURCES = ("linear.cpp", "attention.cpp", "prefill.cpp", "noise.cpp", "stack.cpp")
 FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "avx512_on", "set_bf16dp", "bf16dp_on",
-             "decode_attention", "counter_uniform", "decode_stack"]
+             "decode_attention", "prefill_attention", "counter_uniform", "decode_stack"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"]
 
 _mod = None
@@ -195,3 +195,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
             or any(t.stride(3) != 1 for t in (q, k, v))):
         return None
     return mod.decode_attention(q, k, v, keep.contiguous(), scale).transpose(1, 2)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
+                      start: int, scale: float) -> Optional[torch.Tensor]:
+    """A prefill chunk's causal attention on the CPU in fp32 or bf16, over real tokens only:
+    q (B, H, S, D), the first query at cache slot `start`; k, v (B, KV, start + S, D) with unit
+    stride along D (cache views); first (B,) int64, row b's real tokens being slots first[b]
+    onwards. Returns (B, H, S, D) (a view of a (B, S, H, D) tensor), zeros on padded queries,
+    or None where the kernel does not apply (the caller uses SDPA)."""
+    mod = _load()
+    if mod is None or q.dim() != 4 or k.dim() != 4:
+        return None
+    B, H, S, D = q.shape
+    KV = k.shape[1]
+    if (min(B, H, S, D, KV) < 1 or D % 8 or H % KV or k.shape != (B, KV, start + S, D)
+            or v.shape != k.shape or first.shape != (B,) or first.dtype != torch.int64
+            or q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v))
+            or any(t.device.type != "cpu" for t in (q, k, v, first))
+            or any(t.stride(3) != 1 for t in (q, k, v))):
+        return None
+    return mod.prefill_attention(q, k, v, first.contiguous(), start, scale).transpose(1, 2)
