@@ -8,8 +8,8 @@
 // D): cache views holding the chunk's keys and values; each with unit stride along D. first
 // (B,) int64: row b's real tokens are slots first[b] onwards (left padding before them).
 // Returns (B, S, H, D), zeros on padded queries. Arithmetic in fp32 (a bf16 input is widened
-// as it is loaded), the output rounded once. Uses load8 and exp_nonpos from attention.cpp,
-// defined before it in the one translation unit (kernels.py's SOURCES).
+// as it is loaded), the output rounded once. Uses load8, exp_nonpos, hmax and hsum from
+// attention.cpp, defined before it in the one translation unit (kernels.py's SOURCES).
 //
 // One task per (KV head, row): its keys are widened once into a transposed fp32 block (D, L),
 // L the row's real keys (8 x 8 transposes), then its H/KV heads' queries go through four at a
@@ -39,12 +39,6 @@ static inline void transpose8(__m256* r) {
     r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
-}
-
-static inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 // o[i * od + (0, 8 NV)) = inv[i] * sum over keys j < n of p[i * pl + j] * V[j, 0, 8 NV), for
