@@ -260,7 +260,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel: bool = True
               first: Optional[Tensor] = None) -> Tensor:
     """q (B, H, S, D); k, v (B, KV, end, D) views of the cache; mask (B, 1, S, end) bool.
     first: (B,) int64 or None; given, the mask is causal over left-padded rows whose real
-    tokens are slots first[b] onwards, and the chunk's queries are slots end - S onwards.
+    tokens are slots first[b] onwards, and the chunk's queries are slots end - S onwards
+    (outputs at padded queries are then zeros, and mean nothing: the caller drops them).
     kernel=False: SDPA for CPU decode and prefill too (A/B timing, tests)."""
     B, H, S, D = q.shape
     KV = k.shape[1]
@@ -381,8 +382,8 @@ def _run(w: Weights, ids: Tensor, pos: Tensor, mask: Tensor, kv, logits: bool = 
 
     real: (B, S) bool or None. Given, the per-token work (linears, norms, residuals) runs on
     the real tokens alone, packed as (T, E) rows (and copies of the first up to a multiple of
-    K.DENSE_ROWS where dense_linear takes them); only attention sees the (B, S) layout, with zeros at the padded positions
-    (their keys are masked, their outputs dropped).
+    K.DENSE_ROWS where dense_linear takes them); only attention sees the (B, S) layout, with
+    zeros at the padded positions (their keys are masked, their outputs dropped).
     first: (B,) or None, as attention() takes it."""
     B, S = ids.shape
     sel = rows = None if real is None else real.reshape(-1).nonzero().squeeze(1)   # (T,)

@@ -37,6 +37,7 @@ DENSE_ROWS = 16   # dense_linear's row multiple
 DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
+# in this order: prefill.cpp and stack.cpp use functions of the files before them
 SOURCES = ("linear.cpp", "attention.cpp", "prefill.cpp", "noise.cpp", "stack.cpp")
 FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "avx512_on", "set_bf16dp", "bf16dp_on",
              "decode_attention", "prefill_attention", "counter_uniform", "decode_stack"]

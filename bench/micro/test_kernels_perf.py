@@ -1,8 +1,9 @@
 """pytest-benchmark timings of the CPU decode kernels against their ATen twins (run by
 `make perf`): linears with 8 and 16 rows of x (opt-125m's widest K and its head's shape) and
 one decode step's attention (opt-125m, batch 8, 220 cached keys, read from memory as in a
-step); one prefill's attention (opt-350m, bf16, batches 1-64). Each pair shares a group, so pytest-benchmark's table puts the kernel and its twin side
-by side; nothing here asserts a time.
+step); one prefill's attention (opt-350m, bf16, batches 1-64). Each pair shares a group, so
+pytest-benchmark's table puts the kernel and its twin side by side; nothing here asserts a
+time.
 """
 from __future__ import annotations
 

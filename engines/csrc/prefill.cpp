@@ -12,10 +12,10 @@
 // attention.cpp, defined before it in the one translation unit (kernels.py's SOURCES).
 //
 // One task per (KV head, row): its keys are widened once into a transposed fp32 block (D, L),
-// L the row's real keys (8 x 8 transposes), then its H/KV heads' queries go through four at a
-// time: scores for 16 keys a step held in registers (queries broadcast, keys along the lanes),
-// a two-pass softmax on each query's row, then the values as the cache holds them, 16 of D a
-// pass for the four queries.
+// L the row's real keys up to the chunk's end (8 x 8 transposes; a later chunk does it
+// again), then its H/KV heads' queries go through four at a time: scores for 16 keys a step
+// held in registers (queries broadcast, keys along the lanes), a two-pass softmax on each
+// query's row, then the values as the cache holds them, 16 of D a pass for the four queries.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
