@@ -178,6 +178,13 @@ def counter_uniform(key: int, n: int) -> torch.Tensor:
     return mod.counter_uniform(as_int64(key), n)  # the key's 64 bits, as the torch form takes
 
 
+def _qkv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What both attention kernels need of q, k and v: one of DTYPES for all three, on the CPU,
+    unit stride along the head dimension (their last of 4)."""
+    return (q.dtype in DTYPES and all(t.dtype == q.dtype and t.device.type == "cpu"
+                                      and t.stride(3) == 1 for t in (q, k, v)))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                      scale: float) -> Optional[torch.Tensor]:
     """One decode step's attention on the CPU in fp32 or bf16: q (B, H, 1, D); k, v (B, KV, E, D)
@@ -191,9 +198,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     KV, E = k.shape[1], k.shape[2]
     if (S != 1 or min(B, H, D, KV, E) < 1 or H % KV or k.shape != (B, KV, E, D)
             or v.shape != k.shape or keep.shape != (B, E) or keep.dtype != torch.bool
-            or q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v))
-            or any(t.device.type != "cpu" for t in (q, k, v, keep))
-            or any(t.stride(3) != 1 for t in (q, k, v))):
+            or keep.device.type != "cpu" or not _qkv_ok(q, k, v)):
         return None
     return mod.decode_attention(q, k, v, keep.contiguous(), scale).transpose(1, 2)
 
@@ -212,8 +217,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: 
     KV = k.shape[1]
     if (min(B, H, S, D, KV) < 1 or D % 8 or H % KV or k.shape != (B, KV, start + S, D)
             or v.shape != k.shape or first.shape != (B,) or first.dtype != torch.int64
-            or q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v))
-            or any(t.device.type != "cpu" for t in (q, k, v, first))
-            or any(t.stride(3) != 1 for t in (q, k, v))):
+            or first.device.type != "cpu" or not _qkv_ok(q, k, v)):
         return None
     return mod.prefill_attention(q, k, v, first.contiguous(), start, scale).transpose(1, 2)

@@ -84,6 +84,59 @@ static inline __m256 exp_nonpos(__m256 x) {
   return _mm256_andnot_ps(zero_out, y);
 }
 
+// s[0, n) <- e^(s - max) over the kept keys (m: one bool a key, or nullptr for all), 0 at the
+// others; returns their sum. A NaN score (or +inf, through inf - inf) makes every weight NaN,
+// as in SDPA. Eight keys a vector: a scalar max and sum, each a chain through one register,
+// took a third of the decode kernel's time.
+static inline float softmax_row(float* s, int64_t n, const bool* m) {
+  const int64_t n8 = n & ~int64_t(7);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  __m256 mv = _mm256_set1_ps(-INFINITY), nanv = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n8; t += 8) {
+    const __m256 x = _mm256_loadu_ps(s + t), kept = m ? keep8(m + t) : all;
+    mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, kept));
+    nanv = _mm256_or_ps(nanv, _mm256_and_ps(kept, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
+  float mx = hmax(mv);
+  bool nan = _mm256_movemask_ps(nanv) != 0;
+  for (int64_t t = n8; t < n; ++t)
+    if (!m || m[t]) {
+      mx = std::max(mx, s[t]);
+      nan |= std::isnan(s[t]);
+    }
+  if (nan) mx = NAN;
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n8; t += 8) {
+    const __m256 p = _mm256_and_ps(m ? keep8(m + t) : all,
+                                   exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + t), mxv)));
+    _mm256_storeu_ps(s + t, p);
+    sv = _mm256_add_ps(sv, p);
+  }
+  float sum = hsum(sv);
+  for (int64_t t = n8; t < n; ++t) sum += s[t] = (!m || m[t]) ? std::exp(s[t] - mx) : 0.f;
+  return sum;
+}
+
+// s[0, 8) = the scores of keys K[0, 8) (rows kt apart) against qs (D floats), the keys
+// widened in order
+template <typename T>
+static inline void scores8(const float* qs, const T* K, int64_t kt, int64_t D, float* s) {
+  const int64_t D8 = D & ~int64_t(7);
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D8; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(qs + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(K + j * kt + d), a[j]);
+  }
+  _mm256_storeu_ps(s, hsum8x8(a));
+  if (D8 < D)
+    for (int j = 0; j < 8; ++j)
+      for (int64_t d = D8; d < D; ++d) s[j] += qs[d] * float(K[j * kt + d]);
+}
+
 // o[0, NV*8) += sum over kept keys t of p[t] * V[t, 0, NV*8): NV vectors held in registers
 template <int NV, typename T>
 static inline void weighted_sum(const float* p, const bool* m, const T* V, int64_t vt,
@@ -211,61 +264,21 @@ static torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
               qo[c / 2 + i] = qs[c + 2 * i + 1];
               qe[c / 2 + i] = qs[c + 2 * i];
             }
-        for (int64_t t = 0; t < n8 && pairs; t += 8) {
-          if constexpr (bf16) scores8_pairs(qo.data(), qe.data(), K + t * kt, kt, D, s.data() + t);
-          _mm_prefetch((const char*)(K + (t + pf) * kt), _MM_HINT_T0);
-          for (int j = 0; j < 8; ++j)
-            for (int64_t l = 0; l < D; l += 32)
-              _mm_prefetch((const char*)(K + (t + 2 * pf + j) * kt + l), _MM_HINT_T1);
-        }
-        for (int64_t t = 0; t < n8 && !pairs; t += 8) {
-          __m256 a[8];
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D8; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(qs.data() + d);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j)
-              a[j] = _mm256_fmadd_ps(qv, load8(K + (t + j) * kt + d), a[j]);
-          }
+        for (int64_t t = 0; t < n8; t += 8) {
+          bool done = false;
+          if constexpr (bf16)
+            if (pairs) {
+              scores8_pairs(qo.data(), qe.data(), K + t * kt, kt, D, s.data() + t);
+              done = true;
+            }
+          if (!done) scores8(qs.data(), K + t * kt, kt, D, s.data() + t);
           _mm_prefetch((const char*)(K + (t + pf) * kt), _MM_HINT_T0);
           for (int j = 0; j < 8; ++j)  // every line of 8 keys further ahead, into L2
             for (int64_t l = 0; l < D; l += 64 / (int64_t)sizeof(T))
               _mm_prefetch((const char*)(K + (t + 2 * pf + j) * kt + l), _MM_HINT_T1);
-          _mm256_storeu_ps(s.data() + t, hsum8x8(a));
-          if (D8 < D)
-            for (int j = 0; j < 8; ++j)
-              for (int64_t d = D8; d < D; ++d) s[t + j] += qs[d] * float(K[(t + j) * kt + d]);
         }
         for (int64_t t = n8; t < n; ++t) s[t] = dot(qs.data(), K + t * kt, D);
-        // a NaN score (or +inf, through inf - inf) makes every weight NaN, as in SDPA; eight
-        // keys at a time (a scalar max and sum, each a chain through one register, took a
-        // third of the kernel's time)
-        __m256 mv = _mm256_set1_ps(-INFINITY), nanv = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n8; t += 8) {
-          const __m256 x = _mm256_loadu_ps(s.data() + t), kept = keep8(m + t);
-          mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, kept));
-          nanv = _mm256_or_ps(nanv, _mm256_and_ps(kept, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-        }
-        float mx = hmax(mv);
-        bool nan = _mm256_movemask_ps(nanv) != 0;
-        for (int64_t t = n8; t < n; ++t)
-          if (m[t]) {
-            mx = std::max(mx, s[t]);
-            nan |= std::isnan(s[t]);
-          }
-        if (nan) mx = NAN;
-        // weights e^(s - max), 0 where masked, and their sum
-        const __m256 mxv = _mm256_set1_ps(mx);
-        __m256 sv = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n8; t += 8) {
-          const __m256 p = _mm256_and_ps(
-              keep8(m + t), exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s.data() + t), mxv)));
-          _mm256_storeu_ps(s.data() + t, p);
-          sv = _mm256_add_ps(sv, p);
-        }
-        float sum = hsum(sv);
-        for (int64_t t = n8; t < n; ++t) sum += s[t] = m[t] ? std::exp(s[t] - mx) : 0.f;
+        const float sum = softmax_row(s.data(), n, m);
         // values: 64 floats of D at a time in registers, then what is left 8 and 1 at a time
         std::fill(o.begin(), o.end(), 0.f);
         int64_t d = 0;

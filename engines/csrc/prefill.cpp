@@ -8,7 +8,7 @@
 // D): cache views holding the chunk's keys and values; each with unit stride along D. first
 // (B,) int64: row b's real tokens are slots first[b] onwards (left padding before them).
 // Returns (B, S, H, D), zeros on padded queries. Arithmetic in fp32 (a bf16 input is widened
-// as it is loaded), the output rounded once. Uses load8, exp_nonpos, hmax and hsum from
+// as it is loaded), the output rounded once. Uses load8, exp_nonpos and softmax_row from
 // attention.cpp, defined before it in the one translation unit (kernels.py's SOURCES).
 //
 // One task per (KV head, row): its keys are widened once into a transposed fp32 block (D, L),
@@ -144,29 +144,7 @@ static torch::Tensor prefill_attend(torch::Tensor q, torch::Tensor k, torch::Ten
           for (int64_t i = 0; i < nq; ++i) {
             float* r = s.data() + i * L16;
             const int64_t ni = t + i - f + 1;
-            int64_t j = 0;
-            __m256 mv = _mm256_set1_ps(-INFINITY), nanv = _mm256_setzero_ps();
-            for (; j + 8 <= ni; j += 8) {
-              const __m256 x = _mm256_loadu_ps(r + j);
-              mv = _mm256_max_ps(mv, x);
-              nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-            }
-            float mx = hmax(mv);
-            bool nan = _mm256_movemask_ps(nanv) != 0;
-            for (; j < ni; ++j) {
-              mx = std::max(mx, r[j]);
-              nan |= std::isnan(r[j]);
-            }
-            if (nan) mx = NAN;  // a NaN score makes every weight NaN, as in SDPA
-            const __m256 mxv = _mm256_set1_ps(mx);
-            __m256 sv = _mm256_setzero_ps();
-            for (j = 0; j + 8 <= ni; j += 8) {
-              const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(r + j), mxv));
-              _mm256_storeu_ps(r + j, e);
-              sv = _mm256_add_ps(sv, e);
-            }
-            float sum = hsum(sv);
-            for (; j < ni; ++j) sum += r[j] = std::exp(r[j] - mx);
+            const float sum = softmax_row(r, ni, nullptr);
             std::fill(r + ni, r + n16, 0.f);
             inv[i] = 1.f / sum;
           }
