@@ -95,13 +95,17 @@ def test_bf16_skinny_linear_rounds_as_torch_does(m, bf16_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_skinny_linear_does_not_depend_on_batch_or_threads(dtype, isa):
+@pytest.mark.parametrize("k", [100, 3100])
+def test_skinny_linear_does_not_depend_on_batch_or_threads(dtype, k, isa):
     """Each output's sums are added in one order whatever tile its row and column fall in: a
-    row of y is the same bits computed alone, in any group of rows, and on 1 or 2 threads."""
+    row of y is the same bits computed alone, in any group of rows (tiles of 4 rows, which
+    read W row by row, one or two rows at a time, and of 8, which read it tile by tile of K;
+    K in one tile and in 3-4), and on 1 or 2 threads."""
     g = torch.Generator().manual_seed(1)
-    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((13, 100), (333, 100), (333,)))
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((13, k), (333, k), (333,)))
     whole = K.skinny_linear(x, w, b)
-    parts = torch.cat([K.skinny_linear(x[i:j], w, b) for i, j in ((0, 1), (1, 5), (5, 13))])
+    parts = torch.cat([K.skinny_linear(x[i:j], w, b)
+                       for i, j in ((0, 1), (1, 3), (3, 7), (7, 13))])
     assert torch.equal(parts, whole)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

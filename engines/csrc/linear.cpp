@@ -4,8 +4,9 @@
 // weight about twice and reaches ~9 GB/s here; pre-packing fixes that but is a second copy of
 // the weights. This kernel reads the training weight W (N, K) as it lies, once: each vector of W
 // is used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in
-// tiles of at most 1024 floats so that a group's tile of x stays in L1, using AVX2 FMA (AVX-512
-// where the CPU has it); the N rows are split across torch's intra-op threads. A bf16 W is
+// tiles of at most 1024 floats so that a group's tile of x stays in L1 (groups of 4, memory-
+// bound, read W row after row, all of K, in one stream), using AVX2 FMA (AVX-512 where the
+// CPU has it); the N rows are split across torch's intra-op threads. A bf16 W is
 // widened to fp32 as it is loaded (bf16 is fp32's upper half: a zero-extend and a shift), x is
 // widened once, the sums run in fp32 and y is rounded once, as oneDNN's bf16 linear does: the
 // same arithmetic for half the bytes of W, on any CPU with AVX2.
@@ -135,6 +136,9 @@ __attribute__((always_inline)) static inline void reduce(const V* a, float* acc)
   else add_sums<V, T>(a, acc);
 }
 
+// the bytes of x a tile can keep in L1 while W streams through it
+constexpr int64_t X_L1 = 24 * 1024;
+
 // x leaves L1 (48 KB here) past 8 rows of ~1500 floats; the K dimension goes in equal tiles of
 // at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
 constexpr int64_t KTILE = 1024;
@@ -183,13 +187,41 @@ __attribute__((always_inline)) static inline void tile(
   reduce<V, T>(&a[0][0], acc);
 }
 
+// Up to 4 rows of x a tile is memory-bound, and W is read row after row, each row's tiles of K
+// in turn: one stream, in the order W lies. (Tile by tile of K across the rows, the order the
+// compute-bound tiles need to keep x's tile in L1, reads as many short streams as rows; where K
+// runs in 3-4 tiles that kept up with memory worse.) Either order adds each tile's sums to acc
+// in k's order, so y is the same bits. pf2: the L2 prefetch's distance along the stream.
+template <int NW, typename Tile>
+__attribute__((always_inline)) static inline void by_rows(int64_t KL, int64_t kt, int64_t c0,
+                                                          int64_t c1, int64_t size, Tile tile) {
+  const int64_t pf2 = PREFETCH_L2 * (int64_t)sizeof(float) / size;
+  int64_t n = c0;
+  for (; n + NW <= c1; n += NW)
+    for (int64_t k0 = 0; k0 < KL; k0 += kt)
+      tile(std::integral_constant<int, NW>(), k0, std::min(k0 + kt, KL), n, pf2);
+  for (; n < c1; ++n)
+    for (int64_t k0 = 0; k0 < KL; k0 += kt)
+      tile(std::integral_constant<int, 1>(), k0, std::min(k0 + kt, KL), n, pf2);
+}
+
 // acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
-// k < KL (a multiple of the vector width), tile by tile of K, NW rows of W at a time
+// k < KL (a multiple of the vector width): by_rows up to 4 rows of x, else tile by tile of K,
+// NW rows of W at a time
 template <typename V, int R, typename TW>
 __attribute__((always_inline)) static inline void span(
     const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
     float* acc) {
   const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float));
+  if constexpr (R <= 4) {
+    auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
+      tile<V, R, decltype(nw_)::value, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    };
+    if (R == 4 && nw == 3) by_rows<3>(KL, kt, c0, c1, sizeof(TW), f);
+    else if (R == 4 && nw == 2) by_rows<2>(KL, kt, c0, c1, sizeof(TW), f);
+    else by_rows<1>(KL, kt, c0, c1, sizeof(TW), f);
+    return;
+  }
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
     const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(TW));
@@ -254,14 +286,21 @@ template <int R>
 static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t KL,
                     int64_t c0, int64_t c1, float* acc) {
   const int64_t kt = k_tile(KL, 32);
+  if constexpr (R <= 4) {
+    auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
+      tile_dp<R, decltype(nw_)::value>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    };
+    // once x's rows outgrow the part of L1 the stream leaves them (K of 4096: 32 KB), two rows
+    // of W side by side load each vector of x from L2 once for both
+    if (R * K * (int64_t)sizeof(at::BFloat16) > X_L1) by_rows<2>(KL, kt, c0, c1, sizeof(at::BFloat16), f);
+    else by_rows<1>(KL, kt, c0, c1, sizeof(at::BFloat16), f);
+    return;
+  }
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
     const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
     int64_t n = c0;
-    // up to 4 rows of x the tile is memory-bound: one row of W at a time reads W as a single
-    // stream, which kept up with memory better than two rows side by side
-    if (R > 4)
-      for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
@@ -347,15 +386,18 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
   const int64_t KL = K - K % (sizeof(TX) == 2 ? 32 : wide ? 16 : 8);
   const TX* xp = x.data_ptr<TX>();
   // a tile reads all R rows of its group: the last group's rows, zero rows after them, in a
-  // buffer kept between calls (a new padded tensor each call cost more than a small linear)
+  // buffer kept between calls (a new padded tensor each call cost more than a small linear),
+  // at a cache line's boundary as torch's tensors are (a vector of x across two lines is two
+  // loads, and the loads bound the 4-row tiles)
   thread_local std::vector<TX> tail;
   const TX* xlast = xp + (groups - 1) * GS * K;
   if (M % GS) {
-    const int64_t have = (M - (groups - 1) * GS) * K;
-    tail.resize(GS * K);
-    std::copy(xlast, xlast + have, tail.begin());
-    std::fill(tail.begin() + have, tail.end(), TX(0.f));
-    xlast = tail.data();
+    const int64_t have = (M - (groups - 1) * GS) * K, line = 64 / sizeof(TX);
+    tail.resize(GS * K + line);
+    TX* t = tail.data() + (line - reinterpret_cast<uintptr_t>(tail.data()) / sizeof(TX) % line) % line;
+    std::copy(xlast, xlast + have, t);
+    std::fill(t + have, t + GS * K, TX(0.f));
+    xlast = t;
   }
   const TW* wp = w.data_ptr<TW>();
   const TW* bp = b.has_value() ? b->data_ptr<TW>() : nullptr;
@@ -369,7 +411,9 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
       const int64_t c1 = std::min(c0 + CHUNK, n1);
       for (int64_t g = 0; g < groups; ++g) {
         const int rows = (int)std::min(GS, M - g * GS);
-        const int R = rows <= 4 ? 4 : 8;  // 4-row tiles when 4 rows or fewer: no wasted FMAs
+        // 4-row tiles when 4 rows or fewer: no wasted FMAs. (1- and 2-row tiles read W from
+        // cache twice as fast but kept up with memory worse, where it read at ~60 GB/s.)
+        const int R = rows <= 4 ? 4 : 8;
         const SpanFn<TX, TW> f = R == 4 ? pick<4, TX, TW>(wide) : pick<8, TX, TW>(wide);
         const TX* xg = g == groups - 1 ? xlast : xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
