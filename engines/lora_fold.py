@@ -1,7 +1,7 @@
 """LoRA adapters folded into their base weights for a generate, and the base weights put back
 bit for bit after.
 
-`lora_fused(w)` turns the decoder's Weights (engines/decoder.py) with adapters into adapter-free
+`lora_fused(w)` turns the decoder's Weights (engines/weights.py) with adapters into adapter-free
 ones whose linears are W + scale * B @ A, in place: a long generate then runs one matmul per
 linear instead of three. It pays once enough tokens share the fold (engines/hybrid.py decides).
 """
