@@ -13,7 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .decoder import Lin, UnsupportedModel, Weights, lins, map_lins
+from .decoder import lins, map_lins
+from .weights import Lin, UnsupportedModel, Weights
 
 FOLD_BLOCK = 1 << 18  # elements of W per fold step: W, d and temporaries stay in cache
 

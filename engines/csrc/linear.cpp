@@ -217,17 +217,16 @@ __attribute__((always_inline)) static inline void span(
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
       tile<V, R, decltype(nw_)::value, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     };
-    if (R == 4 && nw == 3) by_rows<3>(KL, kt, c0, c1, sizeof(TW), f);
-    else if (R == 4 && nw == 2) by_rows<2>(KL, kt, c0, c1, sizeof(TW), f);
+    if (nw == 3) by_rows<3>(KL, kt, c0, c1, sizeof(TW), f);
+    else if (nw == 2) by_rows<2>(KL, kt, c0, c1, sizeof(TW), f);
     else by_rows<1>(KL, kt, c0, c1, sizeof(TW), f);
     return;
   }
+  // 8 rows of x: tile by tile of K, one or two rows of W at a time
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
     const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(TW));
     int64_t n = c0;
-    if (nw == 3)
-      for (; n + 3 <= c1; n += 3) tile<V, R, 3, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     if (nw >= 2)
       for (; n + 2 <= c1; n += 2) tile<V, R, 2, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     for (; n < c1; ++n) tile<V, R, 1, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
@@ -292,8 +291,9 @@ static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int
     };
     // once x's rows outgrow the part of L1 the stream leaves them (K of 4096: 32 KB), two rows
     // of W side by side load each vector of x from L2 once for both
-    if (R * K * (int64_t)sizeof(at::BFloat16) > X_L1) by_rows<2>(KL, kt, c0, c1, sizeof(at::BFloat16), f);
-    else by_rows<1>(KL, kt, c0, c1, sizeof(at::BFloat16), f);
+    constexpr int64_t size = sizeof(at::BFloat16);
+    if (R * K * size > X_L1) by_rows<2>(KL, kt, c0, c1, size, f);
+    else by_rows<1>(KL, kt, c0, c1, size, f);
     return;
   }
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
@@ -394,7 +394,8 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
   if (M % GS) {
     const int64_t have = (M - (groups - 1) * GS) * K, line = 64 / sizeof(TX);
     tail.resize(GS * K + line);
-    TX* t = tail.data() + (line - reinterpret_cast<uintptr_t>(tail.data()) / sizeof(TX) % line) % line;
+    const int64_t off = reinterpret_cast<uintptr_t>(tail.data()) / sizeof(TX) % line;
+    TX* t = tail.data() + (line - off) % line;
     std::copy(xlast, xlast + have, t);
     std::fill(t + have, t + GS * K, TX(0.f));
     xlast = t;
