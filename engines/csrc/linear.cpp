@@ -207,11 +207,13 @@ __attribute__((always_inline)) static inline void by_rows(int64_t KL, int64_t kt
 
 // acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
 // k < KL (a multiple of the vector width): by_rows up to 4 rows of x, else tile by tile of K,
-// NW rows of W at a time
+// NW rows of W at a time. next, where not 0: the 8-row tiles' L2 prefetch reaches that many of
+// W's elements ahead (skinny's last group: the same line of the next chunk) instead of along
+// this chunk.
 template <typename V, int R, typename TW>
 __attribute__((always_inline)) static inline void span(
     const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
-    float* acc) {
+    float* acc, int64_t next) {
   const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float));
   if constexpr (R <= 4) {
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
@@ -225,7 +227,7 @@ __attribute__((always_inline)) static inline void span(
   // 8 rows of x: tile by tile of K, one or two rows of W at a time
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(TW));
+    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(TW));
     int64_t n = c0;
     if (nw >= 2)
       for (; n + 2 <= c1; n += 2) tile<V, R, 2, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
@@ -237,16 +239,17 @@ __attribute__((always_inline)) static inline void span(
 // time, or three where skinny_linear groups x in 4s (K >= 1536: 8 rows ran at 11 GB/s there)
 template <int R, typename TW>
 static void span_avx2(const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0,
-                      int64_t c1, float* acc) {
-  span<f8, R, TW>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc);
+                      int64_t c1, float* acc, int64_t next) {
+  span<f8, R, TW>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc, next);
 }
 
 // AVX-512 (32 registers): two rows of W at a time (with x loaded into a register, three
 // measured no faster here)
 template <int R, typename TW>
 __attribute__((target("avx512f"))) static void span_avx512(
-    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc) {
-  span<f16, R, TW>(x, w, K, KL, c0, c1, 2, acc);
+    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc,
+    int64_t next) {
+  span<f16, R, TW>(x, w, K, KL, c0, c1, 2, acc, next);
 }
 
 // bf16 x and W on a CPU with AVX-512 BF16: vdpbf16ps multiplies 32 pairs of bf16 exactly and adds
@@ -283,7 +286,7 @@ __attribute__((always_inline)) static inline void tile_dp(
 
 template <int R>
 static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t KL,
-                    int64_t c0, int64_t c1, float* acc) {
+                    int64_t c0, int64_t c1, float* acc, int64_t next) {
   const int64_t kt = k_tile(KL, 32);
   if constexpr (R <= 4) {
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
@@ -298,7 +301,7 @@ static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int
   }
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
+    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
     int64_t n = c0;
     for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
@@ -364,7 +367,8 @@ static inline void finish(const float* acc, int R, int rows, int64_t c0, int64_t
 }
 
 template <typename TX, typename TW>
-using SpanFn = void (*)(const TX*, const TW*, int64_t, int64_t, int64_t, int64_t, float*);
+using SpanFn = void (*)(const TX*, const TW*, int64_t, int64_t, int64_t, int64_t, float*,
+                        int64_t);
 
 // the span for R rows of x: TX, x's element type as the span reads it (float, or bf16 for the
 // dot-product instruction), TW, W's
@@ -418,7 +422,9 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
         const SpanFn<TX, TW> f = R == 4 ? pick<4, TX, TW>(wide) : pick<8, TX, TW>(wide);
         const TX* xg = g == groups - 1 ? xlast : xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
-        f(xg, wp, K, KL, c0, c1, acc);
+        // the last group reads this chunk from L2 and leaves memory idle: its L2 prefetch
+        // brings in the next chunk's lines instead, ready for the first group
+        f(xg, wp, K, KL, c0, c1, acc, groups > 1 && g == groups - 1 ? (c1 - c0) * K : 0);
         if (KL < K)  // K's last elements, short of a vector
           for (int64_t n = c0; n < c1; ++n)
             for (int m = 0; m < rows; ++m)
