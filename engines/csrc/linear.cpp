@@ -423,7 +423,9 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
         const TX* xg = g == groups - 1 ? xlast : xp + g * GS * K;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         // the last group reads this chunk from L2 and leaves memory idle: its L2 prefetch
-        // brings in the next chunk's lines instead, ready for the first group
+        // brings in the next chunk's lines instead, ready for the first group (after a thread's
+        // last chunk it reaches the other thread's rows or past W's end, where a prefetch does
+        // nothing)
         f(xg, wp, K, KL, c0, c1, acc, groups > 1 && g == groups - 1 ? (c1 - c0) * K : 0);
         if (KL < K)  // K's last elements, short of a vector
           for (int64_t n = c0; n < c1; ++n)
