@@ -38,7 +38,7 @@ def bf16_isa(request):
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 13, 16, 17, 40, 64, 65])
 @pytest.mark.parametrize("k,n", [(64, 512), (768, 100), (100, 77), (7, 5), (3072, 768), (23, 9),
-                                 (1541, 101), (2048, 50), (2600, 70)])
+                                 (1541, 101), (2048, 50), (2600, 70), (1024, 130)])
 def test_skinny_linear_equals_f_linear(m, k, n, isa):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
@@ -95,12 +95,13 @@ def test_bf16_skinny_linear_rounds_as_torch_does(m, bf16_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [100, 3100])
+@pytest.mark.parametrize("k", [100, 1024, 3100])
 def test_skinny_linear_does_not_depend_on_batch_or_threads(dtype, k, isa):
     """Each output's sums are added in one order whatever tile its row and column fall in: a
     row of y is the same bits computed alone, in any group of rows (tiles of 4 rows, which
     read W row by row, one or two rows at a time, and of 8, which read it tile by tile of K;
-    K in one tile and in 3-4), and on 1 or 2 threads."""
+    K in one tile and in several; x's rows 4 KB apart, which 8-row tiles read from a copy),
+    and on 1 or 2 threads."""
     g = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((13, k), (333, k), (333,)))
     whole = K.skinny_linear(x, w, b)

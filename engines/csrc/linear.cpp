@@ -139,13 +139,16 @@ __attribute__((always_inline)) static inline void reduce(const V* a, float* acc)
 // the bytes of x a tile can keep in L1 while W streams through it
 constexpr int64_t X_L1 = 24 * 1024;
 
-// x leaves L1 (48 KB here) past 8 rows of ~1500 floats; the K dimension goes in equal tiles of
-// at most KTILE floats, so that a group's tile of x stays in L1 while W streams past it
+// the K dimension goes in equal tiles of at most KTILE elements, and of at most X_L1's worth of 8
+// rows of x, so that a group's tile of x stays in L1 while W streams past it (8 rows of 1024
+// floats are 32 KB, all of a 32 KB L1). The tiles depend on K and x's type alone, not on the
+// rows: every row's sums are added in the same order.
 constexpr int64_t KTILE = 1024;
 
-// the length of K's tiles: equal, whole vectors of L elements, at most ~KTILE
-static inline int64_t k_tile(int64_t KL, int64_t L) {
-  const int64_t tiles = std::max<int64_t>(1, (KL + KTILE - 1) / KTILE);
+// the length of K's tiles: equal, whole vectors of L elements; x's elements of `size` bytes
+static inline int64_t k_tile(int64_t KL, int64_t L, int64_t size) {
+  const int64_t most = std::min(KTILE, X_L1 / (8 * size));
+  const int64_t tiles = std::max<int64_t>(1, (KL + most - 1) / most);
   return (KL / L + tiles - 1) / tiles * L;
 }
 
@@ -163,8 +166,8 @@ static inline int64_t l2_ahead(int64_t span, int64_t K, int64_t size) {
 // W's elements, the L2 prefetch reaches.
 template <typename V, int R, int NW, typename TW>
 __attribute__((always_inline)) static inline void tile(
-    const float* x, const TW* w, int64_t K, int64_t k0, int64_t k1, int64_t n, float* acc,
-    int64_t pf2) {
+    const float* x, int64_t ldx, const TW* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
+    float* acc, int64_t pf2) {
   constexpr int L = sizeof(V) / sizeof(float), T = NW * R;
   constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(TW);
   V a[NW][R] = {};
@@ -178,7 +181,7 @@ __attribute__((always_inline)) static inline void tile(
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      V xv = loadv<V>(x + r * K + k);
+      V xv = loadv<V>(x + r * ldx + k);
       asm("" : "+v"(xv));  // keeps xv in a register
 #pragma GCC unroll 8
       for (int j = 0; j < NW; ++j) a[j][r] += v[j] * xv;  // contracted to an FMA
@@ -212,12 +215,12 @@ __attribute__((always_inline)) static inline void by_rows(int64_t KL, int64_t kt
 // this chunk.
 template <typename V, int R, typename TW>
 __attribute__((always_inline)) static inline void span(
-    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, int nw,
-    float* acc, int64_t next) {
-  const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float));
+    const float* x, int64_t ldx, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1,
+    int nw, float* acc, int64_t next) {
+  const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float), sizeof(float));
   if constexpr (R <= 4) {
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
-      tile<V, R, decltype(nw_)::value, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+      tile<V, R, decltype(nw_)::value, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     };
     if (nw == 3) by_rows<3>(KL, kt, c0, c1, sizeof(TW), f);
     else if (nw == 2) by_rows<2>(KL, kt, c0, c1, sizeof(TW), f);
@@ -230,26 +233,27 @@ __attribute__((always_inline)) static inline void span(
     const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(TW));
     int64_t n = c0;
     if (nw >= 2)
-      for (; n + 2 <= c1; n += 2) tile<V, R, 2, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    for (; n < c1; ++n) tile<V, R, 1, TW>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+      for (; n + 2 <= c1; n += 2)
+        tile<V, R, 2, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile<V, R, 1, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
 
 // AVX2 (16 registers): 8 rows of x one row of W at a time; 4 rows of x two rows of W at a
 // time, or three where skinny_linear groups x in 4s (K >= 1536: 8 rows ran at 11 GB/s there)
 template <int R, typename TW>
-static void span_avx2(const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0,
-                      int64_t c1, float* acc, int64_t next) {
-  span<f8, R, TW>(x, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc, next);
+static void span_avx2(const float* x, int64_t ldx, const TW* w, int64_t K, int64_t KL,
+                      int64_t c0, int64_t c1, float* acc, int64_t next) {
+  span<f8, R, TW>(x, ldx, w, K, KL, c0, c1, R == 8 ? 1 : K >= 1536 ? 3 : 2, acc, next);
 }
 
 // AVX-512 (32 registers): two rows of W at a time (with x loaded into a register, three
 // measured no faster here)
 template <int R, typename TW>
 __attribute__((target("avx512f"))) static void span_avx512(
-    const float* x, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1, float* acc,
-    int64_t next) {
-  span<f16, R, TW>(x, w, K, KL, c0, c1, 2, acc, next);
+    const float* x, int64_t ldx, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1,
+    float* acc, int64_t next) {
+  span<f16, R, TW>(x, ldx, w, K, KL, c0, c1, 2, acc, next);
 }
 
 // bf16 x and W on a CPU with AVX-512 BF16: vdpbf16ps multiplies 32 pairs of bf16 exactly and adds
@@ -261,8 +265,8 @@ __attribute__((target("avx512f"))) static void span_avx512(
 #pragma GCC target("avx512f,avx512bf16")
 template <int R, int NW>
 __attribute__((always_inline)) static inline void tile_dp(
-    const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
-    float* acc, int64_t pf2) {
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1,
+    int64_t n, float* acc, int64_t pf2) {
   constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(at::BFloat16);
   f16 a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += 32) {
@@ -275,7 +279,7 @@ __attribute__((always_inline)) static inline void tile_dp(
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
       asm("" : "+v"(xv));
 #pragma GCC unroll 8
       for (int j = 0; j < NW; ++j) a[j][r] = (f16)_mm512_dpbf16_ps((__m512)a[j][r], v[j], xv);
@@ -285,12 +289,12 @@ __attribute__((always_inline)) static inline void tile_dp(
 }
 
 template <int R>
-static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t KL,
-                    int64_t c0, int64_t c1, float* acc, int64_t next) {
-  const int64_t kt = k_tile(KL, 32);
+static void span_dp(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K,
+                    int64_t KL, int64_t c0, int64_t c1, float* acc, int64_t next) {
+  const int64_t kt = k_tile(KL, 32, sizeof(at::BFloat16));
   if constexpr (R <= 4) {
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
-      tile_dp<R, decltype(nw_)::value>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+      tile_dp<R, decltype(nw_)::value>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     };
     // once x's rows outgrow the part of L1 the stream leaves them (K of 4096: 32 KB), two rows
     // of W side by side load each vector of x from L2 once for both
@@ -303,8 +307,9 @@ static void span_dp(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int
     const int64_t k1 = std::min(k0 + kt, KL);
     const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
     int64_t n = c0;
-    for (; n + 2 <= c1; n += 2) tile_dp<R, 2>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    for (; n < c1; ++n) tile_dp<R, 1>(x, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n + 2 <= c1; n += 2)
+      tile_dp<R, 2>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+    for (; n < c1; ++n) tile_dp<R, 1>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
   }
 }
 #pragma GCC pop_options
@@ -367,8 +372,8 @@ static inline void finish(const float* acc, int R, int rows, int64_t c0, int64_t
 }
 
 template <typename TX, typename TW>
-using SpanFn = void (*)(const TX*, const TW*, int64_t, int64_t, int64_t, int64_t, float*,
-                        int64_t);
+using SpanFn = void (*)(const TX*, int64_t, const TW*, int64_t, int64_t, int64_t, int64_t,
+                        float*, int64_t);
 
 // the span for R rows of x: TX, x's element type as the span reads it (float, or bf16 for the
 // dot-product instruction), TW, W's
@@ -392,17 +397,28 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
   // a tile reads all R rows of its group: the last group's rows, zero rows after them, in a
   // buffer kept between calls (a new padded tensor each call cost more than a small linear),
   // at a cache line's boundary as torch's tensors are (a vector of x across two lines is two
-  // loads, and the loads bound the 4-row tiles)
-  thread_local std::vector<TX> tail;
+  // loads, and the loads bound the 4-row tiles). Where x's rows lie a multiple of 4 KB apart
+  // (K of 1024 or 4096 floats), every row's tile sits on the same sets of L1 (64 sets of 64
+  // bytes, 8 deep); fp32 8-row tiles then read all of x from there, rows ld apart, ld's bytes
+  // 512 past a multiple of 4 KB: row r's tile starts 8r sets on, x fills the sets evenly and
+  // leaves each room for W.
+  const bool spread = sizeof(TX) == 4 && GS == 8 && M > 4 && K * (int64_t)sizeof(TX) % 4096 == 0;
+  const int64_t ld = spread ? K + 512 / (int64_t)sizeof(TX) : K;  // x's row stride
+  const int64_t first = spread ? 0 : groups - 1;  // the first group the buffer holds
+  thread_local std::vector<TX> buf;
   const TX* xlast = xp + (groups - 1) * GS * K;
-  if (M % GS) {
-    const int64_t have = (M - (groups - 1) * GS) * K, line = 64 / sizeof(TX);
-    tail.resize(GS * K + line);
-    const int64_t off = reinterpret_cast<uintptr_t>(tail.data()) / sizeof(TX) % line;
-    TX* t = tail.data() + (line - off) % line;
-    std::copy(xlast, xlast + have, t);
-    std::fill(t + have, t + GS * K, TX(0.f));
-    xlast = t;
+  if (spread || M % GS) {
+    const int64_t rows = (groups - first) * GS, line = 64 / sizeof(TX);
+    buf.resize(rows * ld + line);
+    const int64_t off = reinterpret_cast<uintptr_t>(buf.data()) / sizeof(TX) % line;
+    TX* t = buf.data() + (line - off) % line;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t m = first * GS + r;
+      if (m < M) std::copy(xp + m * K, xp + (m + 1) * K, t + r * ld);
+      else std::fill(t + r * ld, t + r * ld + K, TX(0.f));
+    }
+    if (spread) xp = t;
+    xlast = t + (rows - GS) * ld;
   }
   const TW* wp = w.data_ptr<TW>();
   const TW* bp = b.has_value() ? b->data_ptr<TW>() : nullptr;
@@ -420,18 +436,18 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
         // cache twice as fast but kept up with memory worse, where it read at ~60 GB/s.)
         const int R = rows <= 4 ? 4 : 8;
         const SpanFn<TX, TW> f = R == 4 ? pick<4, TX, TW>(wide) : pick<8, TX, TW>(wide);
-        const TX* xg = g == groups - 1 ? xlast : xp + g * GS * K;
+        const TX* xg = g == groups - 1 ? xlast : xp + g * GS * ld;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         // the last group reads this chunk from L2 and leaves memory idle: its L2 prefetch
         // brings in the next chunk's lines instead, ready for the first group (after a thread's
         // last chunk it reaches the other thread's rows or past W's end, where a prefetch does
         // nothing)
-        f(xg, wp, K, KL, c0, c1, acc, groups > 1 && g == groups - 1 ? (c1 - c0) * K : 0);
+        f(xg, ld, wp, K, KL, c0, c1, acc, groups > 1 && g == groups - 1 ? (c1 - c0) * K : 0);
         if (KL < K)  // K's last elements, short of a vector
           for (int64_t n = c0; n < c1; ++n)
             for (int m = 0; m < rows; ++m)
               for (int64_t k = KL; k < K; ++k)
-                acc[(n - c0) * R + m] += float(wp[n * K + k]) * float(xg[m * K + k]);
+                acc[(n - c0) * R + m] += float(wp[n * K + k]) * float(xg[m * ld + k]);
         finish(acc, R, rows, c0, c1, bp, relu, yp + g * GS * N, N);
       }
     }
