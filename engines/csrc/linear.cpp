@@ -22,14 +22,15 @@
 
 #include "simd.h"
 
-// Prefetch distances in floats' worth of W's bytes (half as many bf16 elements): PREFETCH along
-// a row of W into L1 (tuned on a Xeon), and PREFETCH_L2 into L2, in the order W is read (whole
-// rows ahead at the same k when K runs in tiles), which keeps more lines in flight (Zen 4).
+// Prefetch distances: PREFETCH along a row of W into L1, in floats' worth of W's bytes (half as
+// many bf16 elements; tuned on a Xeon), and PREFETCH_L2 into L2, in W's elements (32 KB of
+// fp32, 16 KB of bf16: each type's best on Zen 4), in the order W is read (whole rows ahead at
+// the same k when K runs in tiles), which keeps more lines in flight.
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
 #ifndef PREFETCH_L2
-#define PREFETCH_L2 4096
+#define PREFETCH_L2 8192
 #endif
 
 // One body for both instruction sets, in GCC's vector types: f8 (8 floats, AVX2) and f16
@@ -152,11 +153,10 @@ static inline int64_t k_tile(int64_t KL, int64_t L, int64_t size) {
   return (KL / L + tiles - 1) / tiles * L;
 }
 
-// how far ahead, in W's elements of `size` bytes, the L2 prefetch reaches over tiles of
-// `span` elements: whole rows of W (K apart), at least PREFETCH_L2 floats' worth of bytes
-static inline int64_t l2_ahead(int64_t span, int64_t K, int64_t size) {
-  const int64_t elems = PREFETCH_L2 * (int64_t)sizeof(float) / size;
-  return (elems + span - 1) / span * K;
+// how far ahead, in W's elements, the L2 prefetch reaches over tiles of `span` elements: whole
+// rows of W (K apart), at least PREFETCH_L2 elements
+static inline int64_t l2_ahead(int64_t span, int64_t K) {
+  return (PREFETCH_L2 + span - 1) / span * K;
 }
 
 // Partial dot products over k in [k0, k1) of NW rows of W from n with R rows of x, added to
@@ -197,8 +197,8 @@ __attribute__((always_inline)) static inline void tile(
 // in k's order, so y is the same bits. pf2: the L2 prefetch's distance along the stream.
 template <int NW, typename Tile>
 __attribute__((always_inline)) static inline void by_rows(int64_t KL, int64_t kt, int64_t c0,
-                                                          int64_t c1, int64_t size, Tile tile) {
-  const int64_t pf2 = PREFETCH_L2 * (int64_t)sizeof(float) / size;
+                                                          int64_t c1, Tile tile) {
+  const int64_t pf2 = PREFETCH_L2;
   int64_t n = c0;
   for (; n + NW <= c1; n += NW)
     for (int64_t k0 = 0; k0 < KL; k0 += kt)
@@ -222,15 +222,15 @@ __attribute__((always_inline)) static inline void span(
     auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
       tile<V, R, decltype(nw_)::value, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
     };
-    if (nw == 3) by_rows<3>(KL, kt, c0, c1, sizeof(TW), f);
-    else if (nw == 2) by_rows<2>(KL, kt, c0, c1, sizeof(TW), f);
-    else by_rows<1>(KL, kt, c0, c1, sizeof(TW), f);
+    if (nw == 3) by_rows<3>(KL, kt, c0, c1, f);
+    else if (nw == 2) by_rows<2>(KL, kt, c0, c1, f);
+    else by_rows<1>(KL, kt, c0, c1, f);
     return;
   }
   // 8 rows of x: tile by tile of K, one or two rows of W at a time
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(TW));
+    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K);
     int64_t n = c0;
     if (nw >= 2)
       for (; n + 2 <= c1; n += 2)
@@ -299,13 +299,13 @@ static void span_dp(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, i
     // once x's rows outgrow the part of L1 the stream leaves them (K of 4096: 32 KB), two rows
     // of W side by side load each vector of x from L2 once for both
     constexpr int64_t size = sizeof(at::BFloat16);
-    if (R * K * size > X_L1) by_rows<2>(KL, kt, c0, c1, size, f);
-    else by_rows<1>(KL, kt, c0, c1, size, f);
+    if (R * K * size > X_L1) by_rows<2>(KL, kt, c0, c1, f);
+    else by_rows<1>(KL, kt, c0, c1, f);
     return;
   }
   for (int64_t k0 = 0; k0 < KL; k0 += kt) {
     const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K, sizeof(at::BFloat16));
+    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K);
     int64_t n = c0;
     for (; n + 2 <= c1; n += 2)
       tile_dp<R, 2>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
