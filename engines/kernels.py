@@ -3,7 +3,8 @@
 core.rng.counter_uniform; and dense_linear, the linears of more rows (prefill, large decode
 batches) through oneDNN.
 
-The C++ lies in engines/csrc/ (one file per kernel; why each is fast, in its own comments).
+The C++ lies in engines/csrc/ (one file per kernel, the linear's tiles in one of their own; why
+each is fast, in its own comments).
 Built on first use with torch's C++ extension loader as one translation unit, cached in
 TORCH_EXTENSIONS_DIR under a name that digests the sources, so an edit rebuilds. Compiled for
 AVX2 + FMA; the AVX-512 bodies run where the CPU has them, picked at run time. Where it cannot
@@ -37,8 +38,9 @@ DENSE_ROWS = 16   # dense_linear's row multiple
 DTYPES = (torch.float32, torch.bfloat16)
 
 CSRC = Path(__file__).with_name("csrc")
-# in this order: prefill.cpp and stack.cpp use functions of the files before them
-SOURCES = ("linear.cpp", "attention.cpp", "prefill.cpp", "noise.cpp", "stack.cpp")
+# in this order: linear.cpp, prefill.cpp and stack.cpp use functions of the files before them
+SOURCES = ("linear_tiles.cpp", "linear.cpp", "attention.cpp", "prefill.cpp", "noise.cpp",
+           "stack.cpp")
 FUNCTIONS = ["skinny_linear", "cpu_ok", "set_avx512", "avx512_on", "set_bf16dp", "bf16dp_on",
              "decode_attention", "prefill_attention", "counter_uniform", "decode_stack"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wno-psabi"]
