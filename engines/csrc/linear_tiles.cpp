@@ -192,6 +192,23 @@ __attribute__((always_inline)) static inline void by_rows(int64_t KL, int64_t kt
       tile(std::integral_constant<int, 1>(), k0, std::min(k0 + kt, KL), n, pf2);
 }
 
+// The compute-bound tiles' order: tile by tile of K, and within one all of rows [c0, c1) of W,
+// two at a time where `two`, so that the group's tile of x stays in L1. pf2: `next` where not
+// 0, else whole rows ahead along this tile of K (l2_ahead).
+template <typename Tile>
+__attribute__((always_inline)) static inline void by_tiles(int64_t KL, int64_t kt, int64_t K,
+                                                           int64_t c0, int64_t c1, bool two,
+                                                           int64_t next, Tile tile) {
+  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
+    const int64_t k1 = std::min(k0 + kt, KL);
+    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K);
+    int64_t n = c0;
+    if (two)
+      for (; n + 2 <= c1; n += 2) tile(std::integral_constant<int, 2>(), k0, k1, n, pf2);
+    for (; n < c1; ++n) tile(std::integral_constant<int, 1>(), k0, k1, n, pf2);
+  }
+}
+
 // acc[(n - c0) * R + r] += the dot products of rows [c0, c1) of W with R rows of x over
 // k < KL (a multiple of the vector width): by_rows up to 4 rows of x, else tile by tile of K,
 // NW rows of W at a time. next, where not 0: the 8-row tiles' L2 prefetch reaches that many of
@@ -202,24 +219,16 @@ __attribute__((always_inline)) static inline void span(
     const float* x, int64_t ldx, const TW* w, int64_t K, int64_t KL, int64_t c0, int64_t c1,
     int nw, float* acc, int64_t next) {
   const int64_t kt = k_tile(KL, sizeof(V) / sizeof(float), sizeof(float));
+  auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2)
+      __attribute__((always_inline)) {  // inlined: compiled for the span's target
+    tile<V, R, decltype(nw_)::value, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  };
   if constexpr (R <= 4) {
-    auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
-      tile<V, R, decltype(nw_)::value, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    };
     if (nw == 3) by_rows<3>(KL, kt, c0, c1, f);
     else if (nw == 2) by_rows<2>(KL, kt, c0, c1, f);
     else by_rows<1>(KL, kt, c0, c1, f);
-    return;
-  }
-  // 8 rows of x: tile by tile of K, one or two rows of W at a time
-  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
-    const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K);
-    int64_t n = c0;
-    if (nw >= 2)
-      for (; n + 2 <= c1; n += 2)
-        tile<V, R, 2, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    for (; n < c1; ++n) tile<V, R, 1, TW>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  } else {
+    by_tiles(KL, kt, K, c0, c1, nw >= 2, next, f);  // 8 rows of x
   }
 }
 
@@ -276,24 +285,16 @@ template <int R>
 static void span_dp(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K,
                     int64_t KL, int64_t c0, int64_t c1, float* acc, int64_t next) {
   const int64_t kt = k_tile(KL, 32, sizeof(at::BFloat16));
+  auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {  // this target's
+    tile_dp<R, decltype(nw_)::value>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  };
   if constexpr (R <= 4) {
-    auto f = [&](auto nw_, int64_t k0, int64_t k1, int64_t n, int64_t pf2) {
-      tile_dp<R, decltype(nw_)::value>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    };
     // once x's rows outgrow the part of L1 the stream leaves them (K of 4096: 32 KB), two rows
     // of W side by side load each vector of x from L2 once for both
-    constexpr int64_t size = sizeof(at::BFloat16);
-    if (R * K * size > X_L1) by_rows<2>(KL, kt, c0, c1, f);
+    if (R * K * (int64_t)sizeof(at::BFloat16) > X_L1) by_rows<2>(KL, kt, c0, c1, f);
     else by_rows<1>(KL, kt, c0, c1, f);
-    return;
-  }
-  for (int64_t k0 = 0; k0 < KL; k0 += kt) {
-    const int64_t k1 = std::min(k0 + kt, KL);
-    const int64_t pf2 = next ? next : l2_ahead(k1 - k0, K);
-    int64_t n = c0;
-    for (; n + 2 <= c1; n += 2)
-      tile_dp<R, 2>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
-    for (; n < c1; ++n) tile_dp<R, 1>(x, ldx, w, K, k0, k1, n, acc + (n - c0) * R, pf2);
+  } else {
+    by_tiles(KL, kt, K, c0, c1, true, next, f);
   }
 }
 #pragma GCC pop_options
