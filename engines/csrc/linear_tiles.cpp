@@ -6,10 +6,11 @@
 
 #include "simd.h"
 
-// Prefetch distances: PREFETCH along a row of W into L1, in floats' worth of W's bytes (half as
-// many bf16 elements; tuned on a Xeon), and PREFETCH_L2 into L2, in W's elements (32 KB of
-// fp32, 16 KB of bf16: each type's best on Zen 4), in the order W is read (whole rows ahead at
-// the same k when K runs in tiles), which keeps more lines in flight.
+// Prefetch distances: PREFETCH along a row of W into L1 for the 4-row tiles, in floats' worth of
+// W's bytes (half as many bf16 elements; tuned on a Xeon; the 8-row tiles prefetch the next
+// pair of rows instead, `tile`), and PREFETCH_L2 into L2, in W's elements (32 KB of fp32, 16 KB
+// of bf16: each type's best on Zen 4), in the order W is read (whole rows ahead at the same k
+// when K runs in tiles), which keeps more lines in flight.
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
@@ -153,13 +154,15 @@ __attribute__((always_inline)) static inline void tile(
     const float* x, int64_t ldx, const TW* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
     float* acc, int64_t pf2) {
   constexpr int L = sizeof(V) / sizeof(float), T = NW * R;
-  constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(TW);
+  // the L1 prefetch: along the row where by_rows reads W row after row (4 rows of x), the next
+  // pair of rows at the same k where by_tiles reads a tile of K across the rows (8)
+  const int64_t pf1 = R <= 4 ? PREFETCH * (int64_t)sizeof(float) / (int64_t)sizeof(TW) : 2 * K;
   V a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += L) {
     V v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + PF), _MM_HINT_T0);  // from DRAM
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf1), _MM_HINT_T0);  // from DRAM
       _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
       v[j] = loadw<V>(w + (n + j) * K + k);
     }
@@ -260,13 +263,13 @@ template <int R, int NW>
 __attribute__((always_inline)) static inline void tile_dp(
     const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1,
     int64_t n, float* acc, int64_t pf2) {
-  constexpr int64_t PF = PREFETCH * sizeof(float) / sizeof(at::BFloat16);
+  const int64_t pf1 = R <= 4 ? PREFETCH * (int64_t)sizeof(float) / 2 : 2 * K;  // as in `tile`
   f16 a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += 32) {
     __m512bh v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + PF), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf1), _MM_HINT_T0);
       _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
       v[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * K + k);
     }
