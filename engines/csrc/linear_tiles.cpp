@@ -162,7 +162,7 @@ __attribute__((always_inline)) static inline void tile(
     V v[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch((const char*)(w + (n + j) * K + k + pf1), _MM_HINT_T0);  // from DRAM
+      _mm_prefetch((const char*)(w + (n + j) * K + k + pf1), _MM_HINT_T0);  // into L1
       _mm_prefetch((const char*)(w + (n + j) * K + k + pf2), _MM_HINT_T1);
       v[j] = loadw<V>(w + (n + j) * K + k);
     }
