@@ -8,7 +8,7 @@
 
 // Prefetch distances: PREFETCH along a row of W into L1 for the 4-row tiles, in floats' worth of
 // W's bytes (half as many bf16 elements; tuned on a Xeon; the 8-row tiles prefetch the next
-// pair of rows instead, `tile`), and PREFETCH_L2 into L2, in W's elements (32 KB of fp32, 16 KB
+// pair of rows instead, l1_ahead), and PREFETCH_L2 into L2, in W's elements (32 KB of fp32, 16 KB
 // of bf16: each type's best on Zen 4), in the order W is read (whole rows ahead at the same k
 // when K runs in tiles), which keeps more lines in flight.
 #ifndef PREFETCH
@@ -138,6 +138,15 @@ static inline int64_t k_tile(int64_t KL, int64_t L, int64_t size) {
   return (KL / L + tiles - 1) / tiles * L;
 }
 
+// how far ahead, in W's elements of `size` bytes, the L1 prefetch reaches for tiles of R rows of
+// x: along the row where by_rows reads W row after row (4 rows), the next pair of rows at the
+// same k where by_tiles reads a tile of K across the rows (8; along the row it would land on the
+// row being read, at K of 1024)
+template <int R>
+__attribute__((always_inline)) static inline int64_t l1_ahead(int64_t K, int64_t size) {
+  return R <= 4 ? PREFETCH * (int64_t)sizeof(float) / size : 2 * K;
+}
+
 // how far ahead, in W's elements, the L2 prefetch reaches over tiles of `span` elements: whole
 // rows of W (K apart), at least PREFETCH_L2 elements
 static inline int64_t l2_ahead(int64_t span, int64_t K) {
@@ -154,9 +163,7 @@ __attribute__((always_inline)) static inline void tile(
     const float* x, int64_t ldx, const TW* w, int64_t K, int64_t k0, int64_t k1, int64_t n,
     float* acc, int64_t pf2) {
   constexpr int L = sizeof(V) / sizeof(float), T = NW * R;
-  // the L1 prefetch: along the row where by_rows reads W row after row (4 rows of x), the next
-  // pair of rows at the same k where by_tiles reads a tile of K across the rows (8)
-  const int64_t pf1 = R <= 4 ? PREFETCH * (int64_t)sizeof(float) / (int64_t)sizeof(TW) : 2 * K;
+  const int64_t pf1 = l1_ahead<R>(K, sizeof(TW));
   V a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += L) {
     V v[NW];
@@ -263,7 +270,7 @@ template <int R, int NW>
 __attribute__((always_inline)) static inline void tile_dp(
     const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, int64_t k0, int64_t k1,
     int64_t n, float* acc, int64_t pf2) {
-  const int64_t pf1 = R <= 4 ? PREFETCH * (int64_t)sizeof(float) / 2 : 2 * K;  // as in `tile`
+  const int64_t pf1 = l1_ahead<R>(K, sizeof(at::BFloat16));
   f16 a[NW][R] = {};
   for (int64_t k = k0; k < k1; k += 32) {
     __m512bh v[NW];
