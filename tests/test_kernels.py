@@ -116,6 +116,26 @@ def test_skinny_linear_does_not_depend_on_batch_or_threads(dtype, k, isa):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("m", [1, 4, 13])
+def test_skinny_linear_covers_every_unit_of_rows_once(m, isa):
+    """W's rows go in units (16 rows in one group of x, 48 past it) that two threads share out
+    and take from each other's end (balance.h): around every boundary of units and threads'
+    shares, each column of y is computed once, the same bits as on one thread, over calls
+    where either thread may finish first."""
+    g = torch.Generator().manual_seed(m)
+    threads = torch.get_num_threads()
+    for n in (1, 15, 16, 17, 47, 49, 255, 256, 257, 511, 513, 1000):
+        x, w = torch.randn(m, 64, generator=g), torch.randn(n, 64, generator=g)
+        torch.set_num_threads(1)
+        try:
+            alone = K.skinny_linear(x, w)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.allclose(alone, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        for _ in range(20):
+            assert torch.equal(K.skinny_linear(x, w), alone)
+
+
 def test_fp32_rows_limit_follows_the_instruction_set(isa):
     assert K.max_rows(torch.float32) == (K.MAX_ROWS_AVX512 if isa == "avx512" else K.MAX_ROWS)
 

@@ -6,19 +6,19 @@
 //
 // q (B, H, 1, D) and k, v (B, KV, E, D), each with unit stride along D and rows of a head
 // D apart (views of the cache as they lie); keep (B, E) bool. Returns (B, 1, H, D).
-// One task per (row, KV head); its H/KV query heads take turns, so K and V come from memory
+// One task per (row, KV head), shared out across threads by balanced_for; its H/KV query heads take turns, so K and V come from memory
 // once while a head's K and V fit in L2 (the later heads re-read them there). Two passes:
 // scores, then softmax weights times values. Both keep many independent FMA chains in flight:
 // eight keys' dot products at once, and the output held in registers across the keys (one dot
 // product, one reduction and one output update through memory per key took ~130 cycles:
 // slower than the memory read).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "balance.h"
 #include "simd.h"
 
 static inline float hsum(__m256 v) {
@@ -240,11 +240,12 @@ static torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                 kt = k.stride(2), vb = v.stride(0), vh = v.stride(1), vt = v.stride(2);
   // rows ahead: ~4 KB (L2: twice that)
   const int64_t pf = std::max<int64_t>(8, 4096 / (D * (int64_t)sizeof(T)));
-  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+  // a task a (row, KV head); rows hold different numbers of real keys
+  balanced_for(B * KV, B * KV, [&](auto next) {
     std::vector<float> qs(D), qo(D / 2 + 8), qe(D / 2 + 8), s(E8 + 8), o(D);
     constexpr bool bf16 = std::is_same<T, at::BFloat16>::value;
     const bool pairs = bf16 && D % 16 == 0;
-    for (int64_t task = t0; task < t1; ++task) {
+    for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / KV, h = task % KV;
       // left padding: keys before the row's first kept one are neither read nor weighed
       int64_t lead = 0;

@@ -6,7 +6,7 @@
 // is used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in
 // tiles of at most 1024 floats so that a group's tile of x stays in L1 (groups of 4, memory-
 // bound, read W row after row, all of K, in one stream), using AVX2 FMA (AVX-512 where the
-// CPU has it); the N rows are split across torch's intra-op threads. A bf16 W is
+// CPU has it); the N rows are shared out across torch's intra-op threads (balance.h). A bf16 W is
 // widened to fp32 as it is loaded (bf16 is fp32's upper half: a zero-extend and a shift), x is
 // widened once, the sums run in fp32 and y is rounded once, as oneDNN's bf16 linear does: the
 // same arithmetic for half the bytes of W, on any CPU with AVX2.
@@ -19,10 +19,10 @@
 // The tiles and spans are in linear_tiles.cpp, included before this file; here, x's groups,
 // W's chunks across threads, and y.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "balance.h"
 #include "simd.h"
 
 // y's 8 values at p from 8 fp32 sums: stored, or rounded to bf16 to nearest even (NaN to
@@ -95,6 +95,10 @@ static SpanFn<TX, TW> pick(bool wide) {
 }
 
 // TW: float or at::BFloat16, W's and y's element type; TX: as in pick
+// rows of W a unit of work holds (balanced_for's): CHUNK where x has more than one group
+// (acc holds a chunk's sums for 8 rows of x), UNIT where it has one
+constexpr int64_t CHUNK = 48, UNIT = 16;
+
 template <typename TX, typename TW>
 static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b,
                             bool relu, bool wide) {
@@ -134,13 +138,15 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
   const TW* wp = w.data_ptr<TW>();
   const TW* bp = b.has_value() ? b->data_ptr<TW>() : nullptr;
   TW* yp = y.data_ptr<TW>();
-  // past one group, the groups take turns over each 48 rows of W while they sit in L2: W comes
-  // from memory once (group by group over a thread's whole share read it once per group)
-  constexpr int64_t CHUNK = 48;
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+  // W's rows in units that the threads share out (balance.h): past one group, CHUNK rows, which
+  // the groups take turns over while they sit in L2 (W comes from memory once; group by group
+  // over a thread's whole share read it once per group); in one group, UNIT rows, so that a
+  // thread done early takes less from its partner at a time
+  const int64_t per = groups > 1 ? CHUNK : UNIT, units = (N + per - 1) / per;
+  balanced_for(units, (N + 255) / 256, [&](auto next) {
     float acc[CHUNK * 8];
-    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-      const int64_t c1 = std::min(c0 + CHUNK, n1);
+    for (int64_t u; (u = next()) >= 0;) {
+      const int64_t c0 = u * per, c1 = std::min(c0 + per, N);
       for (int64_t g = 0; g < groups; ++g) {
         const int rows = (int)std::min(GS, M - g * GS);
         // 4-row tiles when 4 rows or fewer: no wasted FMAs. (1- and 2-row tiles read W from
@@ -150,9 +156,9 @@ static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torc
         const TX* xg = g == groups - 1 ? xlast : xp + g * GS * ld;
         std::fill(acc, acc + (c1 - c0) * R, 0.f);
         // the last group reads this chunk from L2 and leaves memory idle: its L2 prefetch
-        // brings in the next chunk's lines instead, ready for the first group (after a thread's
-        // last chunk it reaches the other thread's rows or past W's end, where a prefetch does
-        // nothing)
+        // brings in the next chunk's lines instead, ready for the first group (the next a
+        // thread takes from its own share; past its share's end, or from the back of another,
+        // it reaches rows in another core's cache or past W's end, where it does nothing)
         f(xg, ld, wp, K, KL, c0, c1, acc, groups > 1 && g == groups - 1 ? (c1 - c0) * K : 0);
         if (KL < K)  // K's last elements, short of a vector
           for (int64_t n = c0; n < c1; ++n)
