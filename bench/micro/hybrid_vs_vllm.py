@@ -196,6 +196,7 @@ def plot(df, path: Path) -> None:
         bottom.set(xscale="log", xlabel="batch", ylabel="vllm / hybrid time")
         for ax in (top, bottom):
             ax.set_xticks(list(d.batch), [str(b) for b in d.batch])
+            ax.set_xticks([], minor=True)  # no labelled minor ticks between the batches
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
