@@ -6,12 +6,12 @@
 //
 // q (B, H, 1, D) and k, v (B, KV, E, D), each with unit stride along D and rows of a head
 // D apart (views of the cache as they lie); keep (B, E) bool. Returns (B, 1, H, D).
-// One task per (row, KV head), shared out across threads by balanced_for; its H/KV query heads take turns, so K and V come from memory
-// once while a head's K and V fit in L2 (the later heads re-read them there). Two passes:
-// scores, then softmax weights times values. Both keep many independent FMA chains in flight:
-// eight keys' dot products at once, and the output held in registers across the keys (one dot
-// product, one reduction and one output update through memory per key took ~130 cycles:
-// slower than the memory read).
+// One task per (row, KV head), shared out across threads by balanced_for (balance.h); its H/KV
+// query heads take turns, so K and V come from memory once while a head's K and V fit in L2
+// (the later heads re-read them there). Two passes: scores, then softmax weights times values.
+// Both keep many independent FMA chains in flight: eight keys' dot products at once, and the
+// output held in registers across the keys (one dot product, one reduction and one output
+// update through memory per key took ~130 cycles: slower than the memory read).
 #include <torch/extension.h>
 
 #include <cmath>

@@ -6,10 +6,10 @@
 // is used for every row of x in a group of 4 or 8, and each vector of x for 1-3 rows of W, K in
 // tiles of at most 1024 floats so that a group's tile of x stays in L1 (groups of 4, memory-
 // bound, read W row after row, all of K, in one stream), using AVX2 FMA (AVX-512 where the
-// CPU has it); the N rows are shared out across torch's intra-op threads (balance.h). A bf16 W is
-// widened to fp32 as it is loaded (bf16 is fp32's upper half: a zero-extend and a shift), x is
-// widened once, the sums run in fp32 and y is rounded once, as oneDNN's bf16 linear does: the
-// same arithmetic for half the bytes of W, on any CPU with AVX2.
+// CPU has it); the N rows are shared out across torch's intra-op threads (balance.h). A bf16
+// W is widened to fp32 as it is loaded (bf16 is fp32's upper half: a zero-extend and a shift),
+// x is widened once, the sums run in fp32 and y is rounded once, as oneDNN's bf16 linear does:
+// the same arithmetic for half the bytes of W, on any CPU with AVX2.
 //
 // From ~8 rows on, decode is compute-bound, and what a tile does besides multiply-adds counts:
 // its sums are reduced by a shuffle tree (16 sums in one vector with AVX-512), and y is
@@ -94,11 +94,11 @@ static SpanFn<TX, TW> pick(bool wide) {
   else return wide ? span_avx512<R, TW> : span_avx2<R, TW>;
 }
 
-// TW: float or at::BFloat16, W's and y's element type; TX: as in pick
 // rows of W a unit of work holds (balanced_for's): CHUNK where x has more than one group
 // (acc holds a chunk's sums for 8 rows of x), UNIT where it has one
 constexpr int64_t CHUNK = 48, UNIT = 16;
 
+// TW: float or at::BFloat16, W's and y's element type; TX: as in pick
 template <typename TX, typename TW>
 static torch::Tensor skinny(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b,
                             bool relu, bool wide) {
