@@ -1,10 +1,23 @@
 """The decode kernels against their slow twins (F.linear, the torch noise), and oneDNN's
 linear (dense_linear) against F.linear."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engines import kernels as K
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op threads at n inside the block (the suite runs on one, conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_kernel_builds_here():
@@ -108,12 +121,9 @@ def test_skinny_linear_does_not_depend_on_batch_or_threads(dtype, k, isa):
     parts = torch.cat([K.skinny_linear(x[i:j], w, b)
                        for i, j in ((0, 1), (1, 3), (3, 7), (7, 13))])
     assert torch.equal(parts, whole)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(K.skinny_linear(x, w, b), whole)
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2):
+        with threads(n):
+            assert torch.equal(K.skinny_linear(x, w, b), whole)
 
 
 @pytest.mark.parametrize("m", [1, 4, 13])
@@ -123,17 +133,14 @@ def test_skinny_linear_covers_every_unit_of_rows_once(m, isa):
     shares, each column of y is computed once, the same bits as on one thread, over calls
     where either thread may finish first."""
     g = torch.Generator().manual_seed(m)
-    threads = torch.get_num_threads()
     for n in (1, 15, 16, 17, 47, 49, 255, 256, 257, 511, 513, 1000):
         x, w = torch.randn(m, 64, generator=g), torch.randn(n, 64, generator=g)
-        torch.set_num_threads(1)
-        try:
+        with threads(1):
             alone = K.skinny_linear(x, w)
-        finally:
-            torch.set_num_threads(threads)
         assert torch.allclose(alone, F.linear(x, w), rtol=1e-5, atol=1e-5)
-        for _ in range(20):
-            assert torch.equal(K.skinny_linear(x, w), alone)
+        with threads(2):
+            for _ in range(20):
+                assert torch.equal(K.skinny_linear(x, w), alone)
 
 
 def test_fp32_rows_limit_follows_the_instruction_set(isa):
@@ -301,6 +308,12 @@ def test_decode_attention_equals_sdpa(B, H, KV, T, E, Dh, sharp, dtype):
     err, err_sdpa = ((x.double() - exact).abs().max().item() for x in (got, want))
     slack = 2e-6 if dtype == torch.float32 else 2 ** -8 * exact.abs().max().item()
     assert err <= 4 * err_sdpa + slack, (err, err_sdpa)
+    # two threads sharing the (row, KV head) tasks out (balance.h): the same bits, each task
+    # computed whole by one thread
+    with threads(2):
+        for _ in range(5):
+            again = K.decode_attention(q, k[:, :, :E], v[:, :, :E], keep, 1 / math.sqrt(Dh))
+            assert torch.equal(again, got)
     # what it does not take, it declines (the caller then uses SDPA, which raises or broadcasts)
     ke, ve = k[:, :, :E], v[:, :, :E]
     assert K.decode_attention(q.double(), ke.double(), ve.double(), keep, 1.0) is None
